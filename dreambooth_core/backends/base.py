@@ -1,0 +1,97 @@
+"""The backend protocol: everything the core needs from a host's model, and nothing more.
+
+The trainer, the class-image cache and the sampler talk to a model only through this
+interface, so the same training code runs on diffusers models (standalone), on ComfyUI's
+MODEL/CLIP/VAE and on the Automatic1111 WebUI's loaded checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+# Conditioning for one batch: tensors keyed by role, batch first ("context" always; SDXL adds
+# "pooled" and "time_ids"). Concatenating two conds along dim 0 concatenates their batches.
+Cond = Dict[str, torch.Tensor]
+
+
+def cat_conds(conds: Sequence[Cond]) -> Cond:
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def index_cond(cond: Cond, index: torch.Tensor | Sequence[int]) -> Cond:
+    idx = torch.as_tensor(index, dtype=torch.long)
+    return {key: value[idx.to(value.device)] for key, value in cond.items()}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How images are sampled; every field is part of the class-image cache key."""
+
+    steps: int = 25
+    guidance: float = 5.0
+    sampler: str = "dpmpp_2m"
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded text-to-image diffusion model, as the core sees it."""
+
+    #: "epsilon" or "v_prediction"
+    prediction_type: str
+    #: ᾱ_t of the discrete training schedule, shape (T,), float32 on the CPU
+    alphas_cumprod: torch.Tensor
+    #: the model's native training resolution in pixels (512 for SD1.5, 1024 for SDXL)
+    native_resolution: int
+    #: pixels per latent cell (8 for Stable Diffusion)
+    latent_factor: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def fingerprint(self) -> str:
+        """A stable id of the base weights (used to key the class-image cache)."""
+
+    def describe(self) -> str:
+        """A short human-readable name of the base model (written into LoRA metadata)."""
+
+    def tokenizers(self) -> List[object]:
+        """The model's tokenizers (transformers-style: `.tokenize`, `.encode`, `.get_vocab`)."""
+
+    def encode_text(self, prompts: Sequence[str], *, size: tuple[int, int]) -> Cond:
+        """Conditioning for prompts; differentiable when the text encoder trains.
+        `size` (height, width) is what SDXL's size conditioning needs."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) → scaled latents (B, C, H/f, W/f)."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images in [-1, 1]."""
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's raw output (ε or v, per `prediction_type`) at integer timesteps."""
+
+    def lora_targets(self, unet: bool, text_encoder: bool) -> Dict[str, nn.Module]:
+        """Modules a LoRA may attach to, keyed by their kohya-style LoRA name
+        (`lora_unet_…`, `lora_te_…`, `lora_te1_…`/`lora_te2_…` for SDXL)."""
+
+    def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
+        """The nn.Modules that train (for full fine-tuning, DDP/FSDP wrapping, grad mode)."""
+
+    def use_wrapped(self, models: List[nn.Module]) -> None:
+        """Run forwards through these (e.g. DDP-wrapped) versions of `trainable_models()`."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None: ...
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings: SampleSettings,
+                 progress: Optional[object] = None) -> List[np.ndarray]:
+        """Sample one image per prompt/seed with the model as it is now (uint8, H×W×3)."""
+
+    def save_full(self, path: str) -> List[str]:
+        """Save fully fine-tuned weights under `path`; return the files written."""

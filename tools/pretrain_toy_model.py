@@ -1,0 +1,232 @@
+"""Pretrain the embedded default model on the toy world (a one-time job; resumable).
+
+    python tools/pretrain_toy_model.py --work /tmp/toy-pretrain
+
+Phase 1 trains the small VAE on renders, phase 2 trains the UNet and the CLIP text encoder
+jointly on captioned scenes (epsilon prediction, cosine schedule, offset noise, caption
+dropout for classifier-free guidance, EMA weights). Every `--save-every` steps it writes a
+checkpoint to --work and can be restarted with the same command. At the end it writes the
+EMA weights, in fp16, as a diffusers folder to --out and prints how well the model follows
+prompts (background and object colour accuracy on probe prompts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dreambooth_core import checkpoint, embedded, fileio, toyworld  # noqa: E402
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def build_models(seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**embedded.VAE_CONFIG)
+    unet = UNet2DConditionModel(**embedded.UNET_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**embedded.TEXT_ENCODER_CONFIG))
+    tokenizer = embedded.clip_tokenizer()
+    return vae, unet, text_encoder, tokenizer
+
+
+def train_vae(vae, args, work: Path) -> None:
+    path = work / "vae.safetensors"
+    if path.exists():
+        from safetensors.torch import load_file
+        vae.load_state_dict(load_file(path))
+        print("vae: loaded from", path)
+        return
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        images, _ = toyworld.pretraining_batch(random.Random(f"vae-{args.seed}-{step}"), args.vae_batch)
+        x = to_tensor(images)
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x) + 1e-7 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == args.vae_steps - 1:
+            print(f"vae step {step} loss {loss.item():.5f} {time.time() - t0:.0f}s", flush=True)
+    fileio.save_tensors(path, vae.state_dict())
+
+
+@torch.no_grad()
+def latent_scale(vae, seed: int) -> float:
+    images, _ = toyworld.pretraining_batch(random.Random(f"scale-{seed}"), 256)
+    z = vae.encode(to_tensor(images)).latent_dist.sample()
+    return float(1.0 / z.std())
+
+
+def tokenize(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def probe(vae, unet, text_encoder, tokenizer, scheduler_config, n: int = 24, seed: int = 0):
+    """Background/object colour accuracy of samples on probe prompts (guidance 4, 25 steps)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    checks = toyworld.probe_prompts(n, seed)
+    out = pipe([c.prompt for c in checks], num_inference_steps=25, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(seed), output_type="np",
+               height=embedded.RESOLUTION, width=embedded.RESOLUTION).images
+    images = (out * 255).round().astype(np.uint8)
+    bg = np.mean([toyworld.background_colour(im) == c.background for im, c in zip(images, checks)])
+    obj = np.mean([toyworld.object_colour(im) == c.colour for im, c in zip(images, checks)])
+    return float(bg), float(obj), images
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="checkpoint folder (resumes from it)")
+    p.add_argument("--out", type=Path, default=embedded.EMBEDDED_MODEL_DIR)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=24)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--offset-noise", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--probe-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    from diffusers import DDPMScheduler
+
+    vae, unet, text_encoder, tokenizer = build_models(args.seed)
+    train_vae(vae, args, args.work)
+    vae.requires_grad_(False).eval()
+    scheduler = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
+    scale = latent_scale(vae, args.seed)
+    vae.register_to_config(scaling_factor=scale)
+    print(f"latent scaling factor {scale:.4f}")
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [q.detach().clone() for q in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    warmup = 200
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))) * 0.95 + 0.05
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start = 0
+    ckpt = args.work / "unet_te.safetensors"
+    log = []
+    if ckpt.exists():
+        from safetensors.torch import load_file
+        tensors = load_file(ckpt)
+        meta = json.loads((args.work / "unet_te.json").read_text())
+        for i, q in enumerate(params):
+            q.data.copy_(tensors[f"param.{i}"])
+            ema[i].copy_(tensors[f"ema.{i}"])
+        checkpoint.load_optimizer(opt, tensors, meta["optimizer"])
+        start = meta["step"]
+        log = meta["log"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1)
+        print("resumed at step", start)
+
+    alphas = scheduler.alphas_cumprod
+    t0 = time.time()
+    for step in range(start, args.steps):
+        unet.train(), text_encoder.train()
+        images, captions = toyworld.pretraining_batch(random.Random(f"unet-{args.seed}-{step}"), args.batch)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        with torch.no_grad():
+            latents = vae.encode(to_tensor(images)).latent_dist.sample(generator=g) * scale
+        noise = torch.randn(latents.shape, generator=g)
+        noise += args.offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        hidden = text_encoder(tokenize(tokenizer, captions))[0]
+        pred = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            d = min(args.ema, (1 + step) / (10 + step))
+            for e, q in zip(ema, params):
+                e.lerp_(q.detach(), 1 - d)
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        done = step + 1
+        if done % args.probe_every == 0 or done == args.steps:
+            live = [q.detach().clone() for q in params]
+            for e, q in zip(ema, params):
+                q.data.copy_(e)
+            bg, obj, images = probe(vae, unet.eval(), text_encoder.eval(), tokenizer, scheduler.config)
+            for l, q in zip(live, params):
+                q.data.copy_(l)
+            log.append({"step": done, "background_acc": bg, "object_colour_acc": obj})
+            print(f"probe at {done}: background {bg:.2f} object colour {obj:.2f}", flush=True)
+            from PIL import Image
+            grid = images[:24].reshape(4, 6, 64, 64, 3).transpose(0, 2, 1, 3, 4).reshape(256, 384, 3)
+            Image.fromarray(grid).save(args.work / f"probe_{done:05d}.png")
+        if done % args.save_every == 0 or done == args.steps:
+            tensors = {f"param.{i}": q for i, q in enumerate(params)}
+            tensors.update({f"ema.{i}": e for i, e in enumerate(ema)})
+            opt_t, opt_meta = checkpoint.optimizer_tensors(opt)
+            tensors.update(opt_t)
+            fileio.save_tensors(ckpt, tensors)
+            fileio.write_json(args.work / "unet_te.json", {"step": done, "optimizer": opt_meta, "log": log})
+
+    for e, q in zip(ema, params):
+        q.data.copy_(e)
+    export(vae, unet, text_encoder, tokenizer, scheduler, args.out, log)
+
+
+def export(vae, unet, text_encoder, tokenizer, scheduler, out: Path, log) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Ship the plain BPE files (readable by old and new transformers alike) instead of the
+    # 3.5 MB tokenizer.json that new transformers writes.
+    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        fileio.write_bytes(out / "tokenizer" / name, (embedded.CLIP_TOKENIZER_DIR / name).read_bytes())
+    fileio.write_json(out / "pretraining_log.json", log)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
