@@ -77,9 +77,16 @@ def _luma(rgb: Sequence[float]) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
+def rgb_of(colour: str) -> tuple[int, int, int]:
+    """A palette name, or '#rrggbb' (used only to teach the VAE every colour)."""
+    if colour.startswith("#"):
+        return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    return PALETTE[colour]
+
+
 def shade_of(colour: str) -> tuple[int, int, int]:
     """The second tone of a one-colour pattern: darker, or lighter for dark colours."""
-    rgb = PALETTE[colour]
+    rgb = rgb_of(colour)
     if _luma(rgb) < 80:
         return tuple(min(255, c + 110) for c in rgb)  # type: ignore[return-value]
     return tuple(int(c * 0.45) for c in rgb)  # type: ignore[return-value]
@@ -116,8 +123,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _paint(thing: Thing, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """RGB float image of the thing's surface in object coordinates."""
-    base = np.array(PALETTE[thing.colour], dtype=np.float32)
-    second = np.array(PALETTE[thing.colour2] if thing.colour2 else shade_of(thing.colour), np.float32)
+    base = np.array(rgb_of(thing.colour), dtype=np.float32)
+    second = np.array(rgb_of(thing.colour2) if thing.colour2 else shade_of(thing.colour), np.float32)
     p = thing.pattern
     if p == "plain":
         alt = np.zeros(u.shape, bool)
@@ -152,7 +159,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 2) -> np.ndarray:
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
     gx, gy = np.meshgrid(coords, coords)
     img = np.empty((n, n, 3), np.float32)
-    img[:] = np.array(PALETTE[scene.background], np.float32)
+    img[:] = np.array(rgb_of(scene.background), np.float32)
 
     def draw(thing: Thing, cx: float, cy: float, radius: float, angle: float) -> None:
         ca, sa = math.cos(angle), math.sin(angle)
@@ -224,6 +231,23 @@ def random_scene(rng: random.Random) -> Scene:
     if rng.random() < 0.25:
         companion = Thing(rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != thing.colour]))
     return random_view(rng, thing, companion=companion)
+
+
+def autoencoder_scene(rng: random.Random) -> Scene:
+    """Any colour, any pattern: the VAE must reconstruct subjects that pretraining never shows."""
+    if rng.random() < 0.5:
+        return random_scene(rng)
+
+    def colour() -> str:
+        return "#" + "".join(f"{rng.randrange(256):02x}" for _ in range(3))
+
+    thing = Thing(rng.choice(SHAPES), colour(), rng.choice(PATTERNS + SUBJECT_PATTERNS), colour())
+    companion = Thing(rng.choice(SHAPES), colour()) if rng.random() < 0.3 else None
+    return random_view(rng, thing, background=colour(), companion=companion)
+
+
+def autoencoder_batch(rng: random.Random, n: int, size: int = 64) -> np.ndarray:
+    return np.stack([render(autoencoder_scene(rng), size) for _ in range(n)])
 
 
 def pretraining_batch(rng: random.Random, n: int, size: int = 64,

@@ -51,15 +51,15 @@ def train_vae(vae, args, work: Path) -> None:
         vae.load_state_dict(load_file(path))
         print("vae: loaded from", path)
         return
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.vae_steps, pct_start=0.05)
     t0 = time.time()
     for step in range(args.vae_steps):
-        images, _ = toyworld.pretraining_batch(random.Random(f"vae-{args.seed}-{step}"), args.vae_batch)
+        images = toyworld.autoencoder_batch(random.Random(f"vae-{args.seed}-{step}"), args.vae_batch)
         x = to_tensor(images)
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
-        loss = F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x) + 1e-7 * post.kl().mean()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-7 * post.kl().mean()
         loss.backward()
         opt.step()
         sched.step()
@@ -105,8 +105,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True, help="checkpoint folder (resumes from it)")
     p.add_argument("--out", type=Path, default=embedded.EMBEDDED_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--vae-batch", type=int, default=24)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

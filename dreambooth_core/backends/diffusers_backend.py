@@ -1,0 +1,330 @@
+"""The standalone backend: diffusers models loaded from disk (nothing is ever downloaded).
+
+Sources: the embedded toy model, a diffusers folder, or a single-file SD1.x/SD2.x/SDXL
+`.safetensors` checkpoint. diffusers is imported here only, lazily, so hosts that pin old
+libraries can still import the rest of the core.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import embedded
+from .base import Cond, SampleSettings
+
+SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim")
+# Module classes whose Linear/Conv children carry LoRA (kohya's choice of targets).
+UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def _file_fingerprint(paths: Sequence[Path]) -> str:
+    """Hash of sizes and three 1 MiB windows of each weight file: stable and fast for GB files."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            for offset in sorted({0, max(0, size // 2 - 2**19), max(0, size - 2**20)}):
+                f.seek(offset)
+                h.update(f.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def _kohya_targets(root: nn.Module, prefix: str, block_classes: Sequence[str],
+                   path_prefix: str = "") -> Dict[str, nn.Module]:
+    targets: Dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        name = path_prefix + name
+        if type(module).__name__ not in block_classes:
+            continue
+        for child_name, child in module.named_modules():
+            if isinstance(child, (nn.Linear, nn.Conv2d)) and child_name:
+                full = f"{name}.{child_name}" if name else child_name
+                targets[f"{prefix}_{full.replace('.', '_')}"] = child
+    return targets
+
+
+class DiffusersBackend:
+    """SD1.x / SD2.x / SDXL-family models as diffusers components."""
+
+    def __init__(self, *, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
+                 name: str, fingerprint: str, native_resolution: int, arch: str = "sd",
+                 device: Optional[torch.device] = None, weight_dtype: torch.dtype = torch.float32):
+        self.unet, self.vae = unet, vae
+        self.text_encoders, self._tokenizers = list(text_encoders), list(tokenizers)
+        self.scheduler_config = dict(scheduler_config)
+        self.name, self._fingerprint = name, fingerprint
+        self.native_resolution = native_resolution
+        self.arch = arch
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.weight_dtype = weight_dtype
+        self._device = torch.device(device or "cpu")
+        from diffusers import DDPMScheduler
+
+        ddpm = DDPMScheduler.from_config(self.scheduler_config)
+        self.alphas_cumprod = ddpm.alphas_cumprod.float().cpu()
+        for m in [unet, vae, *text_encoders]:
+            m.requires_grad_(False).eval().to(device=self._device)
+            if next(m.parameters()).dtype != weight_dtype:
+                m.to(dtype=weight_dtype)
+        self._unet_forward = unet
+        self._te_forward = list(text_encoders)
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> str:
+        return self.name
+
+    def tokenizers(self) -> list:
+        return self._tokenizers
+
+    # -- encoding ----------------------------------------------------------------------------
+    def _ids(self, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(self._device)
+
+    def encode_text(self, prompts: Sequence[str], *, size: tuple[int, int]) -> Cond:
+        if self.arch != "sdxl":
+            return {"context": self._te_forward[0](self._ids(self._tokenizers[0], prompts))[0]}
+        hidden, pooled = [], None
+        for encoder, tokenizer in zip(self._te_forward, self._tokenizers):
+            out = encoder(self._ids(tokenizer, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection model (the second encoder)
+        h, w = size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden[0].dtype, device=self._device)
+        return {"context": torch.cat(hidden, dim=-1), "pooled": pooled,
+                "time_ids": time_ids.repeat(len(prompts), 1)}
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self._device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self._device, self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        kwargs = {}
+        if "pooled" in cond:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        out = self._unet_forward(noisy, timesteps.to(self._device), encoder_hidden_states=cond["context"],
+                                 **kwargs)
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    # -- training surface --------------------------------------------------------------------
+    def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
+        targets: Dict[str, nn.Module] = {}
+        if unet:
+            blocks = UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
+            targets.update(_kohya_targets(self.unet, "lora_unet", blocks))
+        if text_encoder:
+            prefixes = ["lora_te"] if len(self.text_encoders) == 1 else ["lora_te1", "lora_te2"]
+            for prefix, encoder in zip(prefixes, self.text_encoders):
+                # transformers 5 dropped the `text_model.` level that the LoRA names keep.
+                path = "" if hasattr(encoder, "text_model") else "text_model."
+                targets.update(_kohya_targets(encoder, prefix, TEXT_BLOCKS, path))
+        return targets
+
+    def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
+        return ([self.unet] if unet else []) + (list(self.text_encoders) if text_encoder else [])
+
+    def use_wrapped(self, models: List[nn.Module]) -> None:
+        models = list(models)
+        for original, wrapped in zip(self.trainable_models(True, True), models + [None] * 3):
+            if wrapped is None:
+                continue
+            if original is self.unet:
+                self._unet_forward = wrapped
+            else:
+                self._te_forward[self.text_encoders.index(original)] = wrapped
+
+    def unwrap(self) -> None:
+        self._unet_forward = self.unet
+        self._te_forward = list(self.text_encoders)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+            for te in self.text_encoders:
+                te.gradient_checkpointing_enable()
+        else:
+            self.unet.disable_gradient_checkpointing()
+            for te in self.text_encoders:
+                te.gradient_checkpointing_disable()
+
+    # -- sampling ----------------------------------------------------------------------------
+    def _scheduler(self, sampler: str):
+        import diffusers
+
+        classes = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler,
+                   "euler_a": diffusers.EulerAncestralDiscreteScheduler, "ddim": diffusers.DDIMScheduler}
+        if sampler not in classes:
+            raise ValueError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        return classes[sampler].from_config(self.scheduler_config)
+
+    def pipeline(self, sampler: str = "dpmpp_2m"):
+        """A diffusers pipeline over the live components (LoRA adapters included)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.arch == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=self.vae, unet=self.unet, text_encoder=self.text_encoders[0],
+                                             text_encoder_2=self.text_encoders[1], tokenizer=self._tokenizers[0],
+                                             tokenizer_2=self._tokenizers[1], scheduler=self._scheduler(sampler))
+        else:
+            pipe = StableDiffusionPipeline(vae=self.vae, unet=self.unet, text_encoder=self.text_encoders[0],
+                                           tokenizer=self._tokenizers[0], scheduler=self._scheduler(sampler),
+                                           safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings: SampleSettings,
+                 progress=None, batch_size: int = 8) -> List[np.ndarray]:
+        if len(prompts) != len(seeds):
+            raise ValueError("generate: one seed per prompt")
+        modes = [(m, m.training) for m in [self.unet, self.vae, *self.text_encoders]]
+        for m, _ in modes:
+            m.eval()
+        pipe = self.pipeline(settings.sampler)
+        images: List[np.ndarray] = []
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start:start + batch_size])
+                gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
+                latents = torch.stack([
+                    torch.randn((self.unet.config.in_channels, settings.height // self.latent_factor,
+                                 settings.width // self.latent_factor), generator=g) for g in gens
+                ]).to(self._device, self.unet.dtype)
+                out = pipe(chunk, negative_prompt=[settings.negative_prompt] * len(chunk) if settings.guidance > 1 else None,
+                           num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                           height=settings.height, width=settings.width, latents=latents,
+                           output_type="np").images
+                images.extend((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
+                if progress is not None:
+                    progress(len(images), len(prompts))
+        finally:
+            for m, was_training in modes:
+                m.train(was_training)
+        return images
+
+    # -- saving ------------------------------------------------------------------------------
+    def save_full(self, path: str) -> List[str]:
+        from diffusers import DDPMScheduler
+
+        pipe = self.pipeline()
+        pipe.scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        pipe.save_pretrained(path, safe_serialization=True)
+        return sorted(str(p) for p in Path(path).rglob("*.safetensors"))
+
+
+def _resolution_of(unet, latent_factor: int, default: int) -> int:
+    size = getattr(unet.config, "sample_size", None)
+    return int(size * latent_factor) if isinstance(size, int) else default
+
+
+def load_backend(model: Optional[str] = None, *, device: Optional[torch.device] = None,
+                 weight_dtype: torch.dtype = torch.float32, prediction_type: Optional[str] = None) -> DiffusersBackend:
+    """Load the embedded model (default), a diffusers folder, or a single-file checkpoint."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if embedded.is_embedded(model):
+        path = embedded.EMBEDDED_MODEL_DIR
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"the embedded model is missing from {path}; reinstall the package or "
+                                 "rebuild it with tools/pretrain_toy_model.py")
+        return _from_folder(path, embedded.EMBEDDED_NAME, device, weight_dtype, prediction_type)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
+            raise ModelLoadError(f"--model {model}: a folder must be a diffusers model (model_index.json, "
+                                 "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        return _from_folder(p, p.name, device, weight_dtype, prediction_type)
+    if p.is_file() or p.suffix:
+        from .. import single_file
+
+        try:
+            pipe, info = single_file.load_single_file(p, prediction_type=prediction_type)
+        except single_file.CheckpointError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if info.arch == "sdxl" else [])
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if info.arch == "sdxl" else [])
+        return DiffusersBackend(unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+                                scheduler_config=dict(pipe.scheduler.config), name=p.stem,
+                                fingerprint=_file_fingerprint([p]), native_resolution=info.native_resolution,
+                                arch="sdxl" if info.arch == "sdxl" else "sd", device=device,
+                                weight_dtype=weight_dtype)
+    raise ModelLoadError(f"--model {model}: no such file or folder. Give 'embedded', a diffusers folder or a "
+                         ".safetensors checkpoint (SD1.x, SD2.x or SDXL)")
+
+
+def _from_folder(path: Path, name: str, device, weight_dtype, prediction_type) -> DiffusersBackend:
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    index = json.loads((path / "model_index.json").read_text())
+    sdxl = "text_encoder_2" in index and index["text_encoder_2"][0] is not None
+    kw = dict(torch_dtype=torch.float32, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)]
+    if sdxl:
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw))
+        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True))
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    if prediction_type:
+        scheduler_config["prediction_type"] = prediction_type
+    weights = [p for p in path.rglob("*.safetensors")]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return DiffusersBackend(unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                            scheduler_config=scheduler_config, name=name, fingerprint=_file_fingerprint(weights),
+                            native_resolution=_resolution_of(unet, factor, 1024 if sdxl else 512),
+                            arch="sdxl" if sdxl else "sd", device=device, weight_dtype=weight_dtype)
+
+
+def load_tokenizers(model: Optional[str] = None) -> list:
+    """Only the tokenizer(s) of a model: enough to check an identifier without loading weights."""
+    if embedded.is_embedded(model):
+        return [embedded.clip_tokenizer()]
+    p = Path(model).expanduser()
+    if p.is_dir():
+        from transformers import AutoTokenizer
+
+        names = [n for n in ("tokenizer", "tokenizer_2") if (p / n).is_dir()]
+        if not names:
+            raise ModelLoadError(f"--model {model}: no tokenizer/ folder; is it a diffusers model folder?")
+        return [AutoTokenizer.from_pretrained(p, subfolder=n, local_files_only=True) for n in names]
+    from .. import single_file
+
+    try:
+        info = single_file.detect_checkpoint(p)
+    except single_file.CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if info.arch == "sdxl":
+        return [embedded.clip_tokenizer(), embedded.clip_tokenizer("!")]
+    return [embedded.clip_tokenizer("!" if info.arch == "sd2" else "<|endoftext|>")]

@@ -1,0 +1,160 @@
+"""Command line: `python -m dreambooth_core {demo,train,sample,prepare,class-images,token}`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .config import CROPS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError, TrainConfig, read_config_file
+
+S = argparse.SUPPRESS
+BOOL = argparse.BooleanOptionalAction
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Every flag defaults to 'not given', so a --config file's value wins unless overridden."""
+    g = p.add_argument_group("subject")
+    g.add_argument("--instance-dir", default=S, help="folder of 3-30 photos of the subject")
+    g.add_argument("--token", default=S, help="rare identifier that stays one token (default sks)")
+    g.add_argument("--class-noun", default=S, help="the subject's class, e.g. dog")
+    g.add_argument("--instance-prompt", default=S, help="caption template; {token} and {class} are filled in")
+    g.add_argument("--class-prompt", default=S, help="class prompt template (default 'a photo of a {class}')")
+    g.add_argument("--resolution", type=int, default=S, help="training resolution (default: the model's)")
+    g.add_argument("--crop", choices=CROPS, default=S)
+    g.add_argument("--flip", action=BOOL, default=S, help="mirror images at random (not for text or logos)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=S, help="'embedded' (default), a diffusers folder, or a .safetensors checkpoint")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=S,
+                   help="override the detected prediction type (SD2.x 768 models use v_prediction)")
+    g = p.add_argument_group("prior preservation")
+    g.add_argument("--prior", action=BOOL, default=S, help="class-specific prior-preservation loss (default on)")
+    g.add_argument("--prior-weight", type=float, default=S, help="λ in L = L_instance + λ·L_class (default 1)")
+    g.add_argument("--class-dir", default=S, help="your class images, or where generated ones are cached")
+    g.add_argument("--num-class-images", type=int, default=S)
+    g.add_argument("--class-steps", type=int, default=S)
+    g.add_argument("--class-guidance", type=float, default=S)
+    g.add_argument("--negative-prompt", default=S)
+    g = p.add_argument_group("method")
+    g.add_argument("--mode", choices=MODES, default=S, help="lora (default) or full fine-tune")
+    g.add_argument("--rank", type=int, default=S)
+    g.add_argument("--alpha", type=float, default=S)
+    g.add_argument("--lora-conv", action=BOOL, default=S, help="also adapt the UNet's convolutions (LoCon)")
+    g.add_argument("--train-text-encoder", action=BOOL, default=S)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=S)
+    g.add_argument("--learning-rate", "--lr", type=float, default=S)
+    g.add_argument("--text-encoder-lr", type=float, default=S)
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULES, default=S)
+    g.add_argument("--lr-warmup-steps", type=int, default=S)
+    g.add_argument("--batch-size", type=int, default=S, help="instance images per step per process "
+                   "(as many class images are added with prior preservation)")
+    g.add_argument("--gradient-accumulation", type=int, default=S)
+    g.add_argument("--max-grad-norm", type=float, default=S)
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--min-snr-gamma", type=float, default=S)
+    g.add_argument("--offset-noise", type=float, default=S)
+    g.add_argument("--gradient-checkpointing", action=BOOL, default=S)
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=S, help="fp16/bf16 on CUDA")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output-dir", "--output", default=S)
+    g.add_argument("--save-name", default=S)
+    g.add_argument("--save-precision", choices=("fp16", "bf16", "fp32"), default=S)
+    g.add_argument("--checkpoint-every", type=int, default=S)
+    g.add_argument("--resume", action=BOOL, default=S, help="continue from output-dir/checkpoint.safetensors")
+    g.add_argument("--sample-every", type=int, default=S)
+    g.add_argument("--sample-prompts", nargs="+", default=S)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    data = read_config_file(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in fields(TrainConfig)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_mapping(data, source=getattr(args, "config", None) or "flags").validate()
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m dreambooth_core",
+                                   description="DreamBooth training (Ruiz et al. 2022) with prior preservation.")
+    root.add_argument("--version", action="version", version=__version__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="teach the embedded model a new subject and show it in new contexts")
+    p.add_argument("--output", default="demo_out", help="folder for the grid, LoRA, config and loss curve")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
+
+    p = sub.add_parser("train", help="train DreamBooth on your own images")
+    p.add_argument("--config", help="TOML or JSON file with the same settings (flags override it)")
+    p.add_argument("--force-token", action="store_true", help="train even if the token splits")
+    _add_train_flags(p)
+
+    p = sub.add_parser("sample", help="render prompts (or a built-in prompt set) with a trained LoRA")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--lora", help="LoRA .safetensors to apply")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--prompts", nargs="+", help="prompts; {token} and {class} are filled in")
+    p.add_argument("--prompt-set", default=None, help="built-in set: all, recontextualization, art_renditions, "
+                   "property_modification, accessories, class_hybrids, product_shots")
+    p.add_argument("--token", default=None, help="identifier (default: read from the LoRA's metadata)")
+    p.add_argument("--class-noun", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--output", default="samples.png")
+
+    p = sub.add_parser("prepare", help="clean, crop and caption instance images; write a report")
+    p.add_argument("input_dir")
+    p.add_argument("--output", required=True)
+    p.add_argument("--token", default="sks")
+    p.add_argument("--class-noun", default="")
+    p.add_argument("--caption-template", default="a photo of {token} {class}")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--crop", choices=CROPS, default="center")
+    p.add_argument("--flip", action=BOOL, default=False)
+    p.add_argument("--recursive", action=BOOL, default=False)
+    p.add_argument("--min-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("class-images", help="generate (or top up) cached class images for prior preservation")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--class-noun", default=None)
+    p.add_argument("--class-prompt", default=None)
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--class-dir", default=None, help="cache folder (default: ~/.cache/dreambooth/class_images)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("token", help="check or propose a rare identifier token")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    c = tsub.add_parser("check", help="how the model's tokenizer splits WORD")
+    c.add_argument("word")
+    c.add_argument("--model", default="embedded")
+    c.add_argument("--force", action="store_true", help="only warn when the word splits")
+    s = tsub.add_parser("suggest", help="propose rare single tokens, as the paper does")
+    s.add_argument("--model", default="embedded")
+    s.add_argument("-n", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    return root
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    from . import commands
+
+    try:
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,235 @@
+"""What each CLI subcommand does; kept apart from argument parsing so it can be called directly."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_CACHE = Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth")) / "class_images"
+
+
+def _bar(total: int, desc: str, disable: bool = False):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step" if "train" in desc else "img", disable=disable,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _progress(bar):
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update
+
+
+def class_examples(paths, caption: str):
+    """Class images from disk as training examples (all captioned with the class prompt)."""
+    from PIL import Image
+
+    from .dataset import TrainImage
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(TrainImage(im.convert("RGB"), caption, str(p)))
+    return out
+
+
+def resolve_class_images(backend, config, resolution: int, *, disable_bars: bool = False, should_stop=None):
+    """User class images if --class-dir holds images, else generated ones from the cache."""
+    from .backends.base import SampleSettings
+    from .dataset import IMAGE_SUFFIXES
+    from .prior import ensure_class_images, load_class_folder
+
+    prompt = config.resolved_class_prompt()
+    folder = Path(config.class_dir) if config.class_dir else None
+    if folder and folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        data = load_class_folder(folder, resolution=resolution, class_prompt=prompt)
+        return data.items, f"{len(data.items)} class images from {folder}"
+    settings = SampleSettings(steps=config.class_steps, guidance=config.class_guidance, sampler=config.class_sampler,
+                              negative_prompt=config.negative_prompt, width=resolution, height=resolution)
+    bar = _bar(config.num_class_images, "class images", disable_bars)
+    try:
+        result = ensure_class_images(backend, folder or DEFAULT_CACHE, prompt, config.num_class_images, settings,
+                                     seed=config.seed, progress=_progress(bar), should_stop=should_stop)
+    finally:
+        bar.close()
+    note = f"{len(result.paths)} class images for '{prompt}' ({result.reused} cached, {result.generated} new) in {result.folder}"
+    return class_examples(result.paths, prompt), note
+
+
+def _train_callbacks(total: int, disable: bool):
+    from .trainer import Callbacks
+
+    bar = _bar(total, "train", disable)
+
+    def on_step(info) -> None:
+        bar.n = info.step
+        post = {"loss": f"{info.loss:.4f}"}
+        if info.prior_loss is not None:
+            post["prior"] = f"{info.prior_loss:.4f}"
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    return Callbacks(on_step=on_step), bar
+
+
+def run_training(config, *, force_token: bool = False, backend=None, log=print):
+    """The whole `train` job: load, check the token, prepare data and class images, train."""
+    import torch
+    from accelerate import Accelerator
+
+    from .backends.diffusers_backend import load_backend
+    from .dataset import prepare_dataset
+    from .tokens import require_single_token
+    from .trainer import train
+
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
+                              mixed_precision=config.mixed_precision)
+    main = accelerator.is_main_process
+    if backend is None:
+        frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        if accelerator.device.type == "cpu":
+            frozen_dtype = torch.float32
+        backend = load_backend(config.model, device=accelerator.device, weight_dtype=frozen_dtype,
+                               prediction_type=config.prediction_type)
+    check = require_single_token(backend.tokenizers(), config.token, force=force_token)
+    if main and not check.single:
+        log(f"warning: {check.message}")
+    if not config.instance_dir:
+        raise ValueError("--instance-dir: give the folder with 3-30 photos of your subject")
+    resolution = config.resolution or backend.native_resolution
+    template = config.instance_prompt or "a photo of {token} {class}"
+    data = prepare_dataset(config.instance_dir, token=config.token, class_noun=config.class_noun,
+                           caption_template=template, resolution=resolution, crop=config.crop, flip=config.flip,
+                           seed=config.seed)
+    if main:
+        log(data.summary())
+    class_items = None
+    if config.prior:
+        with accelerator.main_process_first():
+            class_items, note = resolve_class_images(backend, config, resolution, disable_bars=not main)
+        if main:
+            log(note)
+    callbacks, bar = _train_callbacks(config.steps, disable=not main)
+    try:
+        result = train(backend, config, data.items, class_items, callbacks, accelerator=accelerator, flip=data.flip)
+    finally:
+        bar.close()
+    return result, backend
+
+
+def cmd_train(args) -> int:
+    from .cli import build_config
+    from .trainer import TrainingDiverged
+
+    config = build_config(args)
+    try:
+        result, _ = run_training(config, force_token=args.force_token)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if result.status == "cancelled":
+        print(f"cancelled at step {result.step}; resume with --resume (checkpoint: {result.checkpoint_path})")
+        return 130
+    if result.lora_path:
+        print(f"LoRA: {result.lora_path}")
+    for p in result.full_paths[:3]:
+        print(f"weights: {p}")
+    print(f"loss curve: {Path(config.output_dir) / 'loss.png'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), steps=args.steps)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .backends.base import SampleSettings
+    from .backends.diffusers_backend import load_backend
+    from .fileio import save_image
+    from .lora import load_lora, read_lora_file
+    from .sampling import fill, prompt_set, sample_grid
+
+    backend = load_backend(args.model)
+    token, class_noun = args.token, args.class_noun
+    if args.lora:
+        meta = read_lora_file(args.lora)[1]
+        token = token or meta.get("dreambooth_token")
+        class_noun = class_noun or meta.get("dreambooth_class_noun")
+        load_lora(backend.lora_targets(True, True, conv=True), args.lora, multiplier=args.lora_scale)
+    token, class_noun = token or "sks", class_noun or ""
+    toy = backend.describe() == "embedded"
+    if args.prompts:
+        prompts = [fill(p, token, class_noun) for p in args.prompts]
+    else:
+        prompts = prompt_set(args.prompt_set or "all", token, class_noun, toy=toy)
+    res = args.resolution or backend.native_resolution
+    settings = SampleSettings(steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                              negative_prompt=args.negative_prompt, width=res, height=res)
+    bar = _bar(len(prompts) * len(args.seeds), "sample")
+    grid, _ = sample_grid(backend, prompts, args.seeds, settings, scale=max(1, 256 // res),
+                          progress=_progress(bar))
+    bar.close()
+    save_image(args.output, grid)
+    print(f"grid: {args.output}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .dataset import DatasetError, prepare_dataset
+
+    try:
+        data = prepare_dataset(args.input_dir, token=args.token, class_noun=args.class_noun,
+                               caption_template=args.caption_template, resolution=args.resolution, crop=args.crop,
+                               flip=args.flip, recursive=args.recursive, min_size=args.min_size, seed=args.seed)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    data.save(args.output)
+    print(data.summary())
+    print(f"wrote {len(data.items)} images and report.json to {args.output}")
+    return 0
+
+
+def cmd_class_images(args) -> int:
+    from .backends.diffusers_backend import load_backend
+    from .config import TrainConfig
+
+    if not (args.class_prompt or args.class_noun):
+        raise ValueError("--class-noun or --class-prompt: say which class to generate (e.g. --class-noun dog)")
+    backend = load_backend(args.model)
+    config = TrainConfig(class_noun=args.class_noun or "", class_prompt=args.class_prompt,
+                         num_class_images=args.count, class_dir=args.class_dir, class_steps=args.steps,
+                         class_guidance=args.guidance, class_sampler=args.sampler,
+                         negative_prompt=args.negative_prompt, seed=args.seed)
+    _, note = resolve_class_images(backend, config, args.resolution or backend.native_resolution)
+    print(note)
+    return 0
+
+
+def cmd_token(args) -> int:
+    from .backends.diffusers_backend import load_tokenizers
+    from .tokens import TokenError, check_token, require_single_token, suggest_tokens
+
+    tokenizers = load_tokenizers(args.model)
+    if args.token_command == "suggest":
+        for word in suggest_tokens(tokenizers, n=args.n, seed=args.seed):
+            print(word)
+        return 0
+    check = check_token(tokenizers, args.word)
+    for pieces in check.pieces:
+        print(f"{args.word!r} → {pieces}")
+    try:
+        check = require_single_token(tokenizers, args.word, force=args.force)
+    except TokenError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    print(check.message)
+    return 0

@@ -1,0 +1,151 @@
+"""Training configuration: one dataclass, filled from defaults, a TOML/JSON file and flags."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+MODES = ("lora", "full")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CROPS = ("center", "random", "bucket")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # subject
+    instance_dir: Optional[str] = None
+    token: str = "sks"
+    class_noun: str = ""
+    instance_prompt: Optional[str] = None  # default: "a photo of {token} {class}"
+    class_prompt: Optional[str] = None  # default: "a photo of a {class}"
+    resolution: Optional[int] = None  # default: the model's native resolution
+    crop: str = "center"
+    flip: bool = False
+    # model
+    model: str = "embedded"
+    prediction_type: Optional[str] = None
+    # prior preservation
+    prior: bool = True
+    prior_weight: float = 1.0
+    class_dir: Optional[str] = None
+    num_class_images: int = 100
+    class_steps: int = 25
+    class_guidance: float = 5.0
+    class_sampler: str = "dpmpp_2m"
+    negative_prompt: str = ""
+    # method
+    mode: str = "lora"
+    rank: int = 4
+    alpha: Optional[float] = None  # default: rank (scale 1)
+    lora_conv: bool = False
+    train_text_encoder: bool = False
+    # optimisation
+    steps: int = 400
+    learning_rate: Optional[float] = None  # default: 1e-4 (LoRA), 5e-6 (full)
+    text_encoder_lr: Optional[float] = None  # default: learning_rate
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    seed: int = 0
+    min_snr_gamma: Optional[float] = None
+    offset_noise: float = 0.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    # outputs
+    output_dir: str = "output"
+    save_name: str = "dreambooth_lora"
+    save_precision: str = "fp16"
+    checkpoint_every: int = 0  # 0: only on cancel, on divergence and at the end
+    resume: bool = False
+    sample_every: int = 0
+    sample_prompts: list = field(default_factory=list)
+
+    # -- derived ------------------------------------------------------------------------------
+    def resolved_instance_prompt(self) -> str:
+        template = self.instance_prompt or "a photo of {token} {class}"
+        return template.replace("{token}", self.token).replace("{class}", self.class_noun).strip()
+
+    def resolved_class_prompt(self) -> str:
+        template = self.class_prompt or "a photo of a {class}"
+        return template.replace("{class}", self.class_noun).strip()
+
+    def resolved_lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.mode == "lora" else 5e-6
+
+    def validate(self) -> "TrainConfig":
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"{name}: {why}")
+
+        if self.mode not in MODES:
+            bad("mode", f"{self.mode!r} is not one of {MODES}")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            bad("lr_scheduler", f"{self.lr_scheduler!r} is not one of {LR_SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            bad("mixed_precision", f"{self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        if self.crop not in CROPS:
+            bad("crop", f"{self.crop!r} is not one of {CROPS}")
+        if self.save_precision not in ("fp16", "bf16", "fp32"):
+            bad("save_precision", "use fp16, bf16 or fp32")
+        for name in ("steps", "rank", "batch_size", "gradient_accumulation"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            bad("learning_rate", "must be positive")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            bad("resolution", "must be a positive multiple of 8")
+        if self.prior and not (self.class_noun or self.class_prompt):
+            bad("class_noun", "prior preservation needs the subject's class noun (e.g. 'dog'), or use --no-prior")
+        if "{token}" in (self.instance_prompt or "") or self.instance_prompt is None:
+            if not self.token.strip():
+                bad("token", "the identifier token is empty")
+        elif self.token not in self.instance_prompt:
+            bad("instance_prompt", f"does not contain the identifier {self.token!r}; the subject would not "
+                                   "be bound to it")
+        if self.num_class_images < 1 and self.prior:
+            bad("num_class_images", "must be at least 1 with prior preservation")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        normalised = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**normalised)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML or JSON file of TrainConfig fields (a [train] table in TOML is also accepted)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: cannot parse ({exc})") from exc
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    return data

@@ -1,0 +1,435 @@
+"""The DreamBooth training loop, backend-agnostic, on accelerate.
+
+Frozen parts are computed once: VAE latents of every training image (and its mirror image when
+flipping is allowed) and, while the text encoder is frozen, the embedding of every caption.
+Each step then draws instance and class samples for the *global* batch from a generator seeded
+by (seed, step), and each process takes its slice: one process with batch 2·B and two processes
+with batch B see exactly the same samples and noise, and a resumed run continues exactly where
+it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__, checkpoint, fileio, objective
+from .backends.base import Backend, Cond, cat_conds
+from .config import TrainConfig
+from .lora import LoRANetwork
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+class Example(Protocol):
+    image: "object"  # PIL.Image.Image
+    caption: str
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    instance_loss: float
+    prior_loss: Optional[float]
+    lr: float
+    seconds_per_step: float
+    eta_seconds: float
+
+
+@dataclass
+class Callbacks:
+    on_step: Optional[Callable[[StepInfo], None]] = None
+    should_stop: Optional[Callable[[], bool]] = None
+    on_preview: Optional[Callable[[int, List[np.ndarray]], None]] = None
+    on_phase: Optional[Callable[[str], None]] = None  # "caching", "training", "saving"
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "cancelled"
+    step: int
+    output_dir: Path
+    lora_path: Optional[Path] = None
+    full_paths: List[str] = field(default_factory=list)
+    checkpoint_path: Optional[Path] = None
+    history: List[dict] = field(default_factory=list)
+    network: Optional[LoRANetwork] = None
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup and schedule != "constant":
+            return (step + 1) / warmup
+        if schedule in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63))
+
+
+@dataclass
+class _Bucket:
+    latents: torch.Tensor  # (N, C, h, w)
+    flipped: Optional[torch.Tensor]
+    captions: List[str]
+    size: tuple  # (H, W) in pixels
+
+
+class DreamBoothTrainer:
+    def __init__(self, backend: Backend, config: TrainConfig, instance: Sequence[Example],
+                 class_images: Optional[Sequence[Example]] = None, callbacks: Optional[Callbacks] = None,
+                 accelerator=None, flip: Optional[bool] = None):
+        if not instance:
+            raise ValueError("instance images: none given; DreamBooth needs 3-30 photos of the subject")
+        if config.prior and not class_images:
+            raise ValueError("class images: prior preservation is on but no class images were given "
+                             "(generate them with ensure_class_images, or turn prior off)")
+        self.backend, self.config = backend, config.validate()
+        self.instance, self.class_images = list(instance), list(class_images or []) if config.prior else []
+        self.callbacks = callbacks or Callbacks()
+        self.flip = config.flip if flip is None else flip
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or self._make_accelerator()
+        self.network: Optional[LoRANetwork] = None
+        self.history: List[dict] = []
+
+    # -- setup -------------------------------------------------------------------------------
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+
+        return Accelerator(gradient_accumulation_steps=self.config.gradient_accumulation,
+                           mixed_precision=self.config.mixed_precision,
+                           cpu=self.backend.device.type == "cpu", device_placement=False)
+
+    def _phase(self, name: str) -> None:
+        if self.callbacks.on_phase:
+            self.callbacks.on_phase(name)
+
+    @torch.no_grad()
+    def _cache_images(self, examples: Sequence[Example], flip: bool) -> List[_Bucket]:
+        groups: Dict[tuple, List[Example]] = {}
+        for ex in examples:
+            groups.setdefault((ex.image.height, ex.image.width), []).append(ex)
+        buckets = []
+        for size, items in sorted(groups.items()):
+            pixels = torch.stack([pil_to_tensor(ex.image) for ex in items])
+            latents = torch.cat([self.backend.encode_images(pixels[i:i + 8]) for i in range(0, len(items), 8)])
+            flipped = None
+            if flip:
+                mirrored = pixels.flip(-1)
+                flipped = torch.cat([self.backend.encode_images(mirrored[i:i + 8]) for i in range(0, len(items), 8)])
+            buckets.append(_Bucket(latents, flipped, [ex.caption for ex in items], size))
+        return buckets
+
+    @torch.no_grad()
+    def _cache_text(self, buckets: Sequence[_Bucket]) -> Dict[tuple, Cond]:
+        cache: Dict[tuple, Cond] = {}
+        for b in buckets:
+            for caption in b.captions:
+                if (caption, b.size) not in cache:
+                    cache[(caption, b.size)] = self.backend.encode_text([caption], size=b.size)
+        return cache
+
+    def _signature(self, n_trainable: int) -> dict:
+        c = self.config
+        return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
+                "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
+                "n_trainable": n_trainable, "model": self.backend.fingerprint()}
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        c, backend, acc = self.config, self.backend, self.accelerator
+        self._phase("caching")
+        inst_buckets = self._cache_images(self.instance, self.flip)
+        class_buckets = self._cache_images(self.class_images, False) if self.class_images else []
+        train_te = c.train_text_encoder
+        text_cache = {} if train_te else self._cache_text(inst_buckets + class_buckets)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            named = self._trainable(train_te)
+        params = [p for _, p in named]
+        if c.gradient_checkpointing:
+            backend.set_gradient_checkpointing(True)
+        models = backend.trainable_models(True, train_te)
+        wrapped = acc.prepare(*models) if models else []
+        wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+        backend.use_wrapped(wrapped)
+        for m in models:
+            m.train()
+
+        te_names = {n for n, _ in named if n.startswith("lora_te") or n.startswith("text_encoder")}
+        lr = c.resolved_lr()
+        groups = [{"params": [p for n, p in named if n not in te_names], "lr": lr}]
+        if te_names:
+            groups.append({"params": [p for n, p in named if n in te_names], "lr": c.text_encoder_lr or lr})
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=c.weight_decay)
+        schedule = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, c.steps)
+
+        start = 0
+        ckpt_path = self.output_dir / CHECKPOINT_NAME
+        if c.resume and ckpt_path.is_file():
+            start = self._load_checkpoint(ckpt_path, named, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start - 1) if start else \
+            torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = acc.prepare(optimizer)
+
+        self._phase("training")
+        status = "completed"
+        step = start
+        t0, done_here = time.perf_counter(), 0
+        try:
+            for step in range(start, c.steps):
+                if self.callbacks.should_stop and self.callbacks.should_stop():
+                    status = "cancelled"
+                    break
+                parts = self._optimizer_step(step, inst_buckets, class_buckets, text_cache, models, params,
+                                             optimizer, scheduler, named)
+                done_here += 1
+                elapsed = time.perf_counter() - t0
+                per_step = elapsed / done_here
+                record = {"step": step + 1, "loss": parts[0], "instance_loss": parts[1], "prior_loss": parts[2],
+                          "lr": scheduler.get_last_lr()[0]}
+                self.history.append(record)
+                if self.callbacks.on_step:
+                    self.callbacks.on_step(StepInfo(step + 1, c.steps, parts[0], parts[1], parts[2], record["lr"],
+                                                    per_step, per_step * (c.steps - step - 1)))
+                if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
+                    self._save_checkpoint(ckpt_path, step + 1, named, optimizer)
+                if c.sample_every and (step + 1) % c.sample_every == 0 and self.callbacks.on_preview:
+                    self._preview(step + 1)
+            else:
+                step = c.steps
+        finally:
+            backend.unwrap() if hasattr(backend, "unwrap") else None
+            if c.gradient_checkpointing:
+                backend.set_gradient_checkpointing(False)
+            for m in models:
+                m.eval()
+            for p in params:
+                p.requires_grad_(False)
+
+        self._phase("saving")
+        result = TrainResult(status=status, step=step, output_dir=self.output_dir, history=self.history,
+                             network=self.network)
+        if status == "cancelled":
+            result.checkpoint_path = self._save_checkpoint(ckpt_path, step, named, optimizer)
+            return result
+        if acc.is_main_process:
+            if c.checkpoint_every:
+                result.checkpoint_path = self._save_checkpoint(ckpt_path, step, named, optimizer)
+            self._save_outputs(result)
+        acc.wait_for_everyone()
+        return result
+
+    def _trainable(self, train_te: bool) -> List[tuple]:
+        c = self.config
+        if c.mode == "lora":
+            targets = self.backend.lora_targets(True, train_te, conv=c.lora_conv)
+            self.network = LoRANetwork(targets, rank=c.rank, alpha=c.alpha).attach()
+            named = []
+            for name, adapter in self.network.adapters.items():
+                named += [(f"{name}.lora_down.weight", adapter.lora_down.weight),
+                          (f"{name}.lora_up.weight", adapter.lora_up.weight)]
+            return named
+        named = []
+        for i, model in enumerate(self.backend.trainable_models(True, train_te)):
+            model.to(torch.float32).requires_grad_(True)
+            prefix = "unet" if i == 0 else f"text_encoder{i}"
+            named += [(f"{prefix}.{n}", p) for n, p in model.named_parameters()]
+        return named
+
+    def _draw(self, step: int, micro: int, inst: List[_Bucket], cls: List[_Bucket]):
+        """The global batch of this micro-step, then this process's slice of it."""
+        c, acc = self.config, self.accelerator
+        g = step_generator(c.seed, step, micro)
+        world, rank, b = acc.num_processes, acc.process_index, c.batch_size
+        total = world * b
+        sizes = torch.tensor([len(x.captions) for x in inst], dtype=torch.float)
+        bucket = inst[int(torch.multinomial(sizes, 1, generator=g))]
+        idx = torch.randint(len(bucket.captions), (total,), generator=g)
+        flips = torch.randint(2, (total,), generator=g) if bucket.flipped is not None else torch.zeros(total, dtype=torch.long)
+        lat = torch.where(flips.bool().view(-1, 1, 1, 1), (bucket.flipped if bucket.flipped is not None
+                                                           else bucket.latents)[idx], bucket.latents[idx])
+        noise = objective.sample_noise(lat.shape, g, c.offset_noise)
+        t = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
+        mine = slice(rank * b, (rank + 1) * b)
+        parts = [(lat[mine], noise[mine], t[mine], [bucket.captions[i] for i in idx[mine].tolist()], bucket.size)]
+        if cls:
+            cb = cls[0]
+            cidx = torch.randint(len(cb.captions), (total,), generator=g)
+            clat = cb.latents[cidx]
+            cnoise = objective.sample_noise(clat.shape, g, c.offset_noise)
+            ct = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
+            parts.append((clat[mine], cnoise[mine], ct[mine], [cb.captions[i] for i in cidx[mine].tolist()], cb.size))
+        return parts
+
+    def _cond(self, captions: List[str], size: tuple, text_cache: Dict[tuple, Cond]) -> Cond:
+        if text_cache:
+            return cat_conds([text_cache[(cap, size)] for cap in captions])
+        return self.backend.encode_text(captions, size=size)
+
+    def _forward_loss(self, parts, text_cache) -> objective.LossParts:
+        c, backend = self.config, self.backend
+        dev = backend.device
+        batches = [objective.make_batch(lat.to(dev), noise.to(dev), t.to(dev), backend.alphas_cumprod,
+                                        backend.prediction_type, c.min_snr_gamma) for lat, noise, t, _, _ in parts]
+        conds = [self._cond(caps, size, text_cache) for _, _, _, caps, size in parts]
+        n_inst = parts[0][0].shape[0]
+        with self.accelerator.autocast():
+            if len(parts) == 1 or parts[0][0].shape[1:] == parts[1][0].shape[1:]:
+                merged = objective.NoisedBatch(*(torch.cat([getattr(b, f) for b in batches])
+                                                 for f in ("noisy", "timesteps", "target", "weight")))
+                pred = backend.predict(merged.noisy, merged.timesteps, cat_conds(conds))
+            else:  # instance bucket and class images differ in size: two forward passes
+                pred = torch.cat([backend.predict(b.noisy, b.timesteps, cd).flatten(1) for b, cd in zip(batches, conds)])
+                merged = objective.NoisedBatch(None, None, torch.cat([b.target.flatten(1) for b in batches]),
+                                               torch.cat([b.weight for b in batches]))
+        return objective.dreambooth_loss(pred, merged, n_inst, c.prior_weight)
+
+    def _optimizer_step(self, step, inst, cls, text_cache, models, params, optimizer, scheduler, named):
+        c, acc = self.config, self.accelerator
+        totals = np.zeros(3)
+        for micro in range(c.gradient_accumulation):
+            parts = self._draw(step, micro, inst, cls)
+            with acc.accumulate(*models):
+                loss = self._forward_loss(parts, text_cache)
+                finite = torch.isfinite(loss.total.detach()).float()
+                if acc.num_processes > 1:
+                    finite = acc.reduce(finite.to(acc.device), "min")
+                if not bool(finite):
+                    path = self._save_checkpoint(self.output_dir / CHECKPOINT_NAME, step, named, optimizer)
+                    raise TrainingDiverged(
+                        f"the loss became {loss.total.item()} at step {step + 1}; training stopped and the last good "
+                        f"state was kept in {path}. Lower the learning rate (now {c.resolved_lr():g}), use "
+                        "bf16 instead of fp16, or enable min-SNR weighting, then resume.")
+                acc.backward(loss.total)
+                if acc.sync_gradients and c.max_grad_norm:
+                    acc.clip_grad_norm_(params, c.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            totals += [loss.total.item(), loss.instance.item(), loss.prior.item() if loss.prior is not None else 0.0]
+        scheduler.step()
+        totals /= c.gradient_accumulation
+        if acc.num_processes > 1:
+            totals = acc.reduce(torch.tensor(totals, device=acc.device), "mean").cpu().numpy()
+        return float(totals[0]), float(totals[1]), (float(totals[2]) if cls else None)
+
+    def _preview(self, step: int) -> None:
+        from .backends.base import SampleSettings
+
+        c = self.config
+        prompts = c.sample_prompts or [c.resolved_instance_prompt()]
+        res = c.resolution or self.backend.native_resolution
+        images = self.backend.generate(prompts, [c.seed + i for i in range(len(prompts))],
+                                       SampleSettings(width=res, height=res, negative_prompt=c.negative_prompt))
+        self.callbacks.on_preview(step, images)
+
+    # -- persistence -------------------------------------------------------------------------
+    def _save_checkpoint(self, path: Path, step: int, named, optimizer) -> Optional[Path]:
+        if not self.accelerator.is_main_process:
+            return None
+        tensors = {f"param.{n}": p.detach() for n, p in named}
+        inner = getattr(optimizer, "optimizer", optimizer)
+        opt_tensors, opt_meta = checkpoint.optimizer_tensors(inner)
+        tensors.update(opt_tensors)
+        meta = {"step": step, "signature": self._signature(len(named)), "optimizer": opt_meta,
+                "history": self.history, "config": self.config.to_dict()}
+        fileio.save_tensors(path, tensors, {"dreambooth_checkpoint": json.dumps(meta, default=str)})
+        return path
+
+    def _load_checkpoint(self, path: Path, named, optimizer) -> int:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("dreambooth_checkpoint", "{}"))
+        expected = self._signature(len(named))
+        got = meta.get("signature", {})
+        diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+        if diff:
+            raise CheckpointMismatch(
+                f"{path}: was saved with other settings ({', '.join(f'{k}: {a} vs now {b}' for k, (a, b) in diff.items())}); "
+                "use the same settings to resume, or delete the checkpoint / turn resume off to start over")
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+        checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
+        self.history = list(meta.get("history", []))
+        return int(meta["step"])
+
+    def _save_outputs(self, result: TrainResult) -> None:
+        from . import plots
+
+        c = self.config
+        out = self.output_dir
+        if c.mode == "lora" and self.network is not None:
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[c.save_precision]
+            result.lora_path = self.network.save(out / f"{safe_name(c.save_name)}.safetensors",
+                                                 lora_metadata(c, self.backend, result.step), dtype)
+        else:
+            result.full_paths = self.backend.save_full(str(out / safe_name(c.save_name)))
+        fileio.write_json(out / "config.json", {"config": c.to_dict(), "base_model": self.backend.describe(),
+                                                "version": __version__, "steps_done": result.step})
+        fileio.write_json(out / "loss.json", self.history)
+        plots.save_loss_curve(self.history, out / "loss.png")
+
+
+def safe_name(name: str) -> str:
+    """A file stem that cannot leave the output folder."""
+    stem = Path(name.replace("\\", "/")).name
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if stem in ("", ".", "..") or stem != name.replace(".safetensors", "") or stem.startswith("."):
+        raise ValueError(f"save name {name!r}: use a plain file name without folders (e.g. 'my_dog')")
+    return stem
+
+
+def lora_metadata(config: TrainConfig, backend: Backend, steps: int) -> Dict[str, str]:
+    return {
+        "ss_output_name": safe_name(config.save_name),
+        "ss_training_comment": f"DreamBooth: {config.resolved_instance_prompt()}",
+        "ss_steps": str(steps),
+        "ss_learning_rate": f"{config.resolved_lr():g}",
+        "ss_sd_model_name": backend.describe(),
+        "dreambooth_token": config.token,
+        "dreambooth_class_noun": config.class_noun,
+        "dreambooth_instance_prompt": config.resolved_instance_prompt(),
+        "dreambooth_base_model": backend.describe(),
+        "dreambooth_base_fingerprint": backend.fingerprint(),
+        "dreambooth_steps": str(steps),
+        "dreambooth_prior_preservation": str(config.prior).lower(),
+        "dreambooth_version": __version__,
+    }
+
+
+def train(backend: Backend, config: TrainConfig, instance: Sequence[Example],
+          class_images: Optional[Sequence[Example]] = None, callbacks: Optional[Callbacks] = None,
+          accelerator=None, flip: Optional[bool] = None) -> TrainResult:
+    return DreamBoothTrainer(backend, config, instance, class_images, callbacks, accelerator, flip).run()

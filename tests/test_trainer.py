@@ -1,0 +1,180 @@
+"""Trainer mechanics on a tiny random model: resume, cancel, NaN guard, LoRA round trip."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_backend
+from dreambooth_core import lora, objective
+from dreambooth_core.config import TrainConfig
+from dreambooth_core.trainer import CHECKPOINT_NAME, Callbacks, CheckpointMismatch, TrainingDiverged, train
+
+
+@dataclass
+class Ex:
+    image: Image.Image
+    caption: str
+
+
+def examples(n: int, caption: str, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [Ex(Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)), caption) for _ in range(n)]
+
+
+INSTANCE = examples(3, "a photo of sks star", 0)
+CLASS = examples(4, "a photo of a star", 1)
+
+
+def config(tmp_path, **kw) -> TrainConfig:
+    base = dict(class_noun="star", steps=6, output_dir=str(tmp_path), learning_rate=1e-2, batch_size=2,
+                save_precision="fp32", train_text_encoder=True, flip=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def lora_state(result) -> dict:
+    return {k: v.clone() for k, v in result.network.state_dict().items()}
+
+
+def test_training_updates_the_lora_and_writes_outputs(tmp_path):
+    result = train(make_tiny_backend(), config(tmp_path), INSTANCE, CLASS)
+    assert result.status == "completed" and result.step == 6
+    ups = [v for k, v in lora_state(result).items() if k.endswith("lora_up.weight")]
+    assert any(v.abs().max() > 0 for v in ups), "lora_up starts at zero and must have moved"
+    for name in ("dreambooth_lora.safetensors", "config.json", "loss.json", "loss.png"):
+        assert (tmp_path / name).is_file()
+    assert all(h["prior_loss"] is not None for h in result.history)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cancel_then_resume_reaches_the_same_weights(tmp_path):
+    straight = train(make_tiny_backend(), config(tmp_path / "a"), INSTANCE, CLASS)
+
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    first = train(make_tiny_backend(), config(tmp_path / "b"), INSTANCE, CLASS,
+                  Callbacks(should_stop=stop_after_three))
+    assert first.status == "cancelled" and first.step == 3
+    assert (tmp_path / "b" / CHECKPOINT_NAME).is_file()
+    assert not (tmp_path / "b" / "dreambooth_lora.safetensors").exists()
+
+    resumed = train(make_tiny_backend(), config(tmp_path / "b", resume=True), INSTANCE, CLASS)
+    assert resumed.status == "completed" and resumed.step == 6
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
+    a, b = lora_state(straight), lora_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), INSTANCE, CLASS)
+    with pytest.raises(CheckpointMismatch, match="rank"):
+        train(make_tiny_backend(), config(tmp_path, steps=4, rank=8, resume=True), INSTANCE, CLASS)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_state(tmp_path):
+    backend = make_tiny_backend()
+    real_predict = backend.predict
+    calls = {"n": 0}
+
+    def predict(*args, **kwargs):
+        calls["n"] += 1
+        out = real_predict(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    backend.predict = predict
+    with pytest.raises(TrainingDiverged, match="step 3") as info:
+        train(backend, config(tmp_path), INSTANCE, CLASS)
+    assert "learning rate" in str(info.value)
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / CHECKPOINT_NAME)
+    params = {k: v for k, v in state.items() if k.startswith("param.")}
+    assert params and all(torch.isfinite(v).all() for v in params.values())
+    assert not (tmp_path / "dreambooth_lora.safetensors").exists()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_lora_file_round_trip_gives_identical_outputs(tmp_path):
+    trained_backend = make_tiny_backend()
+    result = train(trained_backend, config(tmp_path), INSTANCE, CLASS)
+    fresh = make_tiny_backend()
+    lora.load_lora(fresh.lora_targets(True, True), result.lora_path)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        cond_a = trained_backend.encode_text(["a photo of sks star"] * 2, size=(16, 16))
+        cond_b = fresh.encode_text(["a photo of sks star"] * 2, size=(16, 16))
+        a = trained_backend.predict(x, t, cond_a)
+        b = fresh.predict(x, t, cond_b)
+        base = make_tiny_backend().predict(x, t, make_tiny_backend().encode_text(["a photo of sks star"] * 2,
+                                                                                 size=(16, 16)))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, base, atol=1e-4), "the LoRA must change the output"
+
+
+def test_lora_keys_are_kohya_style_with_metadata(tmp_path):
+    result = train(make_tiny_backend(), config(tmp_path, steps=1), INSTANCE, CLASS)
+    state, meta = lora.read_lora_file(result.lora_path)
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.") for k in state)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in state)
+    assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in state} == \
+        {"lora_down", "lora_up", "alpha"}
+    assert meta["dreambooth_token"] == "sks" and meta["dreambooth_class_noun"] == "star"
+    assert meta["ss_network_dim"] == "4" and meta["dreambooth_steps"] == "1"
+
+
+def test_lora_loads_with_diffusers_load_lora_weights(tmp_path):
+    pytest.importorskip("peft")
+    ours = make_tiny_backend()
+    result = train(ours, config(tmp_path), INSTANCE, CLASS)
+    pipe = make_tiny_backend().pipeline()
+    pipe.load_lora_weights(str(result.lora_path))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300])
+    with torch.no_grad():
+        ids = pipe.tokenizer(["a photo of sks star"], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        theirs = pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+        mine = ours.predict(x, t, ours.encode_text(["a photo of sks star"], size=(16, 16)))
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)
+
+
+def test_full_fine_tune_changes_unet_weights(tmp_path):
+    backend = make_tiny_backend()
+    before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
+    result = train(backend, config(tmp_path, mode="full", steps=2, learning_rate=1e-3, train_text_encoder=False),
+                   INSTANCE, CLASS)
+    after = backend.unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert result.full_paths and all(p.endswith(".safetensors") for p in result.full_paths)
+
+
+def test_objective_targets_and_min_snr():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    eps = objective.make_batch(x0, noise, t, alphas, "epsilon")
+    assert torch.equal(eps.target, noise)
+    v = objective.make_batch(x0, noise, t, alphas, "v_prediction", min_snr_gamma=5.0)
+    a = alphas[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v.target, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    snr = alphas[t] / (1 - alphas[t])
+    torch.testing.assert_close(v.weight, torch.clamp(snr, max=5.0) / (snr + 1))
+    w = objective.make_batch(x0, noise, t, alphas, "epsilon", min_snr_gamma=5.0).weight
+    assert w[0] < 1 and w[2] == 1  # high-SNR (small t) steps are down-weighted
+    pred = torch.zeros_like(noise)
+    parts = objective.dreambooth_loss(pred, eps, n_instance=1, prior_weight=0.5)
+    per = noise.pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(parts.total, per[0] + 0.5 * per[1:].mean())
