@@ -1,0 +1,159 @@
+"""The rare identifier that DreamBooth binds the subject to.
+
+The paper (Ruiz et al. 2022, §3.2) warns that a random letter string such as "xxy5syt00" is
+split by the tokenizer into several tokens, each with a strong prior of its own, and binds
+poorly; a common word ("dog", "red") already means something the model must unlearn. It looks
+up *rare* tokens in the vocabulary instead. This module checks a proposed identifier against the
+model's own tokenizer(s) and proposes rare single tokens the same way.
+
+CLIP's BPE vocabulary is ordered by merge rank: a lower id was merged earlier, i.e. is more
+frequent in CLIP's training text. That is what `COMMON_MAX_ID` and `RARE_MIN_ID` rely on.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, replace
+from typing import List, Sequence
+
+#: Whole-word CLIP tokens made of letters with an id below this are everyday words or names
+#: ("red" 736, "photo" 1125, "dog" 1929, "purple" 5496, "backpack" 14894): poor identifiers.
+COMMON_MAX_ID = 20000
+#: Suggestions come from ids at or above this: the last ~9k merges of CLIP's 49408-token
+#: vocabulary, where "sks" (48136) and "ohwx" (47993) also sit.
+RARE_MIN_ID = 40000
+_WORD_END = "</w>"
+
+
+class TokenError(ValueError):
+    """The proposed identifier would not work as one rare token."""
+
+
+@dataclass
+class TokenCheck:
+    word: str  # the identifier checked (surrounding whitespace removed)
+    pieces: List[List[str]]  # per tokenizer, how it splits (without start/end tokens)
+    single: bool  # one token in every tokenizer
+    common: bool  # a frequent whole word (a poor identifier: it already means something)
+    message: str  # one line a user can act on
+    valid: bool = True  # only ASCII letters/digits, no whitespace, not empty
+
+
+def _piece_text(piece: str) -> str:
+    return piece[: -len(_WORD_END)] if piece.endswith(_WORD_END) else piece.lstrip("\u2581")
+
+
+def _token_id(tokenizer, piece: str):
+    try:
+        return tokenizer.convert_tokens_to_ids(piece)
+    except Exception:
+        return tokenizer.get_vocab().get(piece)
+
+
+def _is_common(tokenizer, pieces: Sequence[str]) -> bool:
+    """A CLIP whole-word letter token merged early (see COMMON_MAX_ID). Tokenizers without
+    CLIP's '</w>' word ends are not judged."""
+    if len(pieces) != 1 or not pieces[0].endswith(_WORD_END):
+        return False
+    stem = _piece_text(pieces[0])
+    if not (stem.isascii() and stem.isalpha()):
+        return False
+    ident = _token_id(tokenizer, pieces[0])
+    return isinstance(ident, int) and 0 <= ident < COMMON_MAX_ID
+
+
+def _name(i: int, n: int) -> str:
+    return f" in tokenizer {i + 1} of {n}" if n > 1 else ""
+
+
+def _examples(tokenizers: list) -> str:
+    try:
+        picks = suggest_tokens(tokenizers, 3)
+    except Exception:
+        picks = []
+    return ", ".join(repr(p) for p in (picks or ["sks", "ohwx"]))
+
+
+def check_token(tokenizers: list, word: str) -> TokenCheck:
+    """How `word` tokenizes in each tokenizer and whether it makes a good identifier."""
+    if not tokenizers:
+        raise ValueError("tokenizers: none given; pass the model's tokenizer(s), e.g. backend.tokenizers()")
+    word = (word if isinstance(word, str) else "").strip()
+    n = len(tokenizers)
+    if not word:
+        return TokenCheck("", [[] for _ in tokenizers], False, False,
+                          f"The identifier is empty: use a rare single token such as {_examples(tokenizers)}.", False)
+    pieces = [list(t.tokenize(word)) for t in tokenizers]
+    single = all(len(p) == 1 for p in pieces)
+    spaced = any(c.isspace() for c in word)
+    common = spaced or any(_is_common(t, p) for t, p in zip(tokenizers, pieces))
+    odd = sorted({c for c in word if not (c.isascii() and c.isalnum())} - {" ", "\t", "\n"})
+    valid = not spaced and not odd
+    if spaced:
+        message = (f"{word!r} contains whitespace: the identifier must be one word; use a rare single token "
+                   f"such as {_examples(tokenizers)}.")
+    elif any(not c.isascii() for c in odd):
+        message = (f"{word!r} contains non-ASCII characters ({''.join(c for c in odd if not c.isascii())}): "
+                   f"use plain ASCII letters, e.g. {_examples(tokenizers)}.")
+    elif odd:
+        message = (f"{word!r} contains characters other than letters and digits ({''.join(odd)}): the tokenizer "
+                   f"splits on them; use letters only, e.g. {_examples(tokenizers)}.")
+    elif not single:
+        i, split = next((i, p) for i, p in enumerate(pieces) if len(p) != 1)
+        message = (f"{word!r} splits into {len(split)} tokens ({' + '.join(_piece_text(p) for p in split)})"
+                   f"{_name(i, n)}: a multi-token identifier binds poorly. Use a rare single token such as "
+                   f"{_examples(tokenizers)}.")
+    elif common:
+        i = next(i for i, (t, p) in enumerate(zip(tokenizers, pieces)) if _is_common(t, p))
+        message = (f"{word!r} is a common word (token id {_token_id(tokenizers[i], pieces[i][0])}{_name(i, n)}): "
+                   f"the model already knows what it means and training must overwrite that; prefer a rare "
+                   f"token such as {_examples(tokenizers)}.")
+    else:
+        message = f"{word!r} is a single, rare token{' in every tokenizer' if n > 1 else ''}: a good identifier."
+    return TokenCheck(word, pieces, single, common, message, valid)
+
+
+def require_single_token(tokenizers: list, word: str, force: bool = False) -> TokenCheck:
+    """Check `word`; raise TokenError unless it is one valid token in every tokenizer.
+
+    `force=True` returns instead, with the message turned into a warning. A single but common
+    word passes, its message saying why it is a poor choice."""
+    check = check_token(tokenizers, word)
+    if check.single and check.valid:
+        return check
+    if force:
+        return replace(check, message=f"Warning (forced): {check.message}")
+    raise TokenError(check.message)
+
+
+def _round_trips(tokenizer, word: str) -> bool:
+    try:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        return tokenizer.decode(ids).strip() == word
+    except Exception:
+        return False
+
+
+def suggest_tokens(tokenizers: list, n: int = 5, seed: int = 0) -> List[str]:
+    """Rare single tokens, as in the paper: CLIP whole-word tokens of 3-4 lowercase ASCII letters
+    from the rare end of the first tokenizer's vocabulary (id >= RARE_MIN_ID), not common, that
+    stay one token and decode back to themselves in every tokenizer given.
+
+    Deterministic for a seed. May return fewer than `n` if the vocabulary has too few."""
+    if not tokenizers:
+        raise ValueError("tokenizers: none given; pass the model's tokenizer(s), e.g. backend.tokenizers()")
+    if n <= 0:
+        return []
+    vocab = tokenizers[0].get_vocab()
+    pattern = re.compile(r"[a-z]{3,4}" + re.escape(_WORD_END))
+    candidates = sorted((i, t[: -len(_WORD_END)]) for t, i in vocab.items()
+                        if i >= RARE_MIN_ID and pattern.fullmatch(t))
+    random.Random(seed).shuffle(candidates)
+    out: List[str] = []
+    for _, word in candidates:
+        if all(len(pieces := list(t.tokenize(word))) == 1 and not _is_common(t, pieces) and _round_trips(t, word)
+               for t in tokenizers):
+            out.append(word)
+            if len(out) == n:
+                break
+    return out
