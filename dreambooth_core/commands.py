@@ -25,28 +25,15 @@ def _progress(bar):
     return update
 
 
-def class_examples(paths, caption: str):
-    """Class images from disk as training examples (all captioned with the class prompt)."""
-    from PIL import Image
-
-    from .dataset import TrainImage
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(TrainImage(im.convert("RGB"), caption, str(p)))
-    return out
-
-
 def resolve_class_images(backend, config, resolution: int, *, disable_bars: bool = False, should_stop=None):
     """User class images if --class-dir holds images, else generated ones from the cache."""
     from .backends.base import SampleSettings
-    from .dataset import IMAGE_SUFFIXES
+    from .dataset import IMAGE_EXTS
     from .prior import ensure_class_images, load_class_folder
 
     prompt = config.resolved_class_prompt()
     folder = Path(config.class_dir) if config.class_dir else None
-    if folder and folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+    if folder and folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()):
         data = load_class_folder(folder, resolution=resolution, class_prompt=prompt)
         return data.items, f"{len(data.items)} class images from {folder}"
     settings = SampleSettings(steps=config.class_steps, guidance=config.class_guidance, sampler=config.class_sampler,
@@ -57,8 +44,10 @@ def resolve_class_images(backend, config, resolution: int, *, disable_bars: bool
                                      seed=config.seed, progress=_progress(bar), should_stop=should_stop)
     finally:
         bar.close()
+    if not result.complete:
+        raise RuntimeError(f"class-image generation stopped after {len(result.paths)} of {result.count}")
     note = f"{len(result.paths)} class images for '{prompt}' ({result.reused} cached, {result.generated} new) in {result.folder}"
-    return class_examples(result.paths, prompt), note
+    return result.load(resolution=resolution).items, note
 
 
 def _train_callbacks(total: int, disable: bool):
@@ -87,8 +76,11 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print):
     from .tokens import require_single_token
     from .trainer import train
 
+    # cpu=True on machines without an accelerator lets `accelerate launch --multi_gpu` run
+    # data-parallel CPU processes (gloo); a single process is unaffected.
+    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
-                              mixed_precision=config.mixed_precision)
+                              mixed_precision=config.mixed_precision, cpu=no_accelerator)
     main = accelerator.is_main_process
     if backend is None:
         frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
