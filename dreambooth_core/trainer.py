@@ -251,7 +251,11 @@ class DreamBoothTrainer:
         c = self.config
         if c.mode == "lora":
             targets = self.backend.lora_targets(True, train_te, conv=c.lora_conv)
-            self.network = LoRANetwork(targets, rank=c.rank, alpha=c.alpha).attach()
+            self.network = LoRANetwork(targets, rank=c.rank, alpha=c.alpha)
+            # A host may inject adapters its own way (ComfyUI: weight wrappers on a cloned patcher,
+            # so the MODEL other nodes share is never touched); otherwise wrap module forwards.
+            attach = getattr(self.backend, "attach_lora", None)
+            attach(self.network) if attach else self.network.attach()
             named = []
             for name, adapter in self.network.adapters.items():
                 named += [(f"{name}.lora_down.weight", adapter.lora_down.weight),

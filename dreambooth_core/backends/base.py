@@ -77,9 +77,11 @@ class Backend(Protocol):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The denoiser's raw output (ε or v, per `prediction_type`) at integer timesteps."""
 
-    def lora_targets(self, unet: bool, text_encoder: bool) -> Dict[str, nn.Module]:
+    def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         """Modules a LoRA may attach to, keyed by their kohya-style LoRA name
-        (`lora_unet_…`, `lora_te_…`, `lora_te1_…`/`lora_te2_…` for SDXL)."""
+        (`lora_unet_…`, `lora_te_…`, `lora_te1_…`/`lora_te2_…` for SDXL); `conv` adds the
+        UNet's convolutions (LoCon). Optional: a backend may also define
+        `attach_lora(network)` to inject adapters its own way."""
 
     def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
         """The nn.Modules that train (for full fine-tuning, DDP/FSDP wrapping, grad mode)."""
