@@ -6,9 +6,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @contextmanager
@@ -35,7 +36,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tensor"],
                  metadata: Mapping[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
