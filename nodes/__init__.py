@@ -1,0 +1,8 @@
+"""ComfyUI adapters of the DreamBooth pack: node classes and the "comfy" backend.
+
+The only code in the repository that imports ComfyUI (always inside functions, so importing the
+pack costs nothing at the host's start).
+"""
+from .dreambooth_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,134 @@
+"""Weight wrappers that put trainable deltas into a cloned ComfyUI ModelPatcher.
+
+ComfyUI's ops call every function in a module's `weight_function` / `bias_function` list on a
+*copy* of the weight at each forward pass (`comfy.ops.cast_bias_weight`); `ModelPatcher.load()`
+fills those lists from the patcher's `weight_wrapper_patches`. So a wrapper registered with
+`patcher.add_weight_wrapper(key, fn)` on a clone affects only that clone: the MODEL other nodes
+share keeps its weights and its own (empty) wrapper lists. The memory manager asks wrappers how
+much memory they hold (`passive_memory_usage`) and moves them with the model (`move_to`).
+
+Also here: the kohya-style LoRA names of ComfyUI's modules, in diffusers layout
+(`lora_unet_down_blocks_0_attentions_0_…`, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`,
+`lora_te1_`/`lora_te2_` for SDXL), computed with the host's own ldm→diffusers map, so a LoRA from
+these nodes is interchangeable with one from the standalone diffusers backend.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+
+def _nbytes(params) -> int:
+    return sum(p.nelement() * p.element_size() for p in params)
+
+
+class LoRAWeight:
+    """W ↦ W + ΔW, ΔW = (alpha/rank)·up·down from a dreambooth_core LoRAModule."""
+
+    def __init__(self, adapter: nn.Module):
+        self.adapter = adapter
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.adapter.weight_delta()
+        return weight + delta.to(device=weight.device, dtype=weight.dtype)
+
+    def passive_memory_usage(self) -> int:
+        return _nbytes(self.adapter.parameters())
+
+    def move_to(self, device) -> int:
+        self.adapter.to(device=device)
+        return self.passive_memory_usage()
+
+
+class DiffWeight:
+    """W ↦ W + D with a full-size trainable D (full fine-tuning without touching W)."""
+
+    def __init__(self, diff: nn.Parameter):
+        self.diff = diff
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.diff.to(device=weight.device, dtype=weight.dtype)
+
+    def passive_memory_usage(self) -> int:
+        return self.diff.nelement() * self.diff.element_size()
+
+    def move_to(self, device) -> int:
+        with torch.no_grad():
+            self.diff.data = self.diff.data.to(device)
+        return self.passive_memory_usage()
+
+
+class FreshCopy:
+    """Identity. Registering it makes ComfyUI cast a *copy* of the weight for each forward.
+
+    Nodes run under torch.inference_mode(), so a checkpoint loaded by the host holds inference
+    tensors; autograd cannot save those for backward (a frozen Linear saves its weight to
+    back-propagate into its input). A module with a weight function always works on a copy, which
+    is an ordinary tensor when made outside inference mode."""
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+FRESH_COPY = FreshCopy()
+
+
+def comfy_op_modules(root: nn.Module):
+    """(name, module) of the modules whose weights ComfyUI casts through weight functions."""
+    for name, module in root.named_modules():
+        if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
+            yield name, module
+
+
+# -- kohya names ----------------------------------------------------------------------------------
+
+TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "mlp.fc1", "mlp.fc2")
+TEXT_ENCODER_NAMES = ("clip_l", "clip_h", "clip_g")
+
+
+def unet_targets(base_model, conv: bool = False) -> Dict[str, Tuple[str, nn.Module]]:
+    """kohya name -> (weight key in the ModelPatcher, module) for the UNet's attention blocks
+    (and its res-block/up/down-sampler convolutions when `conv`), named in diffusers layout."""
+    import comfy.utils
+
+    ldm_to_diffusers = {}
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(base_model.model_config.unet_config).items():
+        if diffusers_key.endswith(".weight"):
+            ldm_to_diffusers.setdefault(ldm_key[: -len(".weight")], diffusers_key[: -len(".weight")])
+    out: Dict[str, Tuple[str, nn.Module]] = {}
+    for path, module in base_model.diffusion_model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        dpath = ldm_to_diffusers.get(path)
+        if dpath is None:  # no diffusers name (and so no kohya name stock loaders map): skip
+            continue
+        marked = f".{dpath}."
+        attention = ".attentions." in marked
+        convolution = any(p in marked for p in (".resnets.", ".downsamplers.", ".upsamplers."))
+        if attention or (conv and convolution):
+            out["lora_unet_" + dpath.replace(".", "_")] = (f"diffusion_model.{path}.weight", module)
+    return out
+
+
+def text_targets(cond_stage_model) -> Dict[str, Tuple[str, nn.Module]]:
+    """kohya name -> (weight key in the CLIP's patcher, module) for the attention and MLP Linears
+    of each CLIP text encoder: `lora_te_…` for one encoder, `lora_te1_…`/`lora_te2_…` for SDXL."""
+    present = [n for n in TEXT_ENCODER_NAMES if getattr(cond_stage_model, n, None) is not None]
+    if "clip_l" in present and "clip_g" in present:
+        prefixes = {"clip_l": "lora_te1", "clip_g": "lora_te2"}
+    else:
+        prefixes = {n: "lora_te" for n in present[:1]}
+    out: Dict[str, Tuple[str, nn.Module]] = {}
+    for enc_name, prefix in prefixes.items():
+        layers_path = f"{enc_name}.transformer.text_model.encoder.layers"
+        for path, module in cond_stage_model.named_modules():
+            if not path.startswith(layers_path + ".") or not isinstance(module, nn.Linear):
+                continue
+            index, _, rest = path[len(layers_path) + 1:].partition(".")
+            if rest in TEXT_TARGETS:
+                name = f"{prefix}_text_model_encoder_layers_{index}_{rest.replace('.', '_')}"
+                out[name] = (f"{path}.weight", module)
+    return out

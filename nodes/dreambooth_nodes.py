@@ -1,0 +1,511 @@
+"""The DreamBooth nodes: Dataset → Class Images → Train → Sample Grid, on the graph's own
+MODEL / CLIP / VAE.
+
+Classic node style (INPUT_TYPES / RETURN_TYPES / FUNCTION). This module imports nothing heavy:
+ComfyUI and dreambooth_core are imported inside the node functions (ComfyUI has torch, numpy and
+PIL loaded already; accelerate is imported only when a training run starts).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+from . import paths
+from .types import CLASS_IMAGES, DATASET, DreamBoothClassImages, DreamBoothDataset
+
+log = logging.getLogger("dreambooth")
+CATEGORY = "DreamBooth"
+MAX_RESOLUTION = 4096
+
+
+def _samplers():
+    import comfy.samplers
+
+    return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
+
+
+def _images_to_tensor(images, size=None):
+    """uint8 H×W×3 arrays or PIL images -> a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1]. Images of
+    other sizes are letterboxed (grey) into the largest one, so bucketed datasets preview too."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
+    w = size[0] if size else max(im.width for im in pil)
+    h = size[1] if size else max(im.height for im in pil)
+    out = []
+    for im in pil:
+        im = im.convert("RGB")
+        if im.size != (w, h):
+            scale = min(w / im.width, h / im.height)
+            fitted = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
+            canvas = Image.new("RGB", (w, h), (128, 128, 128))
+            canvas.paste(fitted, ((w - fitted.width) // 2, (h - fitted.height) // 2))
+            im = canvas
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+    return torch.stack(out)
+
+
+def _interrupted():
+    """Raise the host's interrupt exception (the UI then shows the run as interrupted)."""
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+    raise mm.InterruptProcessingException()
+
+
+def _safe_progress(bar, value, total):
+    """Update a ComfyUI progress bar without letting its Cancel check escape: the host's hook
+    raises InterruptProcessingException (and clears the flag) when Cancel was pressed; the flag is
+    put back so the caller's should_stop() sees it at a point where it can save its state."""
+    import comfy.model_management as mm
+
+    try:
+        bar.update_absolute(value, total)
+    except mm.InterruptProcessingException:
+        mm.interrupt_current_processing(True)
+
+
+def _send(event: str, data: dict) -> None:
+    """A custom websocket event for the front-end extension (live loss chart); never fails the run."""
+    try:
+        from server import PromptServer
+
+        inst = PromptServer.instance
+        inst.send_sync(event, data, inst.client_id)
+    except Exception:  # no server (tests, scripts)
+        pass
+
+
+def _folder_signature(folder: str) -> str:
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            h.update(f"{os.path.relpath(os.path.join(root, name), folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class DreamBoothDataset_:
+    DESCRIPTION = ("Prepares the subject's photos for DreamBooth: validates and fixes every file, captions "
+                   "them with the identifier token and class noun, crops them to the training resolution. "
+                   "The identifier must stay ONE token in this CLIP's tokenizer.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..dreambooth_core.config import CROPS
+
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP of the model you will train: the identifier token is checked "
+                                             "against its tokenizer(s)."}),
+                "folder": (paths.input_subfolders(), {"tooltip": "A subfolder of ComfyUI's input folder holding 3-30 "
+                                                                 "photos of the subject (optional .txt captions beside them). "
+                                                                 "Pick [none] to use the 'images' input or 'path'."}),
+                "token": ("STRING", {"default": "sks", "tooltip": "The rare identifier the subject is bound to "
+                                                                  "(e.g. sks, ohwx). It must be a single token."}),
+                "class_noun": ("STRING", {"default": "dog", "tooltip": "The subject's class (dog, backpack, person): "
+                                                                       "the prompt becomes 'a photo of <token> <class>'."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8,
+                                       "tooltip": "Training resolution in pixels (512 for SD1.x, 768 for SD2-v, "
+                                                  "1024 for SDXL)."}),
+                "crop": (list(CROPS), {"default": "center", "tooltip": "center / random: square crops; bucket: keep "
+                                                                      "each photo's aspect ratio (aspect-ratio buckets)."}),
+                "flip": ("BOOLEAN", {"default": False, "tooltip": "Also train on mirror images (off for asymmetric "
+                                                                  "subjects, text or logos)."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Use these images instead of a folder (e.g. from Load Image nodes)."}),
+                "path": ("STRING", {"default": "", "tooltip": "A folder typed by hand, relative to the input folder "
+                                                              "or absolute. Only paths inside ComfyUI's input/output "
+                                                              f"folders are accepted unless the server owner set "
+                                                              f"{paths.ALLOW_ANY_PATH_ENV}=1."}),
+                "caption_template": ("STRING", {"default": "a photo of {token} {class}",
+                                                "tooltip": "Caption of photos without a .txt caption file; {token} and "
+                                                           "{class} are filled in."}),
+            },
+        }
+
+    RETURN_TYPES = (DATASET, "IMAGE")
+    RETURN_NAMES = ("dataset", "preview")
+    OUTPUT_TOOLTIPS = ("The prepared subject images, for DreamBooth Train.",
+                       "The training crops exactly as the model will see them.")
+    FUNCTION = "prepare"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def IS_CHANGED(cls, folder=None, path="", images=None, **kwargs):
+        # Re-run when the files in the folder change (the inputs alone would look the same).
+        try:
+            return _folder_signature(paths.resolve_dataset_folder(folder, path or ""))
+        except Exception:
+            return ""
+
+    def prepare(self, clip, folder, token, class_noun, resolution, crop, flip, images=None, path="",
+                caption_template="a photo of {token} {class}"):
+        from ..dreambooth_core.dataset import prepare_dataset
+        from ..dreambooth_core.tokens import TokenError, require_single_token
+        from .comfy_backend import clip_tokenizers
+
+        token = (token or "").strip()
+        class_noun = (class_noun or "").strip()
+        try:
+            check = require_single_token(clip_tokenizers(clip), token)
+        except TokenError as exc:
+            raise ValueError(f"DreamBooth Dataset: identifier token: {exc}") from None
+        if images is not None and not (path or "").strip():
+            source, where = images, "IMAGE input"
+        else:
+            source = where = paths.resolve_dataset_folder(folder, path or "")
+        prepared = prepare_dataset(source, token=token, class_noun=class_noun,
+                                   caption_template=caption_template or "a photo of {token} {class}",
+                                   resolution=int(resolution), crop=crop, flip=bool(flip))
+        dataset = DreamBoothDataset(prepared, token, class_noun, caption_template, where, check.message)
+        preview = _images_to_tensor([item.image for item in prepared.items])
+        text = f"{check.message}\n{prepared.report_text()}"
+        log.info("DreamBooth Dataset: %s", prepared.summary())
+        return {"ui": {"text": [text]}, "result": (dataset, preview)}
+
+
+class DreamBoothClassImages_:
+    DESCRIPTION = ("Generates class images for prior preservation with the loaded model (the host's KSampler), "
+                   "cached on disk under output/dreambooth_class_images: queueing again reuses them, asking "
+                   "for more only generates the missing ones.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        samplers, schedulers = _samplers()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model the class images are sampled from (the base model you train)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP that encodes the class prompt."}),
+                "vae": ("VAE", {"tooltip": "The VAE that decodes the samples."}),
+                "class_prompt": ("STRING", {"default": "a photo of a dog", "multiline": True,
+                                            "tooltip": "What a generic member of the subject's class looks like: "
+                                                       "'a photo of a <class>'."}),
+                "count": ("INT", {"default": 100, "min": 1, "max": 10000,
+                                  "tooltip": "How many class images (the paper uses ~200; 50-100 works)."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "Sampling steps per image."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale."}),
+                "sampler_name": (samplers, {"default": "dpmpp_2m", "tooltip": "The sampling algorithm."}),
+                "scheduler": (schedulers, {"default": "karras", "tooltip": "The noise schedule of the sampler."}),
+                # control_after_generate=False: the front end would otherwise add its "randomize"
+                # control to an input named seed, and a new seed each queue means a new cache.
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Image i uses seed + i, so the set is reproducible and can be topped up."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8,
+                                       "tooltip": "Width and height of the class images (use the training resolution)."}),
+            },
+            "optional": {
+                "negative_prompt": ("STRING", {"default": "", "multiline": True,
+                                               "tooltip": "What the class images should not show."}),
+            },
+        }
+
+    RETURN_TYPES = (CLASS_IMAGES, "IMAGE")
+    RETURN_NAMES = ("class_images", "preview")
+    OUTPUT_TOOLTIPS = ("The class-image set, for DreamBooth Train (prior preservation).",
+                       "Up to 16 of the class images.")
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+
+    def generate(self, model, clip, vae, class_prompt, count, steps, cfg, sampler_name, scheduler, seed, resolution,
+                 negative_prompt=""):
+        import comfy.model_management as mm
+        import comfy.utils
+        from PIL import Image
+
+        from ..dreambooth_core.backends.base import SampleSettings
+        from ..dreambooth_core.prior import ensure_class_images
+        from .comfy_backend import ComfyBackend
+
+        backend = ComfyBackend(model, clip, vae)
+        settings = SampleSettings(steps=int(steps), guidance=float(cfg), sampler=f"{sampler_name}:{scheduler}",
+                                  negative_prompt=negative_prompt or "", width=int(resolution), height=int(resolution))
+        bar = comfy.utils.ProgressBar(int(count) * int(steps))
+        state = {"done": 0, "step": 0}
+
+        def on_images(done, total):
+            state["done"], state["step"] = done, 0
+            bar.update_absolute(done * int(steps), int(total) * int(steps))
+
+        def on_step():  # the host's hook raises on Cancel here, mid-image
+            state["step"] += 1
+            bar.update_absolute(min(state["done"] * int(steps) + state["step"], int(count) * int(steps)))
+
+        backend.sampler_step_hook = on_step
+        image_set = ensure_class_images(backend, paths.class_image_root(), class_prompt.strip(), int(count), settings,
+                                        seed=int(seed), batch_size=1, progress=on_images,
+                                        should_stop=mm.processing_interrupted)
+        if not image_set.complete:
+            _interrupted()
+        preview = _images_to_tensor([Image.open(p).convert("RGB") for p in image_set.paths[:16]])
+        text = (f"{image_set.count} class images: {image_set.generated} generated, {image_set.reused} reused "
+                f"from the cache in {image_set.folder}")
+        log.info("DreamBooth Class Images: %s", text)
+        return {"ui": {"text": [text], "generated": [image_set.generated], "reused": [image_set.reused]},
+                "result": (DreamBoothClassImages(image_set, int(resolution)), preview)}
+
+
+class DreamBoothTrain_:
+    DESCRIPTION = ("Trains DreamBooth (LoRA or full fine-tune, with prior preservation) on the connected MODEL/CLIP "
+                   "in ComfyUI's process. The inputs are never modified: the outputs are new MODEL/CLIP objects "
+                   "carrying the trained weights. The LoRA is saved to models/loras (LoraLoader lists it); "
+                   "Cancel stops at the next step and keeps a checkpoint that 'resume' continues from.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model to train (left unchanged for other nodes)."}),
+                "clip": ("CLIP", {"tooltip": "The base model's CLIP (its text encoder trains if 'train_text_encoder')."}),
+                "vae": ("VAE", {"tooltip": "Encodes the training images into latents."}),
+                "dataset": (DATASET, {"tooltip": "The subject's images from DreamBooth Dataset."}),
+                "mode": (["lora", "full"], {"default": "lora",
+                                            "tooltip": "lora: small adapter file (kohya keys); full: train every "
+                                                       "weight (needs much more memory, saves a whole checkpoint)."}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank (4-32 is typical)."}),
+                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                    "tooltip": "LoRA alpha; scale = alpha / rank. 0 means alpha = rank (scale 1)."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False,
+                                                   "tooltip": "Also train the text encoder (better identity, more memory)."}),
+                "steps": ("INT", {"default": 400, "min": 1, "max": 100000,
+                                  "tooltip": "Optimizer steps (the paper: ~200 per 4-6 photos at lr 5e-6 full, "
+                                             "~400-800 for LoRA at 1e-4)."}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-8, "max": 1.0, "step": 1e-6, "round": False,
+                                            "tooltip": "1e-4 for LoRA; about 5e-6 for full fine-tuning."}),
+                "prior_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                           "tooltip": "Weight λ of the prior-preservation loss (needs class images; "
+                                                      "0 turns it off)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Instance images per step (as many class images are added)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Seeds LoRA initialisation, sampling of images, noise and timesteps "
+                                            "(fixed: queueing again reuses the trained result)."}),
+                "save_name": ("STRING", {"default": "dreambooth_lora",
+                                         "tooltip": "File name of the LoRA in models/loras (a plain name, no folders); "
+                                                    "the run's checkpoint and loss curve go to output/dreambooth/<name>/."}),
+                "resume": ("BOOLEAN", {"default": False,
+                                       "tooltip": "Continue from output/dreambooth/<name>/checkpoint.safetensors "
+                                                  "(left by Cancel or by checkpoint_every) with the same settings."}),
+                "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                             "tooltip": "Save a resumable checkpoint every N steps (0: only on Cancel "
+                                                        "and at the end)."}),
+            },
+            "optional": {
+                "class_images": (CLASS_IMAGES, {"tooltip": "Class images from DreamBooth Class Images: turns on prior "
+                                                           "preservation (keeps the class from drifting)."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False,
+                                                       "tooltip": "Recompute activations in the backward pass: less "
+                                                                  "memory, ~30% slower."}),
+                "training_dtype": (["auto", "fp32", "bf16"], {"default": "auto",
+                                                             "tooltip": "Compute precision of the UNet while training "
+                                                                        "(auto: fp32 on CPU, bf16 where the GPU has it)."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "lora_path", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The trained model (a new MODEL; the input is unchanged): connect it to a KSampler.",
+                       "The CLIP to encode prompts for the trained model (trained if 'train_text_encoder').",
+                       "Where the LoRA (or, in full mode, the checkpoint) was saved.",
+                       "The loss per step.")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+
+    def train(self, model, clip, vae, dataset, mode, rank, alpha, train_text_encoder, steps, learning_rate,
+              prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
+              gradient_checkpointing=False, training_dtype="auto"):
+        import comfy.model_management as mm
+        import comfy.utils
+        import torch
+
+        from ..dreambooth_core import fileio
+        from ..dreambooth_core.config import TrainConfig
+        from ..dreambooth_core.plots import loss_curve_image
+        from ..dreambooth_core.trainer import Callbacks, safe_name
+        from ..dreambooth_core.trainer import train as run_training
+        from .comfy_backend import ComfyBackend, fresh_accelerator
+
+        try:
+            stem = safe_name(save_name.strip())
+        except ValueError as exc:
+            raise ValueError(f"DreamBooth Train: {exc}") from None
+        if not isinstance(dataset, DreamBoothDataset):
+            raise ValueError("DreamBooth Train: 'dataset' must come from a DreamBooth Dataset node")
+        lora_dest = os.path.join(paths.lora_dir(), stem + ".safetensors")
+        if mode == "lora":
+            _check_overwrite(lora_dest)
+        prior = class_images is not None and prior_weight > 0
+        class_items = None
+        if prior:
+            class_set = class_images.image_set.load(resolution=dataset.resolution, crop="center")
+            class_items = class_set.items
+        config = TrainConfig(
+            token=dataset.token, class_noun=dataset.class_noun, instance_prompt=dataset.caption_template or None,
+            class_prompt=class_images.prompt if prior else None, resolution=dataset.resolution, crop=dataset.crop,
+            flip=dataset.flip, prior=prior, prior_weight=float(prior_weight),
+            num_class_images=len(class_items) if class_items else 1, mode=mode, rank=int(rank),
+            alpha=float(alpha) if alpha > 0 else None, train_text_encoder=bool(train_text_encoder),
+            steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
+            gradient_checkpointing=bool(gradient_checkpointing), mixed_precision="no",
+            output_dir=paths.run_dir(stem), save_name=stem, checkpoint_every=int(checkpoint_every),
+            resume=bool(resume), model="comfyui").validate()
+
+        backend = ComfyBackend(model, clip, vae, mode=mode, train_text_encoder=bool(train_text_encoder))
+        config.model = backend.describe()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(training_dtype) or backend.default_training_dtype()
+        backend.set_training_dtype(dtype)
+        bar = comfy.utils.ProgressBar(int(steps))
+
+        def on_step(info):
+            _safe_progress(bar, info.step, info.total)
+            _send("dreambooth.train.step", {"step": info.step, "total": info.total, "loss": info.loss,
+                                            "instance_loss": info.instance_loss, "prior_loss": info.prior_loss,
+                                            "lr": info.lr, "eta_seconds": info.eta_seconds})
+
+        callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted,
+                              on_phase=lambda phase: log.info("DreamBooth Train: %s", phase))
+        log.info("DreamBooth Train: %s, %d steps, %s, device %s, compute %s -> %s", mode, steps,
+                 "prior preservation" if prior else "no prior", backend.device, dtype, config.output_dir)
+        # Nodes run under torch.inference_mode(); training leaves it explicitly.
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                result = run_training(backend, config, dataset.prepared.items, class_items, callbacks,
+                                      accelerator=fresh_accelerator(backend.device), flip=dataset.flip)
+            finally:
+                backend.release()
+        if result.status == "cancelled":
+            log.info("DreamBooth Train: cancelled at step %d; checkpoint %s (queue again with resume on)",
+                     result.step, result.checkpoint_path)
+            _interrupted()
+
+        if mode == "lora":
+            with fileio.atomic_path(lora_dest) as tmp:
+                tmp.write_bytes(result.lora_path.read_bytes())
+            saved = lora_dest
+        else:
+            saved = result.full_paths[0] if result.full_paths else str(config.output_dir)
+        out_model, out_clip = backend.result()
+        curve = _images_to_tensor([loss_curve_image(result.history)])
+        first = result.history[0]["loss"] if result.history else float("nan")
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        text = f"{result.step} steps, loss {first:.4g} -> {last:.4g}; saved {saved}"
+        log.info("DreamBooth Train: %s", text)
+        return {"ui": {"text": [text], "lora_path": [saved]}, "result": (out_model, out_clip, saved, curve)}
+
+
+def _check_overwrite(dest: str) -> None:
+    """Replace an earlier DreamBooth LoRA of the same name, never a LoRA from elsewhere."""
+    if not os.path.exists(dest):
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(dest, framework="pt") as f:
+            ours = "dreambooth_version" in (f.metadata() or {})
+    except Exception:
+        ours = False
+    if not ours:
+        raise ValueError(f"DreamBooth Train: {dest} exists and was not made by DreamBooth Train; choose another "
+                         "save_name so it is not overwritten")
+
+
+class DreamBoothSampleGrid_:
+    DESCRIPTION = ("Samples the subject in new contexts (the paper's applications: recontextualization, art "
+                   "renditions, property modification, accessories, class hybrids, product shots) as a labelled "
+                   "grid: one row per prompt, one column per seed.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..dreambooth_core.sampling import PROMPT_SETS
+
+        samplers, schedulers = _samplers()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The trained model (from DreamBooth Train, or a LoRA-loaded model)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP that goes with the model."}),
+                "vae": ("VAE", {"tooltip": "Decodes the samples."}),
+                "identifier": ("STRING", {"default": "sks", "tooltip": "The identifier token the subject was trained on."}),
+                "class_noun": ("STRING", {"default": "dog", "tooltip": "The subject's class noun."}),
+                "prompt_set": (["all", *PROMPT_SETS, "custom"], {"default": "recontextualization",
+                                                                 "tooltip": "A built-in prompt set, all of them, or "
+                                                                            "'custom' for the prompts below."}),
+                "custom_prompts": ("STRING", {"default": "a photo of {token} {class} on the moon", "multiline": True,
+                                              "tooltip": "One prompt per line, used when prompt_set is 'custom'; "
+                                                         "{token} and {class} are filled in."}),
+                "seeds": ("STRING", {"default": "0, 1", "tooltip": "Comma-separated seeds: one column per seed."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "Sampling steps per image."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale."}),
+                "sampler_name": (samplers, {"default": "dpmpp_2m", "tooltip": "The sampling algorithm."}),
+                "scheduler": (schedulers, {"default": "karras", "tooltip": "The noise schedule of the sampler."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8,
+                                       "tooltip": "Width and height of each image."}),
+            },
+            "optional": {
+                "negative_prompt": ("STRING", {"default": "", "multiline": True,
+                                               "tooltip": "What the images should not show."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("grid", "images")
+    OUTPUT_TOOLTIPS = ("The labelled grid.", "The individual images (row by row).")
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model, clip, vae, identifier, class_noun, prompt_set, custom_prompts, seeds, steps, cfg,
+               sampler_name, scheduler, resolution, negative_prompt=""):
+        import comfy.utils
+
+        from ..dreambooth_core.backends.base import SampleSettings
+        from ..dreambooth_core.sampling import fill, prompt_set as named_set, sample_grid
+        from .comfy_backend import ComfyBackend
+
+        token, noun = identifier.strip(), class_noun.strip()
+        if prompt_set == "custom":
+            prompts = [fill(line.strip(), token, noun) for line in custom_prompts.splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError("DreamBooth Sample Grid: prompt_set is 'custom' but custom_prompts is empty")
+        else:
+            prompts = named_set(prompt_set, token, noun)
+        try:
+            seed_list = [int(s) for s in seeds.replace(";", ",").split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"DreamBooth Sample Grid: seeds {seeds!r}: give whole numbers separated by commas") from None
+        if not seed_list:
+            raise ValueError("DreamBooth Sample Grid: give at least one seed")
+        backend = ComfyBackend(model, clip, vae)
+        settings = SampleSettings(steps=int(steps), guidance=float(cfg), sampler=f"{sampler_name}:{scheduler}",
+                                  negative_prompt=negative_prompt or "", width=int(resolution), height=int(resolution))
+        bar = comfy.utils.ProgressBar(len(prompts) * len(seed_list) * int(steps))
+        backend.sampler_step_hook = lambda: bar.update(1)
+        grid, rows = sample_grid(backend, prompts, seed_list, settings, title=f"{token} {noun}")
+        flat = [im for row in rows for im in row]
+        return (_images_to_tensor([grid]), _images_to_tensor(flat))
+
+
+NODE_CLASS_MAPPINGS = {
+    "DreamBoothDataset": DreamBoothDataset_,
+    "DreamBoothClassImages": DreamBoothClassImages_,
+    "DreamBoothTrain": DreamBoothTrain_,
+    "DreamBoothSampleGrid": DreamBoothSampleGrid_,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DreamBoothDataset": "DreamBooth Dataset",
+    "DreamBoothClassImages": "DreamBooth Class Images",
+    "DreamBoothTrain": "DreamBooth Train",
+    "DreamBoothSampleGrid": "DreamBooth Sample Grid",
+}

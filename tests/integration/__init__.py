@@ -1,0 +1,1 @@
+"""Integration tests against the real ComfyUI host (see conftest.py)."""

@@ -1,0 +1,471 @@
+"""The comfy backend and the nodes' functions, in-process on ComfyUI's own objects.
+
+Each node function is called the way ComfyUI's executor calls it: under torch.inference_mode(),
+on a MODEL/CLIP/VAE loaded by the host's loader (so the weights are inference tensors).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def loaded(host, pack, mini_checkpoint):
+    import comfy.sd
+
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint))[:3]
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def instance_folder(host):
+    from PIL import Image
+
+    folder = host.base / "input" / "subject"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = np.zeros((64, 64, 3), np.uint8)
+        img[..., i] = 200
+        img[16:48, 16:48] = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    return "subject"
+
+
+def nodes(pack):
+    return {k: v() for k, v in pack.NODE_CLASS_MAPPINGS.items()}
+
+
+def backend_module(pack):
+    import importlib
+
+    return importlib.import_module(pack.__name__ + ".nodes.comfy_backend")
+
+
+def eps_from_apply_model(model, x_vp, t):
+    """ε the host's way: BaseModel.apply_model returns denoised x0 for x = x0 + σε (VE form)."""
+    ms = model.get_model_object("model_sampling")
+    sigma = ms.sigmas[t]
+    x_ve = x_vp * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+    return sigma, x_ve
+
+
+def sample_latent(model, clip, seed=0, prompt="a photo of sks dog", steps=3):
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, 8, 8)
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", pos, neg, latent, seed=seed,
+                                   disable_pbar=True)
+
+
+def test_pack_exports_nodes(pack):
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"DreamBoothDataset", "DreamBoothClassImages", "DreamBoothTrain",
+                                             "DreamBoothSampleGrid"}
+    assert pack.WEB_DIRECTORY == "./js"
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        assert cls.CATEGORY == "DreamBooth"
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, value in spec.get(section, {}).items():
+                assert len(value) == 2 and value[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+
+
+def test_lora_names_are_kohya_diffusers_and_all_map_in_the_stock_loader(pack, loaded):
+    import comfy.lora
+
+    model, clip, vae = loaded
+    cb = backend_module(pack)
+    backend = cb.ComfyBackend(model, clip, vae, train_text_encoder=True)
+    targets = backend.lora_targets(True, True, conv=True)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in targets
+    assert "lora_unet_up_blocks_1_attentions_0_proj_out" in targets
+    assert "lora_unet_mid_block_resnets_0_conv1" in targets
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in targets
+    assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in targets
+    unmapped = [n for n in targets if n not in key_map]
+    assert not unmapped, unmapped[:5]
+    for name, (kind, key) in backend._target_keys.items():  # the loader patches the same weight we wrap
+        assert key_map[name] == (key if kind == "unet" else key)
+
+
+@pytest.mark.parametrize("sampling", ["eps", "v_prediction"])
+def test_predict_returns_raw_eps_or_v_consistent_with_apply_model(pack, loaded, sampling):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        patched = ModelSamplingDiscrete().patch(model, sampling, False)[0]
+    cb = backend_module(pack)
+    backend = cb.ComfyBackend(patched, clip, vae)
+    assert backend.prediction_type == ("epsilon" if sampling == "eps" else "v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    eps = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([50, 700])
+    a = backend.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad():
+        cond = backend.encode_text(["a photo of a dog"] * 2, size=(64, 64))
+        out = backend.predict(noisy, t, cond)
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([patched])
+        ms = patched.get_model_object("model_sampling")
+        sigma = ms.sigmas[t]
+        x_ve = noisy * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
+        denoised = patched.model.apply_model(x_ve, sigma, c_crossattn=cond["context"]).float()
+    s = sigma.view(-1, 1, 1, 1)
+    # Invert the host's calculate_denoised: ε = (x - x0)/σ;  v = (x/(σ²+1) - x0)·sqrt(σ²+1)/σ.
+    if sampling == "eps":
+        expected = (x_ve - denoised) / s
+    else:
+        expected = (x_ve / (s ** 2 + 1) - denoised) * (s ** 2 + 1).sqrt() / s
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=2e-3)
+
+
+def test_fingerprint_is_stable_across_loads_and_sees_patches(pack, loaded, mini_checkpoint):
+    import comfy.sd
+
+    model, clip, vae = loaded
+    cb = backend_module(pack)
+    with torch.inference_mode():
+        model2, clip2, vae2 = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint))[:3]
+    a = cb.ComfyBackend(model, clip, vae).fingerprint()
+    assert a == cb.ComfyBackend(model2, clip2, vae2).fingerprint()
+    patched = model.clone()
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    patched.add_patches({key: ("diff", (torch.ones_like(model.model.state_dict()[key]),))}, 0.5)
+    assert cb.ComfyBackend(patched, clip, vae).fingerprint() != a
+
+
+def test_train_lora_in_process(pack, host, loaded, instance_folder, caplog):
+    """Dataset -> class images -> 3 LoRA steps; the base MODEL is bit-identical afterwards, the
+    trained one differs, and the saved file loads in the stock LoraLoader with every key used."""
+    import comfy.sd
+    import comfy.utils
+
+    model, clip, vae = loaded
+    n = nodes(pack)
+    before = sample_latent(model, clip)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", True)["result"][0]
+        ci = n["DreamBoothClassImages"].generate(model, clip, vae, "a photo of a dog", 2, 2, 5.0, "euler", "normal",
+                                                 0, 64)
+        assert ci["ui"]["generated"] == [2]
+        again = n["DreamBoothClassImages"].generate(model, clip, vae, "a photo of a dog", 2, 2, 5.0, "euler",
+                                                    "normal", 0, 64)
+        assert again["ui"]["generated"] == [0] and again["ui"]["reused"] == [2]
+        out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, False, 3, 5e-3, 1.0, 1, 0,
+                                         "inproc", False, 0, class_images=ci["result"][0])
+    trained_model, trained_clip, lora_path, curve = out["result"]
+    assert trained_model is not model and curve.shape[-1] == 3
+    shared = list(model.model.parameters()) + list(clip.cond_stage_model.parameters())
+    assert all(p.grad is None for p in shared), "gradients were accumulated on the shared model's weights"
+    assert os.path.dirname(lora_path) == host.get_folder_paths("loras")[0]
+    after = sample_latent(model, clip)
+    assert torch.equal(before, after), "training changed the shared base MODEL"
+    trained = sample_latent(trained_model, trained_clip)
+    assert not torch.equal(before, trained), "the trained MODEL samples exactly like the base"
+
+    lora = comfy.utils.load_torch_file(lora_path)
+    assert all(k.startswith("lora_unet_down_blocks_") or k.startswith("lora_unet_up_blocks_")
+               or k.startswith("lora_unet_mid_block_") for k in lora)
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        lm, lc = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    via_loader = sample_latent(lm, lc)
+    # fp16 file vs fp32 live adapters: close to the trained model, far from the base
+    assert (via_loader - trained).abs().mean() < 0.1 * (trained - before).abs().mean()
+    assert torch.equal(before, sample_latent(model, clip))
+
+
+def test_second_run_in_same_process_other_settings_text_encoder(pack, host, loaded, instance_folder, monkeypatch):
+    """Runs in a row with other settings: here the text encoder trains too, with gradient
+    checkpointing, no prior, the host's low-VRAM loading path, and accelerate's process-wide state
+    left behind by someone else's Accelerator with another precision (it is reset per run)."""
+    import accelerate
+    import accelerate.state
+    import comfy.model_management as mm
+
+    model, clip, vae = loaded
+    n = nodes(pack)
+    before = sample_latent(model, clip)
+    accelerate.state.AcceleratorState._reset_state(True)  # then another node pack goes first:
+    accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.LOW_VRAM)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "random", False)["result"][0]
+        out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 2, 1.0, True, 2, 5e-3, 0.0, 2, 1,
+                                         "inproc_te", False, 0, gradient_checkpointing=True)
+    monkeypatch.undo()
+    trained_model, trained_clip, lora_path, _ = out["result"]
+    import comfy.utils
+
+    keys = comfy.utils.load_torch_file(lora_path)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+    assert torch.equal(before, sample_latent(model, clip))
+    assert not torch.equal(before, sample_latent(trained_model, trained_clip))
+    dm = model.model.diffusion_model  # gradient checkpointing was undone on the shared modules
+    assert all("forward" not in vars(b) for b in list(dm.input_blocks) + list(dm.output_blocks))
+
+
+def test_full_fine_tune_two_steps_saves_a_checkpoint(pack, host, loaded, instance_folder):
+    import comfy.sd
+
+    model, clip, vae = loaded
+    n = nodes(pack)
+    before = sample_latent(model, clip)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
+        out = n["DreamBoothTrain"].train(model, clip, vae, ds, "full", 4, 0.0, False, 2, 1e-3, 0.0, 1, 0,
+                                         "inproc_full", False, 0)
+    trained_model, trained_clip, path, _ = out["result"]
+    assert path.endswith("inproc_full.safetensors") and os.path.isfile(path)
+    assert str(host.get_output_directory()) in path
+    assert torch.equal(before, sample_latent(model, clip))
+    trained = sample_latent(trained_model, trained_clip)
+    assert not torch.equal(before, trained)
+    with torch.inference_mode():
+        m2, c2 = comfy.sd.load_checkpoint_guess_config(path)[:2]
+    reloaded = sample_latent(m2, c2)
+    assert (reloaded - trained).abs().max() < 1e-3
+
+
+def test_importing_the_pack_is_light_and_self_contained(host):
+    """Importing the pack (what ComfyUI does at start) adds only the pack's own modules: no
+    accelerate/diffusers, nothing on sys.path, and it takes well under a second."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    comfy = Path(os.environ.get("COMFYUI_DIR", repo.parent / "shared" / "comfyui")).resolve()
+    code = f"""
+import importlib.util, json, sys, time
+sys.path.insert(0, {str(comfy)!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch, numpy, PIL.Image, folder_paths, comfy.model_management, comfy.samplers, comfy.sd  # the host's own
+path_before, before = list(sys.path), set(sys.modules)
+t = time.perf_counter()
+spec = importlib.util.spec_from_file_location("pack", {str(repo / '__init__.py')!r},
+                                              submodule_search_locations=[{str(repo)!r}])
+m = importlib.util.module_from_spec(spec); sys.modules["pack"] = m; spec.loader.exec_module(m)
+print(json.dumps({{"seconds": time.perf_counter() - t, "new": sorted(set(sys.modules) - before),
+                  "path_changed": sys.path != path_before, "nodes": sorted(m.NODE_CLASS_MAPPINGS)}}))
+"""
+    out = subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    foreign = [name for name in info["new"] if name != "pack" and not name.startswith("pack.")]
+    assert not foreign, foreign
+    assert not info["path_changed"]
+    assert info["seconds"] < 0.5, info
+    assert len(info["nodes"]) == 4
+
+
+@pytest.fixture(scope="module")
+def mini_sdxl(host, loaded):
+    """A seeded mini SDXL built from ComfyUI's own classes (no checkpoint file): the SDXL UNet
+    with ADM (pooled text + size) conditioning at reduced depth, and a two-encoder CLIP (CLIP-L
+    768 + CLIP-G 1280 wide, 3 layers each) with SDXL's tokenizers."""
+    import json
+
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import mini_checkpoint as mc
+
+    folder = host.base / "mini_sdxl"
+    folder.mkdir(exist_ok=True)
+    base_cfg = json.loads((Path(comfy.sd1_clip.__file__).parent / "sd1_clip_config.json").read_text())
+    l_cfg = dict(base_cfg, num_hidden_layers=3)
+    g_cfg = dict(base_cfg, num_hidden_layers=3, hidden_size=1280, intermediate_size=2560, num_attention_heads=20,
+                 projection_dim=1280)
+    (folder / "l.json").write_text(json.dumps(l_cfg))
+    (folder / "g.json").write_text(json.dumps(g_cfg))
+
+    class MiniSDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, model_options=model_options,
+                                                     textmodel_json_config=str(folder / "l.json"))
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                device=device, layer="hidden", layer_idx=-2, textmodel_json_config=str(folder / "g.json"), dtype=dtype,
+                special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    unet_config = {"model_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+                   "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "context_dim": 2048,
+                   "adm_in_channels": 2816, "num_classes": "sequential", "use_temporal_attention": False,
+                   "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+                   "num_head_channels": 32, "num_heads": -1, "image_size": 32, "use_spatial_transformer": True,
+                   "legacy": False, "dtype": torch.float32}
+    config = comfy.supported_models.SDXL(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():  # as the host's loader runs
+        base = config.get_model({}, device="cpu")
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, MiniSDXLClip),
+                             model_options={"dtype": torch.float32})
+        for prefix, module in (("sdxl.unet.", base.diffusion_model), ("sdxl.clip.", clip.cond_stage_model)):
+            for name, t in module.state_dict().items():
+                if t.ndim and not name.endswith("position_ids"):
+                    mc._init_(prefix + name, t, 0)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return model, clip, loaded[2]
+
+
+def test_sdxl_names_conditioning_and_training(pack, mini_sdxl, instance_folder):
+    import comfy.lora
+
+    model, clip, vae = mini_sdxl
+    cb = backend_module(pack)
+    assert len(cb.clip_tokenizers(clip)) == 2
+    backend = cb.ComfyBackend(model, clip, vae, train_text_encoder=True)
+    assert backend.native_resolution == 1024 and backend.prediction_type == "epsilon"
+    targets = backend.lora_targets(True, True)
+    assert any(n.startswith("lora_te1_text_model_encoder_layers_1_") for n in targets)
+    assert any(n.startswith("lora_te2_text_model_encoder_layers_0_") for n in targets)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k" in targets
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
+    assert not [n for n in targets if n not in key_map]
+    with torch.no_grad():
+        cond = backend.encode_text(["a photo of sks dog", "a dog"], size=(64, 96))
+    assert cond["context"].shape == (2, 77, 2048) and cond["y"].shape == (2, 2816)
+
+    n = nodes(pack)
+    before = sample_latent(model, clip)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
+        out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, True, 2, 1e-2, 0.0, 1, 0,
+                                         "inproc_sdxl", False, 0)
+    trained_model, trained_clip, lora_path, _ = out["result"]
+    import comfy.utils
+
+    keys = {k.split(".")[0] for k in comfy.utils.load_torch_file(lora_path)}
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    assert torch.equal(before, sample_latent(model, clip))
+    assert not torch.equal(before, sample_latent(trained_model, trained_clip))
+
+
+def test_text_encoder_gradients_are_the_same_with_gradient_checkpointing(pack, loaded):
+    """The text encoder trains through ComfyUI's CLIP (made out-of-place for the run) and the
+    checkpointed blocks recompute exactly what the plain forward computed."""
+    import importlib
+
+    model, clip, vae = loaded
+    cb = backend_module(pack)
+    lora = importlib.import_module(pack.__name__ + ".dreambooth_core.lora")
+    with torch.inference_mode(False), torch.enable_grad():
+        backend = cb.ComfyBackend(model, clip, vae, train_text_encoder=True)
+        torch.manual_seed(0)
+        network = lora.LoRANetwork(backend.lora_targets(True, True), rank=2, alpha=2.0)
+        for adapter in network.adapters.values():  # non-zero `up` so every parameter gets a gradient
+            torch.nn.init.normal_(adapter.lora_up.weight, std=0.02)
+        backend.attach_lora(network)
+        params = list(network.parameters())
+        g = torch.Generator().manual_seed(0)
+        noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400])
+
+        def grads(checkpointing):
+            backend.set_gradient_checkpointing(checkpointing)
+            try:
+                cond = backend.encode_text(["a photo of sks dog"], size=(64, 64))
+                loss = backend.predict(noisy, t, cond).pow(2).mean()
+                return torch.autograd.grad(loss, params)
+            finally:
+                backend.set_gradient_checkpointing(False)
+
+        try:
+            plain, checkpointed = grads(False), grads(True)
+        finally:
+            backend.release()
+    te = [i for i, (n, _) in enumerate((n, p) for n, a in network.adapters.items() for p in a.parameters())
+          if n.startswith("lora_te")]
+    assert any(plain[i].abs().sum() > 0 for i in te), "no gradient reached the text encoder"
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-6)
+    layers = list(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers)
+    assert all("forward" not in vars(m) for m in layers)  # the shared CLIP is as the host made it
+
+
+def test_dataset_paths_stay_inside_the_hosts_folders(pack, host, monkeypatch):
+    import importlib
+
+    paths = importlib.import_module(pack.__name__ + ".nodes.paths")
+    monkeypatch.delenv(paths.ALLOW_ANY_PATH_ENV, raising=False)
+    inside = host.base / "input" / "inside"
+    inside.mkdir(exist_ok=True)
+    (host.base / "output" / "made").mkdir(exist_ok=True)
+    outside = host.base / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    assert paths.resolve_dataset_folder("inside") == str(inside)
+    assert paths.resolve_dataset_folder(paths.NO_FOLDER, "inside") == str(inside)
+    assert paths.resolve_dataset_folder(paths.NO_FOLDER, str(host.base / "output" / "made")) == str(host.base / "output" / "made")
+    for bad in (str(outside), "../elsewhere", "inside/../../elsewhere", "/etc"):
+        with pytest.raises(paths.PathNotAllowed, match=paths.ALLOW_ANY_PATH_ENV):
+            paths.resolve_dataset_folder(paths.NO_FOLDER, bad)
+    with pytest.raises(ValueError, match="no images"):
+        paths.resolve_dataset_folder(paths.NO_FOLDER, "")
+    monkeypatch.setenv(paths.ALLOW_ANY_PATH_ENV, "1")  # the server owner opted in
+    assert paths.resolve_dataset_folder(paths.NO_FOLDER, str(outside)) == str(outside)
+
+
+def test_install_script_finds_everything_in_the_host_env():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(repo / "install.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "all requirements present" in out.stdout, out.stdout + out.stderr
+
+
+def test_generate_is_the_stock_ksampler_image_and_latents_use_the_models_format(pack, loaded):
+    import importlib
+
+    import nodes as host_nodes
+
+    model, clip, vae = loaded
+    cb = backend_module(pack)
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    backend = cb.ComfyBackend(model, clip, vae)
+    settings = base.SampleSettings(steps=2, guidance=4.0, sampler="dpmpp_2m:karras", negative_prompt="blurry",
+                                   width=64, height=48)
+    with torch.inference_mode():
+        ours = backend.generate(["a photo of a dog"], [7], settings)[0]
+        pos = host_nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
+        neg = host_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        latent = host_nodes.EmptyLatentImage().generate(64, 48, 1)[0]
+        samples = host_nodes.common_ksampler(model, 7, 2, 4.0, "dpmpp_2m", "karras", pos, neg, latent)[0]
+        image = host_nodes.VAEDecode().decode(vae, samples)[0]
+    stock = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
+    assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
+
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        latents = backend.encode_images(pixels)
+        raw = vae.encode(((pixels + 1) / 2).movedim(1, -1))
+        decoded = backend.decode_latents(latents)
+    torch.testing.assert_close(latents, raw * 0.18215)  # SD1's latent scale: what the UNet consumes
+    assert decoded.shape == (1, 3, 64, 64) and decoded.min() >= -1 and decoded.max() <= 1
