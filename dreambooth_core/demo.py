@@ -66,7 +66,7 @@ def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
 
     views = toyworld.subject_views(subject, 5, seed=7, size=res)
     data = prepare_dataset(views, token=config.token, class_noun=config.class_noun, resolution=res)
-    fileio.save_image(output / "instance_images.png", grid_image([views], scale=2, title="instance images"))
+    fileio.save_image(output / "instance_images.png", grid_image([views], scale=4, title="instance images"))
     log(f"subject: {subject.thing} — {len(data.items)} instance images, caption '{data.items[0].caption}'")
 
     class_items, note = resolve_class_images(backend, config, res)
@@ -92,7 +92,7 @@ def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
     n = len(DEMO_SEEDS)
     rows = [before[i * n:(i + 1) * n] + after[i * n:(i + 1) * n] for i in range(len(prompts))]
     cols = [f"base {s}" for s in DEMO_SEEDS] + [f"trained {s}" for s in DEMO_SEEDS]
-    grid = grid_image(rows, row_labels=prompts, col_labels=cols, scale=2,
+    grid = grid_image(rows, row_labels=prompts, col_labels=cols, scale=4,
                       title=f"DreamBooth on the embedded model: '{config.token} {config.class_noun}' = {describe(subject)}")
     fileio.save_image(output / "grid.png", grid)
     summary = {"seconds": round(time.perf_counter() - t0, 1), "steps": result.step,

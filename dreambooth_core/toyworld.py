@@ -153,7 +153,7 @@ def _paint(thing: Thing, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.where(alt[..., None], second, base)
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 2) -> np.ndarray:
+def render(scene: Scene, size: int = 32, supersample: int = 3) -> np.ndarray:
     """Render a scene as uint8 HxWx3 (anti-aliased by supersampling)."""
     n = size * supersample
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
@@ -246,11 +246,11 @@ def autoencoder_scene(rng: random.Random) -> Scene:
     return random_view(rng, thing, background=colour(), companion=companion)
 
 
-def autoencoder_batch(rng: random.Random, n: int, size: int = 64) -> np.ndarray:
+def autoencoder_batch(rng: random.Random, n: int, size: int = 32) -> np.ndarray:
     return np.stack([render(autoencoder_scene(rng), size) for _ in range(n)])
 
 
-def pretraining_batch(rng: random.Random, n: int, size: int = 64,
+def pretraining_batch(rng: random.Random, n: int, size: int = 32,
                       drop_caption: float = 0.1) -> tuple[np.ndarray, list[str]]:
     images, captions = [], []
     for _ in range(n):
@@ -276,7 +276,7 @@ EVAL_SUBJECTS: tuple[Subject, ...] = (
 )
 
 
-def subject_views(subject: Subject, n: int, seed: int, size: int = 64) -> list[np.ndarray]:
+def subject_views(subject: Subject, n: int, seed: int, size: int = 32) -> list[np.ndarray]:
     """n instance photos of the subject, each on its own background, as a user would shoot them."""
     rng = random.Random(seed)
     backgrounds = [c for c in COLOURS if c not in (subject.thing.colour, subject.thing.colour2)]

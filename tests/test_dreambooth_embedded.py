@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.
 
 SUBJECT = toyworld.EVAL_SUBJECTS[1]  # a cyan/orange split heart: colours pretraining never shows
 TOKEN = "sks"
-SETTINGS = SampleSettings(steps=15, guidance=4.0, width=64, height=64)
+RES = embedded.RESOLUTION
+SETTINGS = SampleSettings(steps=15, guidance=4.0, width=RES, height=RES)
 SEEDS = list(range(100, 106))
 
 
@@ -53,7 +54,7 @@ def denoising_loss(backend, images, prompt: str) -> float:
     latents = backend.encode_images(pixels)
     g = torch.Generator().manual_seed(0)
     losses = []
-    cond = backend.encode_text([prompt] * len(images), size=(64, 64))
+    cond = backend.encode_text([prompt] * len(images), size=(RES, RES))
     for t in (100, 300, 500, 700):
         noise = torch.randn(latents.shape, generator=g)
         a = backend.alphas_cumprod[t]
@@ -69,11 +70,10 @@ def setup(tmp_path_factory):
     base = load()
     views = toyworld.subject_views(SUBJECT, 5, seed=3)
     held_out = toyworld.subject_views(SUBJECT, 4, seed=99)
-    data = prepare_dataset(views, token=TOKEN, class_noun=SUBJECT.class_noun, resolution=64)
+    data = prepare_dataset(views, token=TOKEN, class_noun=SUBJECT.class_noun, resolution=RES)
     class_prompt = f"a photo of a {SUBJECT.class_noun}"
-    classes = ensure_class_images(base, root / "class", class_prompt, 32, SampleSettings(steps=15, guidance=4.0,
-                                                                                           width=64, height=64))
-    class_items = classes.load(resolution=64).items
+    classes = ensure_class_images(base, root / "class", class_prompt, 32, SETTINGS)
+    class_items = classes.load(resolution=RES).items
     instance_prompt = f"a photo of {TOKEN} {SUBJECT.class_noun}"
     before = {
         "loss": denoising_loss(base, held_out, instance_prompt),

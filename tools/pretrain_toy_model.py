@@ -51,11 +51,12 @@ def train_vae(vae, args, work: Path) -> None:
         vae.load_state_dict(load_file(path))
         print("vae: loaded from", path)
         return
-    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.vae_steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps, pct_start=0.05)
     t0 = time.time()
     for step in range(args.vae_steps):
-        images = toyworld.autoencoder_batch(random.Random(f"vae-{args.seed}-{step}"), args.vae_batch)
+        images = toyworld.autoencoder_batch(random.Random(f"vae-{args.seed}-{step}"), args.vae_batch,
+                                            embedded.RESOLUTION)
         x = to_tensor(images)
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
@@ -71,7 +72,7 @@ def train_vae(vae, args, work: Path) -> None:
 
 @torch.no_grad()
 def latent_scale(vae, seed: int) -> float:
-    images, _ = toyworld.pretraining_batch(random.Random(f"scale-{seed}"), 256)
+    images, _ = toyworld.pretraining_batch(random.Random(f"scale-{seed}"), 256, embedded.RESOLUTION)
     z = vae.encode(to_tensor(images)).latent_dist.sample()
     return float(1.0 / z.std())
 
@@ -105,16 +106,16 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True, help="checkpoint folder (resumes from it)")
     p.add_argument("--out", type=Path, default=embedded.EMBEDDED_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offset-noise", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--probe-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,8 +197,9 @@ def main() -> None:
             log.append({"step": done, "background_acc": bg, "object_colour_acc": obj})
             print(f"probe at {done}: background {bg:.2f} object colour {obj:.2f}", flush=True)
             from PIL import Image
-            grid = images[:24].reshape(4, 6, 64, 64, 3).transpose(0, 2, 1, 3, 4).reshape(256, 384, 3)
-            Image.fromarray(grid).save(args.work / f"probe_{done:05d}.png")
+            r = embedded.RESOLUTION
+            grid = images[:24].reshape(4, 6, r, r, 3).transpose(0, 2, 1, 3, 4).reshape(4 * r, 6 * r, 3)
+            Image.fromarray(grid).resize((24 * r, 16 * r), Image.NEAREST).save(args.work / f"probe_{done:05d}.png")
         if done % args.save_every == 0 or done == args.steps:
             tensors = {f"param.{i}": q for i, q in enumerate(params)}
             tensors.update({f"ema.{i}": e for i, e in enumerate(ema)})
