@@ -133,6 +133,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("eval", help="the paper's DreamBench protocol in miniature, on the toy world")
+    p.add_argument("--quick", action="store_true", help="fewer steps and samples (~10 min on 2 CPU cores)")
+    p.add_argument("--output", default="eval_out", help="folder for results.json and the sample sheet")
+    p.add_argument("--subjects", type=int, default=None, help="evaluate only the first N subjects")
+
     p = sub.add_parser("token", help="check or propose a rare identifier token")
     tsub = p.add_subparsers(dest="token_command", required=True)
     c = tsub.add_parser("check", help="how the model's tokenizer splits WORD")
@@ -155,6 +160,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # e.g. training diverged: the message says what to change
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -225,3 +225,21 @@ def cmd_token(args) -> int:
         return 1
     print(check.message)
     return 0
+
+
+def cmd_eval(args) -> int:
+    from dataclasses import replace
+
+    from .evaluation.protocol import Plan, format_tables, ratios, run_eval
+
+    plan = Plan.quick() if args.quick else Plan()
+    if args.subjects:
+        plan = replace(plan, subjects=plan.subjects[: args.subjects])
+    bar = _bar(len(plan.subjects), "subjects")
+    results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar))
+    bar.close()
+    print(format_tables(results))
+    print(f"samples: {Path(args.output) / 'samples.png'}; results: {Path(args.output) / 'results.json'}")
+    r = ratios(results)
+    print(f"pres_ratio={r['pres_ratio']:.2f} fidelity_ratio={r['fidelity_ratio']:.2f} prompt_ratio={r['prompt_ratio']:.2f}")
+    return 0

@@ -1,0 +1,177 @@
+"""The paper's DreamBench protocol, in miniature, on the toy world.
+
+For each of eight toy subjects (objects whose colour/pattern combinations pretraining never
+showed), DreamBooth is trained on five views with and without prior preservation; both models
+and the base model then sample prompts of the paper's four kinds (recontextualization, property
+modification, accessories, class hybrids) and the plain class prompt, and the samples are
+measured (see metrics.py). The output mirrors the paper's Table 1 (subject and prompt fidelity)
+and Table 3 (prior-preservation ablation: PRES, DIV).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import fileio
+from .. import toyworld as tw
+from ..backends.base import SampleSettings
+from ..config import TrainConfig
+from . import metrics as m
+
+TOKEN = "sks"
+TRAIN = dict(token=TOKEN, mode="lora", rank=8, learning_rate=1e-3, train_text_encoder=True, batch_size=2,
+             offset_noise=0.1, prior_weight=1.0, lr_scheduler="constant")
+SAMPLING = dict(steps=20, guidance=4.0)
+
+
+@dataclass
+class Plan:
+    subjects: Sequence[tw.Subject] = tw.EVAL_SUBJECTS
+    steps: int = 250
+    seeds: Sequence[int] = (0, 1, 2, 3)
+    class_images: int = 48
+    instance_images: int = 5
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(steps=200, seeds=(0, 1, 2), class_images=32)
+
+
+def subject_prompts(subject: tw.Subject) -> List[m.EvalPrompt]:
+    """Seven prompts of the paper's four kinds, chosen so that what they ask is measurable."""
+    rng = random.Random(subject.name)
+    own = {subject.thing.colour, subject.thing.colour2}
+    free = [c for c in tw.COLOURS if c not in own]
+    bgs = rng.sample(free, 2)
+    colours = rng.sample([c for c in free if c not in bgs], 2)
+    companion = next(c for c in ("white", "black", "red", "blue") if c not in own)
+    others = rng.sample([s for s in tw.SHAPES if s != subject.class_noun and s not in ("ring", "cross")], 2)
+    return [
+        *(m.EvalPrompt("recontextualization", f"a photo of {{token}} {{class}} on {tw._article(b)} {b} background",
+                       m.Ask(background=b)) for b in bgs),
+        *(m.EvalPrompt("property_modification", f"a photo of {tw._article(c)} {c} {{token}} {{class}}",
+                       m.Ask(colour=c)) for c in colours),
+        m.EvalPrompt("accessories", f"a photo of {{token}} {{class}} next to a small {companion} circle",
+                     m.Ask(companion=companion)),
+        *(m.EvalPrompt("class_hybrid", f"a photo of {{token}} {s}", m.Ask(shape=s)) for s in others),
+    ]
+
+
+@dataclass
+class ModelScores:
+    fidelity: List[float] = field(default_factory=list)
+    prompt: List[float] = field(default_factory=list)
+    pres: List[float] = field(default_factory=list)
+    div: List[float] = field(default_factory=list)
+    identity: List[float] = field(default_factory=list)
+
+    def mean(self) -> Dict[str, float]:
+        return {k: float(np.nanmean(v)) if v else float("nan") for k, v in self.__dict__.items()}
+
+
+def _score(images_by_prompt: Dict[str, List[np.ndarray]], prompts: List[m.EvalPrompt], identity: List[np.ndarray],
+           class_images: List[np.ndarray], ref: np.ndarray, into: ModelScores) -> None:
+    into.fidelity.append(m.subject_fidelity([im for p in prompts for im in images_by_prompt[p.template]] + identity, ref))
+    into.prompt.append(float(np.nanmean([np.mean([p.ask.score(im) for im in images_by_prompt[p.template]])
+                                         for p in prompts])))
+    into.identity.append(m.subject_fidelity(identity, ref))
+    into.pres.append(m.subject_fidelity(class_images, ref))
+    into.div.append(float(np.mean([m.diversity(images_by_prompt[p.template]) for p in prompts] + [m.diversity(identity)])))
+
+
+def _sample_all(backend, subject, prompts, seeds, settings):
+    texts = [p.text(TOKEN, subject.class_noun) for p in prompts]
+    identity = f"a photo of {TOKEN} {subject.class_noun}"
+    klass = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
+    all_prompts = texts + [identity, klass]
+    flat = [t for t in all_prompts for _ in seeds]
+    images = backend.generate(flat, [s for _ in all_prompts for s in seeds], settings)
+    n = len(seeds)
+    rows = [images[i * n:(i + 1) * n] for i in range(len(all_prompts))]
+    by_prompt = {p.template: rows[i] for i, p in enumerate(prompts)}
+    return by_prompt, rows[-2], rows[-1], rows
+
+
+def run_eval(output: Path, plan: Plan, log=print, progress=None) -> dict:
+    from ..backends.diffusers_backend import load_backend
+    from ..dataset import prepare_dataset
+    from ..plots import grid_image
+    from ..prior import ensure_class_images
+    from ..trainer import train
+
+    t0 = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    base = load_backend("embedded")
+    res = base.native_resolution
+    settings = SampleSettings(width=res, height=res, **SAMPLING)
+    scores = {name: ModelScores() for name in ("base", "prior", "no_prior")}
+    sheet_rows, sheet_labels = [], []
+    for i, subject in enumerate(plan.subjects):
+        ref = m.subject_reference(subject, size=res)
+        prompts = subject_prompts(subject)
+        views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
+        data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res)
+        class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
+        class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images,
+                                        SampleSettings(width=res, height=res, **SAMPLING), seed=0)
+        class_items = class_set.load(resolution=res).items
+        samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
+        for name, prior in (("prior", True), ("no_prior", False)):
+            backend = load_backend("embedded")
+            config = TrainConfig(**TRAIN, class_noun=subject.class_noun, prior=prior, steps=plan.steps, seed=i,
+                                 output_dir=str(output / "runs" / f"{subject.name}-{name}"),
+                                 save_name=f"{subject.name}-{name}")
+            train(backend, config, data.items, class_items if prior else None)
+            samples[name] = _sample_all(backend, subject, prompts, plan.seeds, settings)
+        for name, (by_prompt, identity, klass, _) in samples.items():
+            _score(by_prompt, prompts, identity, klass, ref, scores[name])
+        line = ", ".join(f"{n}: fid {s.fidelity[-1]:.3f} prompt {s.prompt[-1]:.2f} pres {s.pres[-1]:.3f}"
+                         for n, s in scores.items())
+        log(f"[{i + 1}/{len(plan.subjects)}] {subject.name}: {line}")
+        if progress:
+            progress(i + 1, len(plan.subjects))
+        # sheet: reference view | per model, the first seed of each prompt (identity, prompts, class)
+        for name in ("base", "prior", "no_prior"):
+            rows = samples[name][3]
+            order = [len(rows) - 2] + list(range(len(prompts))) + [len(rows) - 1]
+            sheet_rows.append([views[0]] + [rows[k][0] for k in order])
+            sheet_labels.append(f"{subject.name} · {name.replace('_', ' ')}")
+    results = {name: s.mean() for name, s in scores.items()}
+    results["per_subject"] = {name: s.__dict__ for name, s in scores.items()}
+    results["subjects"] = [s.name for s in plan.subjects]
+    results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images}
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(plan.subjects[0])] + ["class"]
+    fileio.save_image(output / "samples.png", grid_image(sheet_rows, sheet_labels, cols, scale=3,
+                                                          title="toy DreamBench: first seed of each prompt"))
+    fileio.write_json(output / "results.json", results)
+    return results
+
+
+def ratios(results: dict) -> Dict[str, float]:
+    p, n = results["prior"], results["no_prior"]
+    return {"pres_ratio": p["pres"] / n["pres"], "fidelity_ratio": p["fidelity"] / n["fidelity"],
+            "prompt_ratio": p["prompt"] / n["prompt"]}
+
+
+def format_tables(results: dict) -> str:
+    names = {"base": "Base model (no training)", "prior": "DreamBooth (ours, prior preservation)",
+             "no_prior": "DreamBooth without prior preservation"}
+    lines = ["Table 1 analogue — subject fidelity (DINO/CLIP-I analogue) and prompt fidelity (CLIP-T analogue)",
+             f"| {'Method':40} | subject fidelity ↑ | identity-prompt fidelity ↑ | prompt fidelity ↑ |",
+             f"|{'-' * 42}|-------------------|----------------------------|-------------------|"]
+    for key in ("base", "prior", "no_prior"):
+        r = results[key]
+        lines.append(f"| {names[key]:40} | {r['fidelity']:17.3f} | {r['identity']:26.3f} | {r['prompt']:17.3f} |")
+    lines += ["", "Table 3 analogue — prior-preservation ablation",
+              f"| {'Method':40} | PRES ↓ | DIV ↑ | subject fidelity ↑ |",
+              f"|{'-' * 42}|--------|-------|--------------------|"]
+    for key in ("prior", "no_prior", "base"):
+        r = results[key]
+        lines.append(f"| {names[key]:40} | {r['pres']:6.3f} | {r['div']:5.3f} | {r['fidelity']:18.3f} |")
+    return "\n".join(lines)
