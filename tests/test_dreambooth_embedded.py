@@ -15,6 +15,7 @@ from dreambooth_core import embedded, toyworld
 from dreambooth_core.backends.base import SampleSettings
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.dataset import prepare_dataset
+from dreambooth_core.evaluation import metrics
 from dreambooth_core.prior import ensure_class_images
 from dreambooth_core.trainer import train
 
@@ -111,6 +112,11 @@ def test_training_binds_the_subject_to_the_identifier(setup, with_prior):
     base_share, trained_share = subject_share(setup["before"]["subject"]), subject_share(after)
     assert base_share < 0.1, "the base model has never seen the subject's colours"
     assert trained_share > 0.5 and trained_share > base_share + 0.4, (base_share, trained_share)
+
+    # The eval protocol's subject-fidelity metric separates the trained subject from the base model.
+    ref = metrics.subject_reference(SUBJECT, size=RES)
+    base_fid, trained_fid = metrics.subject_fidelity(setup["before"]["subject"], ref), metrics.subject_fidelity(after, ref)
+    assert trained_fid > base_fid + 0.15, (base_fid, trained_fid)
 
 
 def test_prior_preservation_keeps_the_class_close_to_the_base_model(setup, with_prior, without_prior):
