@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--probe-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--export-only", action="store_true", help="write the latest checkpoint's EMA weights to --out")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,7 +161,7 @@ def main() -> None:
 
     alphas = scheduler.alphas_cumprod
     t0 = time.time()
-    for step in range(start, args.steps):
+    for step in range(start, start if args.export_only else args.steps):
         unet.train(), text_encoder.train()
         images, captions = toyworld.pretraining_batch(random.Random(f"unet-{args.seed}-{step}"), args.batch)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)

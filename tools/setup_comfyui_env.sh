@@ -22,7 +22,7 @@ if [ ! -f "$COMFY/main.py" ]; then
 fi
 
 # What the stamp records: any change re-runs the installs (pip then skips what is present).
-want="$(printf '%s\n' "$TORCH_SET" "$(cat "$COMFY/requirements.txt")" requests pytest "$(cat "$ROOT/install.py")" | sha256sum | cut -d' ' -f1)"
+want="$(printf '%s\n' "$TORCH_SET" "$(cat "$COMFY/requirements.txt")" requests pytest playwright "$(cat "$ROOT/install.py")" | sha256sum | cut -d' ' -f1)"
 if [ -z "${FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
     echo "$VENV is up to date"
     exit 0
@@ -45,12 +45,14 @@ then
     "$VPY" -m pip install $TORCH_SET
 fi
 
-# 2. the host's own requirements, plus requests (imported by the host, not listed). A constraints
+# 2. the host's own requirements, plus requests (imported by the host, not listed), pytest, and
+#    playwright (the Python package only, driving the system Chromium for tools/screenshot_comfyui.py;
+#    no browser is downloaded: never `playwright install`). A constraints
 #    file pins the torch set so nothing here replaces it.
 cons="$(mktemp)"
 trap 'rm -f "$cons"' EXIT
 printf '%s\n' $TORCH_SET > "$cons"
-"$VPY" -m pip install -c "$cons" -r "$COMFY/requirements.txt" requests pytest
+"$VPY" -m pip install -c "$cons" -r "$COMFY/requirements.txt" requests pytest playwright
 
 # 3. the pack's own needs, the way ComfyUI-Manager installs them.
 "$VPY" "$ROOT/install.py"
