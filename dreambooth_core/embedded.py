@@ -56,7 +56,7 @@ TEXT_ENCODER_CONFIG = dict(
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
-    prediction_type="epsilon",
+    prediction_type="v_prediction",
     # A cosine schedule's alpha_bar at t=999 is ~2e-9: starting there blows the first sampler
     # step up, so samplers start at a leading-spaced timestep instead.
     timestep_spacing="leading",

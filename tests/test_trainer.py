@@ -135,10 +135,11 @@ def test_lora_keys_are_kohya_style_with_metadata(tmp_path):
     assert meta["ss_network_dim"] == "4" and meta["dreambooth_steps"] == "1"
 
 
-def test_lora_loads_with_diffusers_load_lora_weights(tmp_path):
+@pytest.mark.parametrize("lora_conv", [False, True])
+def test_lora_loads_with_diffusers_load_lora_weights(tmp_path, lora_conv):
     pytest.importorskip("peft")
     ours = make_tiny_backend()
-    result = train(ours, config(tmp_path), INSTANCE, CLASS)
+    result = train(ours, config(tmp_path, lora_conv=lora_conv), INSTANCE, CLASS)
     pipe = make_tiny_backend().pipeline()
     pipe.load_lora_weights(str(result.lora_path))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
