@@ -17,8 +17,8 @@ RESOLUTION = 32
 
 UNET_CONFIG = dict(
     sample_size=RESOLUTION,
-    in_channels=4,
-    out_channels=4,
+    in_channels=3,
+    out_channels=3,
     # Cross-attention only at 8×8 (and the mid block): attention at 16×16 doubles the CPU cost.
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -28,15 +28,17 @@ UNET_CONFIG = dict(
     attention_head_dim=8,
     norm_num_groups=16,
 )
-# A per-pixel colour codec (no downsampling): a tiny VAE that compresses space cannot keep the
-# toy world's fine patterns, and GroupNorm over small groups erases flat colours, so one group.
+# Pixel space in a standard AutoencoderKL: tools/pretrain_toy_model.py sets its weights so that
+# encode and decode are the identity (to ~1e-4), so diffusers' pipelines and trainers load the
+# model unchanged. Learned tiny VAEs either blurred the toy world's patterns or, being strongly
+# non-linear per pixel, turned the blurry early predictions of sampling into rainbow speckle.
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
-    latent_channels=4,
+    latent_channels=3,
     down_block_types=("DownEncoderBlock2D",),
     up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(32,),
+    block_out_channels=(8,),
     layers_per_block=1,
     norm_num_groups=1,
     sample_size=RESOLUTION,

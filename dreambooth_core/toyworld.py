@@ -233,23 +233,6 @@ def random_scene(rng: random.Random) -> Scene:
     return random_view(rng, thing, companion=companion)
 
 
-def autoencoder_scene(rng: random.Random) -> Scene:
-    """Any colour, any pattern: the VAE must reconstruct subjects that pretraining never shows."""
-    if rng.random() < 0.5:
-        return random_scene(rng)
-
-    def colour() -> str:
-        return "#" + "".join(f"{rng.randrange(256):02x}" for _ in range(3))
-
-    thing = Thing(rng.choice(SHAPES), colour(), rng.choice(PATTERNS + SUBJECT_PATTERNS), colour())
-    companion = Thing(rng.choice(SHAPES), colour()) if rng.random() < 0.3 else None
-    return random_view(rng, thing, background=colour(), companion=companion)
-
-
-def autoencoder_batch(rng: random.Random, n: int, size: int = 32) -> np.ndarray:
-    return np.stack([render(autoencoder_scene(rng), size) for _ in range(n)])
-
-
 def pretraining_batch(rng: random.Random, n: int, size: int = 32,
                       drop_caption: float = 0.1) -> tuple[np.ndarray, list[str]]:
     images, captions = [], []

@@ -2,8 +2,8 @@
 
     python tools/pretrain_toy_model.py --work /tmp/toy-pretrain
 
-Phase 1 trains the small VAE on renders, phase 2 trains the UNet and the CLIP text encoder
-jointly on captioned scenes (v-prediction, cosine schedule, offset noise, caption dropout for
+The VAE is pixel space (identity weights, see make_pixel_vae); the UNet and the CLIP text
+encoder train jointly on captioned scenes (v-prediction, cosine schedule, offset noise, caption dropout for
 classifier-free guidance, EMA weights). With ε-prediction the loss hardly rewards predicting the
 image at low SNR, and after 2,000 steps samples still took their background colour from the
 starting noise instead of the prompt; v-prediction asks for the image there directly. Every `--save-every` steps it writes a
@@ -46,30 +46,34 @@ def build_models(seed: int):
     return vae, unet, text_encoder, tokenizer
 
 
-def train_vae(vae, args, work: Path) -> None:
-    path = work / "vae.safetensors"
-    if path.exists():
-        from safetensors.torch import load_file
-        vae.load_state_dict(load_file(path))
-        print("vae: loaded from", path)
-        return
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps, pct_start=0.05)
-    t0 = time.time()
-    for step in range(args.vae_steps):
-        images = toyworld.autoencoder_batch(random.Random(f"vae-{args.seed}-{step}"), args.vae_batch,
-                                            embedded.RESOLUTION)
-        x = to_tensor(images)
-        post = vae.encode(x).latent_dist
-        recon = vae.decode(post.sample()).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-7 * post.kl().mean()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == args.vae_steps - 1:
-            print(f"vae step {step} loss {loss.item():.5f} {time.time() - t0:.0f}s", flush=True)
-    fileio.save_tensors(path, vae.state_dict())
+@torch.no_grad()
+def make_pixel_vae(vae, big: float = 256.0, lift: float = 20.0) -> None:
+    """Set the AutoencoderKL's weights so that encode and decode are the identity.
+
+    Every resnet's last convolution is zero, so each block passes its input through. What is
+    left is conv_in → GroupNorm(1 group) → SiLU → conv_out at both ends: conv_in writes the pixel
+    as (x, -x), which has mean 0, plus two constant channels ±`big` that fix the group's standard
+    deviation at ~big/2 whatever the image (relative error < 3/big²); the norm's weight undoes
+    that scale, its bias lifts the values to ~`lift` where SiLU(y) = y to 1e-7, and conv_out
+    subtracts the lift again. `big` stays small enough for the variance to fit in fp16.
+    """
+    for p in vae.parameters():
+        p.zero_()
+    n = vae.config.in_channels
+    for coder in (vae.encoder, vae.decoder):
+        conv_in = coder.conv_in
+        for i in range(n):
+            conv_in.weight[i, i, 1, 1] = 1.0
+            conv_in.weight[n + i, i, 1, 1] = -1.0
+        conv_in.bias[2 * n], conv_in.bias[2 * n + 1] = big, -big
+        coder.conv_norm_out.weight.fill_(big / 2)
+        coder.conv_norm_out.bias[: 2 * n] = lift
+        for i in range(n):
+            coder.conv_out.weight[i, i, 1, 1] = 1.0
+        coder.conv_out.bias[:n] = -lift
+    vae.encoder.conv_out.bias[n:] = -30.0  # log-variance: posterior std e^-15
+    for q in (vae.quant_conv, vae.post_quant_conv):
+        q.weight[:, :, 0, 0] = torch.eye(q.weight.shape[0])
 
 
 @torch.no_grad()
@@ -108,16 +112,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True, help="checkpoint folder (resumes from it)")
     p.add_argument("--out", type=Path, default=embedded.EMBEDDED_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=2500)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3500)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offset-noise", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--probe-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export-only", action="store_true", help="write the latest checkpoint's EMA weights to --out")
     args = p.parse_args()
     if args.threads:
@@ -127,7 +129,7 @@ def main() -> None:
     from diffusers import DDPMScheduler
 
     vae, unet, text_encoder, tokenizer = build_models(args.seed)
-    train_vae(vae, args, args.work)
+    make_pixel_vae(vae)
     vae.requires_grad_(False).eval()
     scheduler = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
     scale = latent_scale(vae, args.seed)
