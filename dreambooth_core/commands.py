@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 DEFAULT_CACHE = Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth")) / "class_images"
 
@@ -50,6 +50,79 @@ def resolve_class_images(backend, config, resolution: int, *, disable_bars: bool
     return result.load(resolution=resolution).items, note
 
 
+def tune_cpu_malloc() -> Optional[object]:
+    """Keep glibc's malloc from handing large blocks back to the kernel (CLI processes on CPU).
+
+    On CPU, oneDNN (PyTorch's mkldnn convolutions) re-lays out each convolution's weights into a
+    fresh buffer on every forward and backward call; SD-sized weights (up to 118 MB) are larger
+    than glibc's mmap threshold, so each buffer is a new mmap that the kernel zero-fills page by
+    page and unmaps again: ~1 M page faults and 30-40% of a training step spent in the kernel for
+    an SD1.5 UNet on one core. `mallopt(M_MMAP_MAX, 0)` serves them from the heap, where the
+    memory is reused, and a high `M_TRIM_THRESHOLD` keeps the heap from being shrunk and regrown
+    on every free. Returns the C library (for `malloc_trim`) or None where this is not glibc
+    (macOS, Windows, musl): then nothing changes. Process-wide, so only our own CLI processes call
+    it (never a host such as ComfyUI). Numerics are untouched: only where memory comes from."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not (libc.mallopt(-4, 0) and libc.mallopt(-1, 1 << 30)):  # M_MMAP_MAX, M_TRIM_THRESHOLD
+            return None
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def malloc_trimmer(libc, threshold: int = 256 << 20) -> Callable[[], None]:
+    """A function that gives freed memory back to the kernel (`malloc_trim(0)`) when more than
+    `threshold` bytes lie free in malloc's heap. With mmap off (`tune_cpu_malloc`) the heap would
+    otherwise keep the holes of the last training step or sampling call resident, which raises
+    the steady peak RSS by ~1 GB for SD1.5 at 256 px. Small models (a few MB of activations) skip
+    it: re-faulting the pages would cost them more than it saves."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc >= 2.33; older ones always trim
+    if mallinfo2 is not None:
+        mallinfo2.restype = MallInfo2
+
+    def trim() -> None:
+        if mallinfo2 is None or mallinfo2().fordblks > threshold:
+            libc.malloc_trim(0)
+
+    return trim
+
+
+def _trimming(callbacks, trim: Callable[[], None]):
+    """Trim after each optimizer step."""
+    inner = callbacks.on_step
+
+    def on_step(info) -> None:
+        trim()
+        if inner:
+            inner(info)
+
+    callbacks.on_step = on_step
+    return callbacks
+
+
+def _trim_after_unet_calls(backend, trim: Optional[Callable[[], None]]):
+    """For `class-images`: trim after every UNet call (a forward hook; the returned handle's
+    `remove()` removes it); None where there is nothing to do. With mmap off, sampling SD1.5 at
+    256 px in batches of 8 is ~10% faster than with the default allocator but peaks ~0.7 GB
+    higher (within a UNet call, which trimming between calls cannot reach): the trade the
+    standalone command makes; `train` keeps the default allocator while it samples."""
+    unet = getattr(backend, "unet", None)
+    if trim is None or unet is None or not hasattr(unet, "register_forward_hook"):
+        return None
+    return unet.register_forward_hook(lambda module, args, output: trim())
+
+
 def _train_callbacks(total: int, disable: bool):
     from .trainer import Callbacks
 
@@ -66,8 +139,12 @@ def _train_callbacks(total: int, disable: bool):
     return Callbacks(on_step=on_step), bar
 
 
-def run_training(config, *, force_token: bool = False, backend=None, log=print):
-    """The whole `train` job: load, check the token, prepare data and class images, train."""
+def run_training(config, *, force_token: bool = False, backend=None, log=print, lean: bool = False):
+    """The whole `train` job: load, check the token, prepare data and class images, train.
+
+    `lean` (what `train` on the command line uses): free the VAE and frozen text encoders once
+    their outputs are cached (the returned backend then cannot sample), and on CPU tune glibc's
+    malloc for this process (`tune_cpu_malloc`) and trim it after every step."""
     import torch
     from accelerate import Accelerator
 
@@ -106,9 +183,15 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print):
             class_items, note = resolve_class_images(backend, config, resolution, disable_bars=not main)
         if main:
             log(note)
+    # Only now: sampling class images with mmap off costs ~0.7 GB more peak RSS (SD1.5, 256 px,
+    # batch 8) than the default allocator, more than the training steps need.
+    libc = tune_cpu_malloc() if lean and accelerator.device.type == "cpu" else None
     callbacks, bar = _train_callbacks(config.steps, disable=not main)
+    if libc is not None:
+        callbacks = _trimming(callbacks, malloc_trimmer(libc))
     try:
-        result = train(backend, config, data.items, class_items, callbacks, accelerator=accelerator, flip=data.flip)
+        result = train(backend, config, data.items, class_items, callbacks, accelerator=accelerator, flip=data.flip,
+                       release_frozen=lean)
     finally:
         bar.close()
     return result, backend
@@ -120,7 +203,7 @@ def cmd_train(args) -> int:
 
     config = build_config(args)
     try:
-        result, _ = run_training(config, force_token=args.force_token)
+        result, _ = run_training(config, force_token=args.force_token, lean=True)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -196,7 +279,12 @@ def cmd_class_images(args) -> int:
 
     if not (args.class_prompt or args.class_noun):
         raise ValueError("--class-noun or --class-prompt: say which class to generate (e.g. --class-noun dog)")
-    backend = load_backend(args.model)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    libc = None if cuda else tune_cpu_malloc()
+    backend = load_backend(args.model, device=torch.device("cuda") if cuda else None)
+    _trim_after_unet_calls(backend, malloc_trimmer(libc) if libc is not None else None)
     config = TrainConfig(class_noun=args.class_noun or "", class_prompt=args.class_prompt,
                          num_class_images=args.count, class_dir=args.class_dir, class_steps=args.steps,
                          class_guidance=args.guidance, class_sampler=args.sampler,

@@ -103,7 +103,7 @@ class _Bucket:
 class DreamBoothTrainer:
     def __init__(self, backend: Backend, config: TrainConfig, instance: Sequence[Example],
                  class_images: Optional[Sequence[Example]] = None, callbacks: Optional[Callbacks] = None,
-                 accelerator=None, flip: Optional[bool] = None):
+                 accelerator=None, flip: Optional[bool] = None, release_frozen: bool = False):
         if not instance:
             raise ValueError("instance images: none given; DreamBooth needs 3-30 photos of the subject")
         if config.prior and not class_images:
@@ -117,6 +117,9 @@ class DreamBoothTrainer:
         self.accelerator = accelerator or self._make_accelerator()
         self.network: Optional[LoRANetwork] = None
         self.history: List[dict] = []
+        # Free the VAE and frozen text encoders once their outputs are cached, where nothing later
+        # in the run needs them (the CLI's train command; the demo samples after training).
+        self.release_frozen = release_frozen
 
     # -- setup -------------------------------------------------------------------------------
     def _make_accelerator(self):
@@ -169,6 +172,7 @@ class DreamBoothTrainer:
         class_buckets = self._cache_images(self.class_images, False) if self.class_images else []
         train_te = c.train_text_encoder
         text_cache = {} if train_te else self._cache_text(inst_buckets + class_buckets)
+        self._release_frozen(train_te)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
@@ -246,6 +250,18 @@ class DreamBoothTrainer:
             self._save_outputs(result)
         acc.wait_for_everyone()
         return result
+
+    def _release_frozen(self, train_te: bool) -> None:
+        """After caching, a LoRA run without previews never touches the VAE again, nor the text
+        encoders while they are frozen: let the backend drop them (their weights are most of
+        what is resident besides the UNet). Only on request, and only where the backend can."""
+        c = self.config
+        release = getattr(self.backend, "release_encoders", None)
+        if not (self.release_frozen and release and c.mode == "lora"):
+            return
+        if c.sample_every and self.callbacks.on_preview:
+            return
+        release(vae=True, text_encoders=not train_te)
 
     def _trainable(self, train_te: bool) -> List[tuple]:
         c = self.config
@@ -435,5 +451,6 @@ def lora_metadata(config: TrainConfig, backend: Backend, steps: int) -> Dict[str
 
 def train(backend: Backend, config: TrainConfig, instance: Sequence[Example],
           class_images: Optional[Sequence[Example]] = None, callbacks: Optional[Callbacks] = None,
-          accelerator=None, flip: Optional[bool] = None) -> TrainResult:
-    return DreamBoothTrainer(backend, config, instance, class_images, callbacks, accelerator, flip).run()
+          accelerator=None, flip: Optional[bool] = None, release_frozen: bool = False) -> TrainResult:
+    return DreamBoothTrainer(backend, config, instance, class_images, callbacks, accelerator, flip,
+                             release_frozen=release_frozen).run()

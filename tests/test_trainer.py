@@ -179,3 +179,16 @@ def test_objective_targets_and_min_snr():
     parts = objective.dreambooth_loss(pred, eps, n_instance=1, prior_weight=0.5)
     per = noise.pow(2).flatten(1).mean(1)
     torch.testing.assert_close(parts.total, per[0] + 0.5 * per[1:].mean())
+
+
+def test_releasing_frozen_encoders_frees_them_and_changes_no_weight(tmp_path):
+    """The CLI's lean mode drops the VAE and frozen text encoder after caching: same LoRA, less held."""
+    kept = train(make_tiny_backend(), config(tmp_path / "a", train_text_encoder=False), INSTANCE, CLASS)
+    backend = make_tiny_backend()
+    lean = train(backend, config(tmp_path / "b", train_text_encoder=False), INSTANCE, CLASS, release_frozen=True)
+    assert backend.vae is None and not backend.text_encoders
+    with pytest.raises(RuntimeError, match="released"):
+        backend.encode_text(["a photo of a star"], size=(16, 16))
+    a, b = lora_state(kept), lora_state(lean)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

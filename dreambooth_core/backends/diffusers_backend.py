@@ -103,6 +103,7 @@ class DiffusersBackend:
                          truncation=True, return_tensors="pt").input_ids.to(self._device)
 
     def encode_text(self, prompts: Sequence[str], *, size: tuple[int, int]) -> Cond:
+        self._require("text_encoder")
         if self.arch != "sdxl":
             return {"context": self._te_forward[0](self._ids(self._tokenizers[0], prompts))[0]}
         hidden, pooled = [], None
@@ -115,13 +116,34 @@ class DiffusersBackend:
         return {"context": torch.cat(hidden, dim=-1), "pooled": pooled,
                 "time_ids": time_ids.repeat(len(prompts), 1)}
 
+    def release_encoders(self, *, vae: bool = True, text_encoders: bool = True) -> None:
+        """Drop the VAE and/or the text encoders for the rest of a training run whose latents and
+        caption embeddings are cached (`DreamBoothTrainer(release_frozen=True)`): their weights
+        are freed (~0.8 GB for SD1.5 in fp32). Sampling, encoding and `save_full` need them, so
+        this backend cannot do those afterwards; load the model again for that."""
+        import gc
+
+        if vae:
+            self.vae = None
+        if text_encoders:
+            self.text_encoders, self._te_forward = [], []
+        gc.collect()
+
+    def _require(self, part: str) -> None:
+        missing = self.vae is None if part == "vae" else not self.text_encoders
+        if missing:
+            raise RuntimeError(f"the {'VAE' if part == 'vae' else 'text encoder'} of {self.name} was released after "
+                               "caching (release_encoders); load the model again to encode, sample or save it")
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._require("vae")
         pixels = pixels.to(self._device, self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        self._require("vae")
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self._device, self.vae.dtype) / self.vae.config.scaling_factor + shift
         return self.vae.decode(z).sample.float().clamp(-1, 1)
@@ -189,6 +211,8 @@ class DiffusersBackend:
         """A diffusers pipeline over the live components (LoRA adapters included)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        self._require("vae")
+        self._require("text_encoder")
         if self.arch == "sdxl":
             pipe = StableDiffusionXLPipeline(vae=self.vae, unet=self.unet, text_encoder=self.text_encoders[0],
                                              text_encoder_2=self.text_encoders[1], tokenizer=self._tokenizers[0],
@@ -206,6 +230,8 @@ class DiffusersBackend:
                  progress=None, batch_size: int = 8) -> List[np.ndarray]:
         if len(prompts) != len(seeds):
             raise ValueError("generate: one seed per prompt")
+        self._require("vae")
+        self._require("text_encoder")
         modes = [(m, m.training) for m in [self.unet, self.vae, *self.text_encoders]]
         for m, _ in modes:
             m.eval()

@@ -1,0 +1,85 @@
+"""The text table of a benchmark run (stdlib only: the orchestrator prints it)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+
+def _f(v: Optional[float], fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(out)
+
+
+def training_table(rows: List[dict], sections=("train", "train-extra"), ref_who="reference") -> str:
+    sel = [r for r in rows if r["section"] in sections]
+    refs = {r["model"]: r for r in rows if r["section"] == sections[0] and r["who"] == ref_who}
+    body = []
+    for r in sel:
+        ref = refs.get(r["model"])
+        is_ref = r is ref
+        speed = ref["s_per_step"] / r["s_per_step"] if (ref and not is_ref and r["s_per_step"] and ref["s_per_step"]) else None
+        mem = r["peak_rss_mib"] / ref["peak_rss_mib"] if (ref and not is_ref and ref["peak_rss_mib"]) else None
+        tmem = (r["training_peak_rss_mib"] / ref["training_peak_rss_mib"]
+                if (ref and not is_ref and r["training_peak_rss_mib"] and ref["training_peak_rss_mib"]) else None)
+        body.append([r["model"], r["who"], f"{r['resolution']}", _f(r["s_per_step"], "{:.3f}"),
+                     "" if is_ref else _f(speed, "x{:.2f}"), _f(r["wall_s"], "{:.0f}"), _f(r["setup_s"], "{:.1f}"),
+                     _f(r["peak_rss_mib"], "{:.0f}"), "" if is_ref else _f(mem), _f(r["training_peak_rss_mib"], "{:.0f}"),
+                     "" if is_ref else _f(tmem), _f(r.get("cuda_peak_mib"), "{:.0f}"),
+                     f"{r['warmup']}+{max(0, r['steps'] - r['warmup'])}"])
+    return _table(["model", "trainer", "px", "s/step", "speedup", "wall s", "setup s", "peak RSS MiB", "ours/ref",
+                   "train-steps RSS MiB", "ours/ref", "CUDA MiB", "steps"], body)
+
+
+def classgen_table(rows: List[dict]) -> str:
+    sel = [r for r in rows if r["section"] == "classgen"]
+    refs = {r["model"]: r for r in sel if r["who"].startswith("reference")}
+    body = []
+    for r in sel:
+        ref = refs.get(r["model"])
+        d = r["detail"]
+        span = d.get("sampling_span_s")
+        rspan = ref["detail"].get("sampling_span_s") if ref else None
+        body.append([r["model"], r["who"], f"{r['resolution']}", r["note"], _f(r["wall_s"], "{:.1f}"),
+                     _f(span, "{:.1f}"), _f(span / r["images"] if span else None, "{:.2f}"),
+                     "" if r is ref else _f(rspan / span if (rspan and span) else None, "x{:.2f}"),
+                     _f(r["peak_rss_mib"], "{:.0f}")])
+    return _table(["model", "generator", "px", "what", "wall s", "sampling s", "s/image", "speedup", "peak RSS MiB"],
+                  body)
+
+
+def scaling_table(rows: List[dict]) -> str:
+    sel = sorted((r for r in rows if r["section"] == "scaling"), key=lambda r: (r["images"], r["resolution"]))
+    body = [[r["model"], f"{r['images']}", f"{r['resolution']}", _f(r["s_per_step"], "{:.3f}"), _f(r["setup_s"], "{:.1f}"),
+             _f(r["peak_rss_mib"], "{:.0f}"), _f(r["training_peak_rss_mib"], "{:.0f}"), r.get("note", "")]
+            for r in sel]
+    return _table(["model (ours)", "images", "px", "s/step", "setup s", "peak RSS MiB", "train-steps RSS MiB", ""], body)
+
+
+def format_table(results: dict) -> str:
+    rows = results["rows"]
+    plan = results["plan"]
+    parts = []
+    m = results.get("machine", {})
+    parts.append(f"machine: {m.get('cpu')} ({m.get('cpus')} cores, {m.get('mem_gib')} GiB), device {plan['device']}, "
+                 f"{plan['threads']} torch thread(s) per trainer; {results.get('versions')}")
+    if any(r["section"] in ("train", "train-extra") for r in rows):
+        parts.append(f"\n== training: LoRA rank {plan['rank']}, prior preservation (1 instance + 1 class image per "
+                     f"step), AdamW lr {plan['lr']:g}, fp32 ({plan['mixed_precision']} mixed precision); s/step = "
+                     "steady state after the warm-up steps ==")
+        parts.append(training_table(rows))
+    if any(r["section"] == "classgen" for r in rows):
+        parts.append("\n== class-image generation (same count, steps, guidance, resolution, DPM-Solver++ 2M) ==")
+        parts.append(classgen_table(rows))
+    if any(r["section"] == "scaling" for r in rows):
+        parts.append("\n== scaling of our trainer: step time vs resolution and vs number of instance images ==")
+        parts.append(scaling_table(rows))
+    if any(r["section"] == "comfy" for r in rows):
+        parts.append("\n== inside ComfyUI, same MODEL, rank, resolution, steps, batch 1, no prior, fp32 ==")
+        parts.append(training_table(rows, sections=("comfy",), ref_who="ComfyUI TrainLoraNode"))
+    return "\n".join(parts)

@@ -1,0 +1,444 @@
+"""Training speed and memory, side by side with diffusers' DreamBooth LoRA script.
+
+    python -m bench [--quick] [--output bench_out] [--models embedded,sd15] [--device auto]
+    python bench/run.py ...                       (the same)
+
+One invocation trains each model once with the reference script (train_dreambooth_lora.py,
+unmodified, offline, as a subprocess) and once with ours (`python -m dreambooth_core train`, as a
+subprocess), with the same images, class images and settings, each in its own process, both from
+one environment (.venv-bench, made by bench/setup_env.sh) so they share one torch build; times
+class-image generation (ours vs the reference's pipeline); measures how step time and memory
+scale with resolution and with the number of instance images; compares our ComfyUI node with the
+host's TrainLoraNode; prints a table and, last, `speedup=X.XX memory=Y.YY`; writes results.json
+and chart.png under --output. How each number is measured: bench/README.md.
+
+This orchestrator uses only the standard library and never imports torch: every heavy step runs in
+a child process (see bench/proc.py for why).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench.proc import REPO, ChildFailed, ChildResult, base_env, default_python, run_child  # noqa: E402
+
+REFERENCE_DIR = Path(os.environ.get("DREAMBOOTH_REFERENCE_DIR",
+                                    REPO.parent / "shared" / "reference" / "diffusers-dreambooth"))
+TOKEN, CLASS_NOUN = "sks", "star"
+INSTANCE_PROMPT, CLASS_PROMPT = f"a photo of {TOKEN} {CLASS_NOUN}", f"a photo of a {CLASS_NOUN}"
+# glibc tunables equivalent to what our CLI sets with mallopt (bench/README.md, "Where the speed
+# comes from"): used for the extra reference row that shows how much of the gap is the allocator.
+REFERENCE_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
+
+
+# -- the plan --------------------------------------------------------------------------------------
+@dataclass
+class ModelRun:
+    name: str  # embedded | sd15 | sdxl
+    resolution: Optional[int]  # None: the model's native resolution
+    warmup: int
+    measure: int
+    class_count: int
+    class_steps: int
+    class_guidance: float = 5.0
+    mixed_precision: Optional[str] = None  # None: the plan's ("no": fp32 everywhere)
+    extras: bool = False  # extra rows: reference with our malloc settings, ours with gradient checkpointing
+
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.measure
+
+
+@dataclass
+class Plan:
+    device: str
+    threads: int
+    models: List[ModelRun]
+    scaling_model: str
+    scaling_resolutions: List[int]
+    scaling_images: List[int]
+    scaling_image_resolution: int
+    scaling_warmup: int
+    scaling_measure: int
+    comfy_resolution: int
+    comfy_warmup: int
+    comfy_measure: int
+    instance_images: int = 5
+    lr: float = 1e-4
+    rank: int = 4
+    mixed_precision: str = "no"
+
+
+def make_plan(quick: bool, device: str, threads: int, models: Optional[List[str]]) -> Plan:
+    if device == "cuda":
+        runs = [ModelRun("embedded", None, 10, 50, 8, 20),
+                ModelRun("sd15", 512, 5, 20, 8, 25, extras=True),
+                # SDXL at 1024 in fp32 needs more than one 80 GB GPU for a batch of 2: bf16 for both.
+                ModelRun("sdxl", 1024, 3, 10, 4, 25, mixed_precision="bf16")]
+        if quick:
+            runs = [ModelRun("embedded", None, 5, 20, 4, 10), ModelRun("sd15", 512, 3, 10, 4, 10, extras=True)]
+        plan = Plan(device, threads, runs, "sd15", [256, 384, 512], [5, 15, 30], 512, 3, 10, 256, 3, 10)
+    elif quick:
+        runs = [ModelRun("embedded", None, 5, 20, 4, 10),
+                ModelRun("sd15", 128, 2, 3, 2, 5, extras=True)]
+        plan = Plan(device, threads, runs, "sd15", [64, 96, 128], [5, 15, 30], 64, 1, 2, 64, 2, 3)
+    else:
+        runs = [ModelRun("embedded", None, 10, 100, 8, 20),
+                ModelRun("sd15", 256, 3, 10, 4, 10, extras=True)]
+        plan = Plan(device, threads, runs, "sd15", [128, 192, 256], [5, 15, 30], 128, 2, 5, 128, 3, 10)
+    if models:
+        known = {r.name: r for r in runs}
+        # a tiny SDXL-layout model: checks the SDXL path of both trainers where no GPU is at hand
+        known["tiny-sdxl"] = ModelRun("tiny-sdxl", 64, 2, 3, 2, 5)
+        missing = [m for m in models if m not in known]
+        if missing:
+            raise SystemExit(f"--models: {', '.join(missing)} not in this plan (choose from {', '.join(known)})")
+        plan.models = [known[m] for m in models]
+    return plan
+
+
+# -- results ---------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    section: str  # train | classgen | scaling | comfy
+    model: str
+    who: str
+    resolution: int
+    images: int = 0
+    s_per_step: Optional[float] = None
+    wall_s: Optional[float] = None
+    peak_rss_mib: Optional[float] = None
+    training_peak_rss_mib: Optional[float] = None
+    cuda_peak_mib: Optional[float] = None
+    setup_s: Optional[float] = None  # start → end of the first step (loading, caching, step 1)
+    steps: int = 0
+    warmup: int = 0
+    note: str = ""
+    detail: Dict = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args, plan: Plan):
+        self.args, self.plan = args, plan
+        self.out = Path(args.output).resolve()
+        self.work = self.out / "work"
+        self.logs = self.out / "logs"
+        self.python = args.python or default_python()
+        self.comfy_python = args.comfy_python or str(REPO / ".venv-comfyui" / "bin" / "python")
+        self.rows: List[Row] = []
+        self.notes: List[str] = []
+        self.env = base_env(plan.threads, hf_home=self.work / "hf_home_empty")
+        if plan.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
+        self.t0 = time.time()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.time() - self.t0:6.0f}s] {msg}", flush=True)
+
+    def helper(self, *args: str, python: Optional[str] = None) -> dict:
+        proc = subprocess.run([python or self.python, "-m", "bench.prepare", *args], cwd=str(REPO), env=self.env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ChildFailed(f"bench.prepare {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def child(self, name: str, wrapper: List[str], target: List[str], steps: Optional[int] = None,
+              trace_unet: bool = False, python: Optional[str] = None, env: Optional[dict] = None) -> ChildResult:
+        self.log(f"run {name}")
+        r = run_child(name, python or self.python, wrapper, target, workdir=self.logs, env=env or self.env,
+                      threads=self.plan.threads, steps=steps, trace_unet=trace_unet)
+        self.log(f"  done in {r.wall_s:.0f} s, peak RSS {r.peak_rss_kib() / 1024:.0f} MiB")
+        return r
+
+    def check_environment(self) -> None:
+        probe = subprocess.run([self.python, "-c", "import torch, torchvision, diffusers, peft, dreambooth_core; "
+                                "import json; print(json.dumps({'torch': torch.__version__, "
+                                "'torchvision': torchvision.__version__, 'diffusers': diffusers.__version__, "
+                                "'cuda': torch.cuda.is_available()}))"],
+                               cwd=str(REPO), env=self.env, capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise SystemExit(f"{self.python} cannot run both trainers (it needs torch, torchvision, diffusers, peft and "
+                             f"this project): run `bash bench/setup_env.sh` first, or pass --python.\n"
+                             f"{probe.stderr[-1500:]}")
+        self.versions = json.loads(probe.stdout.strip().splitlines()[-1])
+        if not (REFERENCE_DIR / "train_dreambooth_lora.py").is_file():
+            raise SystemExit(f"reference script not found in {REFERENCE_DIR} (set DREAMBOOTH_REFERENCE_DIR)")
+
+    # -- training ----------------------------------------------------------------------------------
+    def reference_args(self, model: Path, inst: Path, cls: Path, n_class: int, res: int, steps: int,
+                       out: Path, mixed_precision: Optional[str] = None) -> List[str]:
+        return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(inst),
+                "--class_data_dir", str(cls), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
+                "--with_prior_preservation", "--prior_loss_weight", "1.0", "--num_class_images", str(n_class),
+                "--output_dir", str(out), "--seed", "0", "--resolution", str(res), "--center_crop",
+                "--train_batch_size", "1", "--max_train_steps", str(steps), "--checkpointing_steps", "100000000",
+                "--learning_rate", str(self.plan.lr), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                "--rank", str(self.plan.rank), "--adam_beta1", "0.9", "--adam_beta2", "0.999",
+                "--adam_weight_decay", "1e-2", "--adam_epsilon", "1e-08", "--max_grad_norm", "1.0",
+                "--mixed_precision", mixed_precision or self.plan.mixed_precision, "--report_to", "all",
+                "--dataloader_num_workers", "0"]
+
+    def ours_args(self, model: Path, inst: Path, cls: Path, n_class: int, res: int, steps: int, out: Path,
+                  extra: List[str] = (), mixed_precision: Optional[str] = None) -> List[str]:
+        # AdamW betas (0.9, 0.999), eps 1e-8 (torch's defaults) and weight decay 1e-2 (TrainConfig's
+        # default) are what our trainer uses: the same values the reference is given explicitly.
+        return ["train", "--model", str(model), "--instance-dir", str(inst), "--class-dir", str(cls),
+                "--num-class-images", str(n_class), "--token", TOKEN, "--class-noun", CLASS_NOUN,
+                "--prior", "--prior-weight", "1.0", "--resolution", str(res), "--crop", "center", "--no-flip",
+                "--steps", str(steps), "--rank", str(self.plan.rank), "--lr", str(self.plan.lr),
+                "--lr-scheduler", "constant", "--lr-warmup-steps", "0", "--max-grad-norm", "1.0",
+                "--batch-size", "1", "--seed", "0",
+                "--mixed-precision", mixed_precision or self.plan.mixed_precision, "--save-precision", "fp32",
+                "--output-dir", str(out), *extra]
+
+    def train_row(self, r: ChildResult, section: str, model: str, who: str, res: int, warmup: int,
+                  images: int, note: str = "") -> Row:
+        s = r.summary(warmup)
+        row = Row(section, model, who, res, images, s.get("s_per_step"), s["wall_s"], s["peak_rss_mib"],
+                  s.get("training_peak_rss_mib"), s.get("cuda_peak_mib"), s.get("to_first_step_end_s"),
+                  s["steps_recorded"], warmup, note, s)
+        self.rows.append(row)
+        return row
+
+    def reference_script(self, model_name: str) -> Path:
+        sdxl = model_name in ("sdxl", "tiny-sdxl")
+        return REFERENCE_DIR / ("train_dreambooth_lora_sdxl.py" if sdxl else "train_dreambooth_lora.py")
+
+    def run_model(self, run: ModelRun) -> None:
+        info = self.helper("model", run.name)
+        model, label = Path(info["path"]), info["label"]
+        self.notes += info.get("notes", [])
+        res = run.resolution or info["native_resolution"]
+        self.log(f"model {run.name}: {label} at {res} px ({model})")
+        inst = Path(self.helper("instances", str(self.work), str(res), str(self.plan.instance_images))["path"])
+        cls = self.class_images(run, model, label, res)
+        n_class = run.class_count
+        wd = self.work / run.name
+
+        ref = self.child(f"{run.name}_reference", ["--script", str(self.reference_script(run.name))],
+                         self.reference_args(model, inst, cls, n_class, res, run.steps, wd / "reference_out",
+                                             run.mixed_precision), steps=run.steps)
+        mp = f"mixed precision {run.mixed_precision}" if run.mixed_precision else ""
+        self.train_row(ref, "train", label, "reference", res, run.warmup, self.plan.instance_images, note=mp)
+        ours = self.child(f"{run.name}_ours", ["--module", "dreambooth_core"],
+                          self.ours_args(model, inst, cls, n_class, res, run.steps, wd / "ours_out",
+                                         mixed_precision=run.mixed_precision), steps=run.steps)
+        self.train_row(ours, "train", label, "ours", res, run.warmup, self.plan.instance_images, note=mp)
+        if run.extras and not self.args.no_extras and self.plan.device == "cpu":
+            env = dict(self.env, GLIBC_TUNABLES=REFERENCE_MALLOC_TUNABLES)
+            r = self.child(f"{run.name}_reference_malloc", ["--script", str(self.reference_script(run.name))],
+                           self.reference_args(model, inst, cls, n_class, res, run.steps, wd / "reference_malloc_out"),
+                           steps=run.steps, env=env)
+            self.train_row(r, "train-extra", label, "reference + our malloc settings", res, run.warmup,
+                           self.plan.instance_images, note=f"GLIBC_TUNABLES={REFERENCE_MALLOC_TUNABLES}")
+        if run.extras and not self.args.no_extras:
+            r = self.child(f"{run.name}_ours_gc", ["--module", "dreambooth_core"],
+                           self.ours_args(model, inst, cls, n_class, res, run.steps, wd / "ours_gc_out",
+                                          ["--gradient-checkpointing"]), steps=run.steps)
+            self.train_row(r, "train-extra", label, "ours --gradient-checkpointing", res, run.warmup,
+                           self.plan.instance_images)
+
+    def class_images(self, run: ModelRun, model: Path, label: str, res: int) -> Path:
+        """Generate the class images with ours (timed), time the reference's pipeline on the same
+        count and steps, and return a plain folder with our images for both trainers."""
+        wd = self.work / run.name
+        cache = wd / "class_cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        ours = self.child(f"{run.name}_classgen_ours", ["--module", "dreambooth_core"],
+                          ["class-images", "--model", str(model), "--class-prompt", CLASS_PROMPT,
+                           "--count", str(run.class_count), "--steps", str(run.class_steps),
+                           "--guidance", str(run.class_guidance), "--resolution", str(res), "--class-dir", str(cache),
+                           "--seed", "0"], trace_unet=True)
+        ref = self.child(f"{run.name}_classgen_reference", ["--module", "bench.ref_classgen"],
+                         ["--model", str(model), "--prompt", CLASS_PROMPT, "--count", str(run.class_count),
+                          "--steps", str(run.class_steps), "--guidance", str(run.class_guidance),
+                          "--resolution", str(res), "--out", str(wd / "class_reference"),
+                          "--device", "cuda" if self.plan.device == "cuda" else "cpu"], trace_unet=True)
+        for who, r in (("reference pipeline", ref), ("ours (class-images)", ours)):
+            s = r.summary()
+            n = run.class_count
+            self.rows.append(Row("classgen", label, who, res, n, None, s["wall_s"], s["peak_rss_mib"], None,
+                                 s.get("cuda_peak_mib"), None, run.class_steps, 0,
+                                 f"{n} images x {run.class_steps} steps, guidance {run.class_guidance}", s))
+        plain = wd / "class_images"
+        info = self.helper("resize", str(cache), str(plain), str(res))
+        if info["count"] != run.class_count:
+            raise ChildFailed(f"expected {run.class_count} class images in {cache}, found {info['count']}")
+        return plain
+
+    # -- scaling -----------------------------------------------------------------------------------
+    def run_scaling(self) -> None:
+        p = self.plan
+        info = self.helper("model", p.scaling_model)
+        model, label = Path(info["path"]), info["label"]
+        main = next((r for r in p.models if r.name == p.scaling_model), None)
+        src = self.work / p.scaling_model / "class_images"
+        n_class = main.class_count if main and src.is_dir() else 0
+        if not n_class:
+            self.notes.append("scaling: skipped (it reuses the class images of the main run of its model)")
+            return
+        steps = p.scaling_warmup + p.scaling_measure
+        cases = [(res, p.instance_images) for res in p.scaling_resolutions]
+        cases += [(p.scaling_image_resolution, n) for n in p.scaling_images if n != p.instance_images]
+        # A point the main run already measured (same model, resolution and images) is reused.
+        for r in list(self.rows):
+            if r.section == "train" and r.who == "ours" and r.model == label and (r.resolution, r.images) in cases:
+                self.rows.append(Row(**{**asdict(r), "section": "scaling", "note": "the main run"}))
+                cases.remove((r.resolution, r.images))
+        for res, n in cases:
+            inst = Path(self.helper("instances", str(self.work), str(res), str(n))["path"])
+            cls = Path(self.helper("resize", str(src), str(self.work / "scaling" / f"class_{res}px"), str(res))["path"])
+            r = self.child(f"scaling_{res}px_{n}img", ["--module", "dreambooth_core"],
+                           self.ours_args(model, inst, cls, n_class, res, steps,
+                                          self.work / "scaling" / f"out_{res}_{n}"), steps=steps)
+            self.train_row(r, "scaling", label, "ours", res, p.scaling_warmup, n)
+
+    # -- ComfyUI -----------------------------------------------------------------------------------
+    def run_comfy(self) -> None:
+        p = self.plan
+        if not Path(self.comfy_python).is_file():
+            self.notes.append(f"ComfyUI: skipped ({self.comfy_python} missing: run bash tools/setup_comfyui_env.sh)")
+            return
+        steps = p.comfy_warmup + p.comfy_measure
+        for which, who in (("host", "ComfyUI TrainLoraNode"), ("ours", "ours: DreamBooth Train node")):
+            info_path = self.logs / f"comfy_{which}.info.json"
+            r = self.child(f"comfy_{which}", ["--module", "bench.comfy_child"],
+                           ["--which", which, "--work", str(self.work / f"comfy_{which}"), "--resolution",
+                            str(p.comfy_resolution), "--steps", str(steps), "--rank", str(p.rank), "--lr",
+                            str(p.lr), "--images", str(p.instance_images), "--info", str(info_path)],
+                           steps=steps, python=self.comfy_python)
+            info = json.loads(info_path.read_text())
+            row = self.train_row(r, "comfy", "mini SD1.5 checkpoint (ComfyUI)", who, p.comfy_resolution, p.comfy_warmup,
+                                 p.instance_images, note=f"{info['trainable_params']:,} trainable parameters")
+            row.detail["trainable_params"] = info["trainable_params"]
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ignore = self.out / ".gitignore"  # results are not sources (as pytest does for its cache)
+        if not ignore.exists():
+            ignore.write_text("# written by python -m bench\n*\n")
+        self.work.mkdir(exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        self.check_environment()
+        self.log(f"trainers run with {self.python} ({self.versions}); {self.plan.threads} thread(s); "
+                 f"device {self.plan.device}")
+        failures = []
+        for run in self.plan.models:
+            try:
+                self.run_model(run)
+            except ChildFailed as exc:
+                failures.append(str(exc))
+                self.log(f"FAILED: {str(exc)[:2000]}")
+        for name, step in (("scaling", self.run_scaling), ("comfy", self.run_comfy)):
+            if getattr(self.args, f"no_{name}"):
+                continue
+            try:
+                step()
+            except ChildFailed as exc:
+                failures.append(str(exc))
+                self.log(f"FAILED: {str(exc)[:2000]}")
+        return self.report(failures)
+
+    def headline(self) -> tuple:
+        """(speedup, memory, which model) from the SD1.5-shaped run if there is one, else the first."""
+        labels = [r.model for r in self.rows if r.section == "train"]
+        pick = next((m for m in labels if m.startswith("SD1.5")), labels[0] if labels else None)
+        ref = next((r for r in self.rows if r.section == "train" and r.model == pick and r.who == "reference"), None)
+        ours = next((r for r in self.rows if r.section == "train" and r.model == pick and r.who == "ours"), None)
+        if not (ref and ours and ref.s_per_step and ours.s_per_step):
+            return None, None, pick
+        return ref.s_per_step / ours.s_per_step, ours.peak_rss_mib / ref.peak_rss_mib, pick
+
+    def report(self, failures: List[str]) -> int:
+        from bench.report import format_table
+
+        speedup, memory, pick = self.headline()
+        results = {"plan": asdict(self.plan), "versions": getattr(self, "versions", {}), "python": self.python,
+                   "machine": machine(), "rows": [asdict(r) for r in self.rows], "notes": self.notes,
+                   "failures": failures, "headline": {"model": pick, "speedup": speedup, "memory": memory},
+                   "seconds": round(time.time() - self.t0, 1)}
+        (self.out / "results.json").write_text(json.dumps(results, indent=1))
+        chart = subprocess.run([self.python, "-m", "bench.chart", str(self.out / "results.json"),
+                                str(self.out / "chart.png")], cwd=str(REPO), env=self.env, capture_output=True,
+                               text=True)
+        if chart.returncode != 0:
+            self.notes.append(f"chart not drawn: {chart.stderr[-500:]}")
+        print()
+        print(format_table(results))
+        for n in self.notes:
+            print(f"note: {n}")
+        for f in failures:
+            print(f"FAILED: {f.splitlines()[0]}")
+        print(f"results: {self.out / 'results.json'}; chart: {self.out / 'chart.png'}; logs: {self.logs}")
+        if speedup is None:
+            print("speedup=nan memory=nan")
+            return 1
+        ours = next(r for r in self.rows if r.section == "train" and r.model == pick and r.who == "ours")
+        ref = next(r for r in self.rows if r.section == "train" and r.model == pick and r.who == "reference")
+        tp = (f"{ours.training_peak_rss_mib / ref.training_peak_rss_mib:.2f}"
+              if ours.training_peak_rss_mib and ref.training_peak_rss_mib else "n/a")
+        print(f"headline from {pick} at {ours.resolution} px on {self.plan.device} ({self.plan.threads} thread(s)): "
+              f"speedup = reference s/step / ours; memory = our peak RSS / reference peak RSS (whole process; "
+              f"training steps only: {tp})")
+        print(f"speedup={speedup:.2f} memory={memory:.2f}")
+        return 1 if failures else 0
+
+
+def machine() -> dict:
+    info = {"cpus": os.cpu_count(), "platform": sys.platform}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def detect_device(python: str) -> str:
+    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                           text=True)
+    return "cuda" if probe.stdout.strip() == "True" else "cpu"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps and smaller resolutions (a few minutes on CPU)")
+    p.add_argument("--output", default="bench_out", help="folder for results.json, chart.png, logs/ and work/")
+    p.add_argument("--models", default=None, help="comma-separated subset of the plan's models (embedded, sd15; sdxl "
+                   "on CUDA; tiny-sdxl: a tiny SDXL-layout model that checks the SDXL path on any machine)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every trainer process (default 1 on CPU, min(8, cores) on CUDA)")
+    p.add_argument("--python", default=None, help="Python that runs both trainers (default .venv-bench/bin/python)")
+    p.add_argument("--comfy-python", default=None, help="the ComfyUI host's Python (default .venv-comfyui/bin/python)")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--no-comfy", action="store_true")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the extra rows (reference with our malloc settings, ours with gradient checkpointing)")
+    args = p.parse_args(argv)
+    python = args.python or default_python()
+    device = detect_device(python) if args.device == "auto" else args.device
+    threads = args.threads or (1 if device == "cpu" else min(8, os.cpu_count() or 1))
+    plan = make_plan(args.quick, device, threads, args.models.split(",") if args.models else None)
+    return Bench(args, plan).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
