@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 
-from . import paths
+from . import live, paths
 from .types import CLASS_IMAGES, DATASET, DreamBoothClassImages, DreamBoothDataset
 
 log = logging.getLogger("dreambooth")
@@ -66,17 +66,6 @@ def _safe_progress(bar, value, total):
         bar.update_absolute(value, total)
     except mm.InterruptProcessingException:
         mm.interrupt_current_processing(True)
-
-
-def _send(event: str, data: dict) -> None:
-    """A custom websocket event for the front-end extension (live loss chart); never fails the run."""
-    try:
-        from server import PromptServer
-
-        inst = PromptServer.instance
-        inst.send_sync(event, data, inst.client_id)
-    except Exception:  # no server (tests, scripts)
-        pass
 
 
 def _folder_signature(folder: str) -> str:
@@ -210,6 +199,7 @@ class DreamBoothClassImages_:
                 "negative_prompt": ("STRING", {"default": "", "multiline": True,
                                                "tooltip": "What the class images should not show."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # which node the page's live view belongs to
         }
 
     RETURN_TYPES = (CLASS_IMAGES, "IMAGE")
@@ -220,7 +210,7 @@ class DreamBoothClassImages_:
     CATEGORY = CATEGORY
 
     def generate(self, model, clip, vae, class_prompt, count, steps, cfg, sampler_name, scheduler, seed, resolution,
-                 negative_prompt=""):
+                 negative_prompt="", unique_id=None):
         import comfy.model_management as mm
         import comfy.utils
         from PIL import Image
@@ -233,10 +223,14 @@ class DreamBoothClassImages_:
         settings = SampleSettings(steps=int(steps), guidance=float(cfg), sampler=f"{sampler_name}:{scheduler}",
                                   negative_prompt=negative_prompt or "", width=int(resolution), height=int(resolution))
         bar = comfy.utils.ProgressBar(int(count) * int(steps))
-        state = {"done": 0, "step": 0}
+        state = {"done": 0, "step": 0, "first": None}
+        _, node_id = live.executing_ids(unique_id)
 
         def on_images(done, total):
             state["done"], state["step"] = done, 0
+            if state["first"] is None:  # the first call says how many were valid in the cache
+                state["first"] = done
+            live.report_class_images(node_id, total, done - state["first"], state["first"], done)
             bar.update_absolute(done * int(steps), int(total) * int(steps))
 
         def on_step():  # the host's hook raises on Cancel here, mid-image
@@ -247,6 +241,8 @@ class DreamBoothClassImages_:
         image_set = ensure_class_images(backend, paths.class_image_root(), class_prompt.strip(), int(count), settings,
                                         seed=int(seed), batch_size=1, progress=on_images,
                                         should_stop=mm.processing_interrupted)
+        live.report_class_images(node_id, image_set.count, image_set.generated, image_set.reused,
+                                 len(image_set.paths), str(image_set.folder))
         if not image_set.complete:
             _interrupted()
         preview = _images_to_tensor([Image.open(p).convert("RGB") for p in image_set.paths[:16]])
@@ -311,7 +307,11 @@ class DreamBoothTrain_:
                 "training_dtype": (["auto", "fp32", "bf16"], {"default": "auto",
                                                              "tooltip": "Compute precision of the UNet while training "
                                                                         "(auto: fp32 on CPU, bf16 where the GPU has it)."}),
+                "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                          "tooltip": "Every N steps, sample the instance prompt and show the image on "
+                                                     "this node (0: off; each preview costs one full sampling)."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # which node the page's live view belongs to
         }
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
@@ -325,7 +325,7 @@ class DreamBoothTrain_:
 
     def train(self, model, clip, vae, dataset, mode, rank, alpha, train_text_encoder, steps, learning_rate,
               prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
-              gradient_checkpointing=False, training_dtype="auto"):
+              gradient_checkpointing=False, training_dtype="auto", preview_every=0, unique_id=None):
         import comfy.model_management as mm
         import comfy.utils
         import torch
@@ -360,49 +360,53 @@ class DreamBoothTrain_:
             steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
             gradient_checkpointing=bool(gradient_checkpointing), mixed_precision="no",
             output_dir=paths.run_dir(stem), save_name=stem, checkpoint_every=int(checkpoint_every),
-            resume=bool(resume), model="comfyui").validate()
+            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui").validate()
 
         backend = ComfyBackend(model, clip, vae, mode=mode, train_text_encoder=bool(train_text_encoder))
         config.model = backend.describe()
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(training_dtype) or backend.default_training_dtype()
         backend.set_training_dtype(dtype)
         bar = comfy.utils.ProgressBar(int(steps))
+        prompt_id, node_id = live.executing_ids(unique_id)
+        with live.LiveRun(node_id, int(steps), prompt_id, label=stem) as run:
 
-        def on_step(info):
-            _safe_progress(bar, info.step, info.total)
-            _send("dreambooth.train.step", {"step": info.step, "total": info.total, "loss": info.loss,
-                                            "instance_loss": info.instance_loss, "prior_loss": info.prior_loss,
-                                            "lr": info.lr, "eta_seconds": info.eta_seconds})
+            def on_step(info):
+                _safe_progress(bar, info.step, info.total)
+                run.step(info.step, info.total, info.loss, info.instance_loss, info.prior_loss, info.lr,
+                         info.seconds_per_step, info.eta_seconds)
 
-        callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted,
-                              on_phase=lambda phase: log.info("DreamBooth Train: %s", phase))
-        log.info("DreamBooth Train: %s, %d steps, %s, device %s, compute %s -> %s", mode, steps,
-                 "prior preservation" if prior else "no prior", backend.device, dtype, config.output_dir)
-        # Nodes run under torch.inference_mode(); training leaves it explicitly.
-        with torch.inference_mode(False), torch.enable_grad():
-            try:
-                result = run_training(backend, config, dataset.prepared.items, class_items, callbacks,
-                                      accelerator=fresh_accelerator(backend.device), flip=dataset.flip)
-            finally:
-                backend.release()
-        if result.status == "cancelled":
-            log.info("DreamBooth Train: cancelled at step %d; checkpoint %s (queue again with resume on)",
-                     result.step, result.checkpoint_path)
-            _interrupted()
+            callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted, on_preview=run.preview,
+                                  on_phase=lambda phase: log.info("DreamBooth Train: %s", phase))
+            log.info("DreamBooth Train: %s, %d steps, %s, device %s, compute %s -> %s", mode, steps,
+                     "prior preservation" if prior else "no prior", backend.device, dtype, config.output_dir)
+            # Nodes run under torch.inference_mode(); training leaves it explicitly.
+            with torch.inference_mode(False), torch.enable_grad():
+                try:
+                    result = run_training(backend, config, dataset.prepared.items, class_items, callbacks,
+                                          accelerator=fresh_accelerator(backend.device), flip=dataset.flip)
+                finally:
+                    backend.release()
+            if result.status == "cancelled":
+                log.info("DreamBooth Train: cancelled at step %d; checkpoint %s (queue again with resume on)",
+                         result.step, result.checkpoint_path)
+                run.finish("interrupted", message=f"stopped at step {result.step}; checkpoint "
+                                                  f"{result.checkpoint_path} (queue again with resume on)")
+                _interrupted()
 
-        if mode == "lora":
-            with fileio.atomic_path(lora_dest) as tmp:
-                tmp.write_bytes(result.lora_path.read_bytes())
-            saved = lora_dest
-        else:
-            saved = result.full_paths[0] if result.full_paths else str(config.output_dir)
-        out_model, out_clip = backend.result()
-        curve = _images_to_tensor([loss_curve_image(result.history)])
-        first = result.history[0]["loss"] if result.history else float("nan")
-        last = result.history[-1]["loss"] if result.history else float("nan")
-        text = f"{result.step} steps, loss {first:.4g} -> {last:.4g}; saved {saved}"
-        log.info("DreamBooth Train: %s", text)
-        return {"ui": {"text": [text], "lora_path": [saved]}, "result": (out_model, out_clip, saved, curve)}
+            if mode == "lora":
+                with fileio.atomic_path(lora_dest) as tmp:
+                    tmp.write_bytes(result.lora_path.read_bytes())
+                saved = lora_dest
+            else:
+                saved = result.full_paths[0] if result.full_paths else str(config.output_dir)
+            out_model, out_clip = backend.result()
+            curve = _images_to_tensor([loss_curve_image(result.history)])
+            first = result.history[0]["loss"] if result.history else float("nan")
+            last = result.history[-1]["loss"] if result.history else float("nan")
+            text = f"{result.step} steps, loss {first:.4g} -> {last:.4g}; saved {saved}"
+            log.info("DreamBooth Train: %s", text)
+            run.finish("completed", lora_path=str(saved), message=text)
+            return {"ui": {"text": [text], "lora_path": [saved]}, "result": (out_model, out_clip, saved, curve)}
 
 
 def _check_overwrite(dest: str) -> None:
@@ -509,3 +513,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamBoothTrain": "DreamBooth Train",
     "DreamBoothSampleGrid": "DreamBooth Sample Grid",
 }
+
+live.register_routes()  # GET /dreambooth/runs: a page reloaded mid-run picks the training up again
