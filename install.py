@@ -1,9 +1,11 @@
-"""Install what the DreamBooth node pack needs into the host's Python.
+"""Install what the DreamBooth pack needs into the host's Python (ComfyUI or the Automatic1111 WebUI).
 
-ComfyUI-Manager (and the Automatic1111 WebUI) run this file with the host's interpreter when the
-pack is installed or the host starts. It installs only the packages that are missing, with
-``python -m pip install``; it never installs, upgrades or downgrades torch (the host owns torch and
-its CUDA build), and it does not install diffusers (the ComfyUI backend does not need it).
+ComfyUI-Manager runs this file with the host's interpreter when the pack is installed; the WebUI
+runs an extension's install.py at every start. It installs only the packages that are missing,
+with ``python -m pip install``: a package the host already has is left at the host's version (the
+WebUI pins old ones, e.g. Pillow 9.5, accelerate 0.21, and the core works with them). It never
+installs, upgrades or downgrades torch (the host owns torch and its CUDA build), and it does not
+install diffusers (neither host backend needs it).
 """
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ def missing() -> list:
 
 def main() -> int:
     if importlib.util.find_spec("torch") is None:
-        print("[comfyui-dreambooth] torch is not installed in this Python; install the host (ComfyUI) first. "
-              "This script never installs torch.", file=sys.stderr)
+        print("[dreambooth] torch is not installed in this Python; install the host (ComfyUI or the WebUI) "
+              "first. This script never installs torch.", file=sys.stderr)
         return 1
     todo = missing()
     if not todo:
-        print("[comfyui-dreambooth] all requirements present")
+        print("[dreambooth] all requirements present")
         return 0
-    print("[comfyui-dreambooth] installing: " + " ".join(todo))
+    print("[dreambooth] installing: " + " ".join(todo))
     # accelerate depends on torch: a constraint pins the host's own torch build, so pip either keeps
     # it or refuses (an old torch) instead of replacing the host's CUDA/ROCm build.
     from importlib.metadata import version

@@ -88,6 +88,14 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def _accumulate(acc, models):
+    """accelerate >= 0.22 accumulates over several models; 0.21 (the WebUI's pin) over one."""
+    try:
+        return acc.accumulate(*models)
+    except TypeError:
+        return acc.accumulate(models[0] if models else None)
+
+
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63))
 
@@ -337,7 +345,7 @@ class DreamBoothTrainer:
         totals = np.zeros(3)
         for micro in range(c.gradient_accumulation):
             parts = self._draw(step, micro, inst, cls)
-            with acc.accumulate(*models):
+            with _accumulate(acc, models):
                 loss = self._forward_loss(parts, text_cache)
                 finite = torch.isfinite(loss.total.detach()).float()
                 if acc.num_processes > 1:

@@ -1,0 +1,293 @@
+"""The "a1111" backend: dreambooth_core's Backend protocol on the WebUI's loaded `shared.sd_model`.
+
+- Conditioning is the WebUI's own (`sd_model.get_learned_conditioning`, through its CLIP hijack),
+  so a caption is encoded in training exactly as the same text is in a txt2img prompt.
+- Latents come from the model's first stage (`encode_first_stage`, the posterior's mode, times
+  `scale_factor`); `predict` is the model's denoiser (`apply_model`) at integer timesteps; ε or v
+  and ᾱ_t come from the model itself (`parameterization`, `alphas_cumprod`), so SD1.x and SD2
+  (ε and v-prediction) need no special case. SDXL is refused (its conditioning has other parts).
+- Class images and previews are made by the WebUI's own txt2img processing, so class image i is
+  the image txt2img gives for that prompt, sampler and seed.
+- The model is shared with the rest of the WebUI: LoRA adapters are attached for the run only
+  and removed by `release()`; full fine-tuning trains the loaded weights in place and `release()`
+  puts the original weights back.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from dreambooth_core import fileio
+from dreambooth_core.lora import ADAPTER_ATTR
+
+from .names import clip_lora_targets, unet_lora_targets
+
+log = logging.getLogger("dreambooth")
+DEFAULT_SAMPLER = "DPM++ 2M"
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class Interrupted(Exception):
+    """The WebUI's Interrupt (or the job's Cancel) stopped a generation mid-image."""
+
+
+class OpenClipTokenizer:
+    """SD2's open_clip tokenizer with the transformers-style methods dreambooth_core.tokens uses."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def tokenize(self, text: str) -> List[str]:
+        return [self._tok.decoder[i] for i in self._tok.encode(text)]
+
+    def get_vocab(self) -> Dict[str, int]:
+        return dict(self._tok.encoder)
+
+    def convert_tokens_to_ids(self, piece: str):
+        return self._tok.encoder.get(piece)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        return list(self._tok.encode(text))
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+
+def loaded_model():
+    """The WebUI's current model, or a ValueError a user can act on."""
+    from modules import shared
+
+    model = shared.sd_model
+    if model is None:
+        raise ValueError("no checkpoint is loaded in the WebUI: pick one in the 'Stable Diffusion checkpoint' menu")
+    return model
+
+
+class A1111Backend:
+    """The WebUI's loaded checkpoint, as dreambooth_core sees a model."""
+
+    def __init__(self, sd_model=None, *, mode: str = "lora", train_text_encoder: bool = False):
+        self.m = sd_model if sd_model is not None else loaded_model()
+        if getattr(self.m, "is_sdxl", False) or not hasattr(self.m, "cond_stage_model"):
+            raise UnsupportedModel("the loaded checkpoint is SDXL (or another non-SD1/SD2 model); DreamBooth in the "
+                                   "WebUI trains SD1.x and SD2.x checkpoints: load one of those")
+        param = getattr(self.m, "parameterization", "eps")
+        if param not in ("eps", "v"):
+            raise UnsupportedModel(f"the loaded checkpoint predicts {param!r}; only ε and v-prediction train here")
+        self.prediction_type = "epsilon" if param == "eps" else "v_prediction"
+        self.is_sd2 = bool(getattr(self.m, "is_sd2", False))
+        if train_text_encoder and self.is_sd2:
+            raise UnsupportedModel("train_text_encoder: the SD2 text encoder (OpenCLIP) does not train here yet; "
+                                   "turn it off (the UNet LoRA still binds the identifier)")
+        alphas = getattr(self.m, "alphas_cumprod_original", None)
+        if alphas is None:
+            alphas = self.m.alphas_cumprod
+        self.alphas_cumprod = alphas.detach().float().cpu()
+        self.native_resolution = 768 if self.prediction_type == "v_prediction" and self.is_sd2 else 512
+        encoder = getattr(self.m.first_stage_model, "encoder", None)
+        self.latent_factor = 2 ** (getattr(encoder, "num_resolutions", 4) - 1)
+        self.mode = mode
+        self.train_text_encoder = bool(train_text_encoder)
+        self._targets: Dict[str, nn.Module] = {}
+        self._containers: Optional[List[nn.Module]] = None
+        self._backup: Optional[Dict[str, torch.Tensor]] = None
+        self._backup_dtypes: List[torch.dtype] = []
+        self._grad_flags: List[Tuple[nn.Parameter, bool]] = []
+        self._checkpointing = False
+        self._fingerprint: Optional[str] = None
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.m.model.diffusion_model.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.m.model.diffusion_model.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """The checkpoint's sha256 (the WebUI caches it) and the VAE file: the same after a restart,
+        and unaffected by LoRAs the WebUI has applied in place to the weights."""
+        if self._fingerprint is None:
+            from modules import sd_vae
+
+            info = getattr(self.m, "sd_checkpoint_info", None)
+            sha = info.calculate_shorthash() if info is not None else None
+            h = hashlib.sha256(b"a1111-dreambooth-fingerprint-1")
+            h.update(f"{sha or getattr(self.m, 'sd_model_hash', '')}:{self.prediction_type}".encode())
+            h.update(str(getattr(sd_vae, "loaded_vae_file", None) or "").encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self) -> str:
+        info = getattr(self.m, "sd_checkpoint_info", None)
+        return f"Automatic1111 {getattr(info, 'title', 'checkpoint')}"
+
+    def _clip(self):
+        return getattr(self.m.cond_stage_model, "wrapped", self.m.cond_stage_model)
+
+    def tokenizers(self) -> list:
+        clip = self._clip()
+        tok = getattr(clip, "tokenizer", None)
+        if tok is not None and hasattr(tok, "get_vocab"):
+            return [tok]
+        import open_clip
+
+        return [OpenClipTokenizer(open_clip.tokenizer._tokenizer)]
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str], *, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        cond = self.m.get_learned_conditioning(list(prompts))
+        # One 77-token chunk per prompt (as the other backends), so cached captions batch together.
+        return {"context": cond[:, :77].float()}
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            dist = self.m.encode_first_stage(pixels.to(self.device, self._vae_dtype()))
+            z = dist.mode() if hasattr(dist, "mode") else dist
+        return (z * self.m.scale_factor).float()
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.m.first_stage_model.parameters()).dtype
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            images = self.m.decode_first_stage(latents.to(self.device, self._vae_dtype()))
+        return images.float().clamp(-1, 1)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype, dev = self._dtype(), self.device
+        out = self.m.apply_model(noisy.to(dev, dtype), timesteps.to(dev).long(), cond["context"].to(dev, dtype))
+        return out.float()
+
+    # -- training surface ----------------------------------------------------------------------
+    def _text_layers(self) -> nn.ModuleList:
+        return self._clip().transformer.text_model.encoder.layers
+
+    def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
+        targets: Dict[str, nn.Module] = {}
+        if unet:
+            targets.update(unet_lora_targets(self.m.model.diffusion_model, conv))
+        if text_encoder:
+            targets.update(clip_lora_targets(self._text_layers()))
+        self._freeze()
+        self._targets.update(targets)
+        return targets
+
+    def _roots(self) -> List[nn.Module]:
+        return [self.m.model.diffusion_model] + ([self._clip().transformer] if self.train_text_encoder else [])
+
+    def _freeze(self) -> None:
+        """The shared weights never collect gradients in LoRA mode (flags restored by release())."""
+        if self._grad_flags:
+            return
+        for root in (self.m.model.diffusion_model, self._clip()):
+            for p in root.parameters():
+                self._grad_flags.append((p, p.requires_grad))
+                p.requires_grad_(False)
+
+    def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
+        if self._containers is None:
+            if self.mode == "full":
+                roots = self._roots()
+                # Put the loaded weights back after the run: the WebUI keeps using this model.
+                self._backup = {f"{i}.{k}": v.detach().to("cpu", copy=True)
+                                for i, r in enumerate(roots) for k, v in r.state_dict().items()}
+                self._backup_dtypes = [next(r.parameters()).dtype for r in roots]  # the trainer casts to fp32
+                self._containers = roots
+            else:
+                adapters = [getattr(m, ADAPTER_ATTR) for m in self._targets.values() if hasattr(m, ADAPTER_ATTR)]
+                # One container: old accelerate (the WebUI's 0.21) accumulates over one model.
+                self._containers = [nn.ModuleList(adapters)] if adapters else []
+        if self.mode == "full":
+            return ([self._containers[0]] if unet else []) + (self._containers[1:] if text_encoder else [])
+        return list(self._containers) if unet else []
+
+    def use_wrapped(self, models: List[nn.Module]) -> None:
+        """One process per WebUI: nothing to redirect."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """The WebUI's own switch (the one its embedding/hypernetwork training uses)."""
+        from modules import sd_hijack_checkpoint
+
+        (sd_hijack_checkpoint.add if enabled else sd_hijack_checkpoint.remove)()
+        self._checkpointing = enabled
+
+    def release(self) -> None:
+        """Undo every change made to the shared model: adapters, grad flags, full-tune weights."""
+        if self._checkpointing:
+            self.set_gradient_checkpointing(False)
+        for module in self._targets.values():
+            adapter = getattr(module, ADAPTER_ATTR, None)
+            if adapter is not None:
+                adapter.detach_from(module)
+        self._targets.clear()
+        if self._backup is not None:
+            with torch.no_grad():
+                for i, root in enumerate(self._roots()):
+                    root.to(self._backup_dtypes[i])
+                    for k, v in root.state_dict().items():
+                        v.copy_(self._backup[f"{i}.{k}"])
+                    root.eval()
+            self._backup = None
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+        self._grad_flags.clear()
+
+    # -- sampling ------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings, progress=None) -> List[np.ndarray]:
+        """txt2img through the WebUI's processing, one image per seed."""
+        from modules import processing, sd_samplers, shared
+
+        if len(prompts) != len(seeds):
+            raise ValueError("generate: one seed per prompt")
+        name, _, scheduler = str(settings.sampler or DEFAULT_SAMPLER).partition(":")
+        if sd_samplers.find_sampler_config(name) is None:
+            raise ValueError(f"sampler {name!r} is not one of the WebUI's samplers "
+                             f"(e.g. {DEFAULT_SAMPLER!r}, 'Euler a')")
+        images: List[np.ndarray] = []
+        for prompt, seed in zip(prompts, seeds):
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=self.m, prompt=prompt, negative_prompt=settings.negative_prompt, seed=int(seed),
+                steps=int(settings.steps), cfg_scale=float(settings.guidance), width=int(settings.width),
+                height=int(settings.height), sampler_name=name, scheduler=scheduler or None, batch_size=1,
+                n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+            try:
+                processed = processing.process_images(p)
+            finally:
+                p.close()
+            if shared.state.interrupted or not processed.images:  # a half-sampled image is not kept
+                raise Interrupted("image generation was interrupted")
+            images.append(np.asarray(processed.images[0].convert("RGB"), dtype=np.uint8))
+            if progress is not None:
+                progress(len(images), len(prompts))
+        return images
+
+    # -- full fine-tune ------------------------------------------------------------------------
+    def save_full(self, path: str) -> List[str]:
+        """The whole checkpoint in the WebUI's own (ldm) layout, fp16, loadable from models/Stable-diffusion."""
+        out = path if path.endswith(".safetensors") else path + ".safetensors"
+        # The WebUI's hijack wraps the text encoder (`cond_stage_model.wrapped.…`, `token_embedding.wrapped`):
+        # keys are written as in the checkpoint it loaded.
+        tensors = {k.replace(".wrapped.", "."): v.detach().to("cpu", torch.float16 if v.is_floating_point()
+                                                              else v.dtype)
+                   for k, v in self.m.state_dict().items()}
+        metadata = {"dreambooth_base_model": self.describe(), "dreambooth_base_fingerprint": self.fingerprint()}
+        fileio.save_tensors(out, tensors, metadata)
+        return [out]
+
+
+def clear_active_loras() -> None:
+    """Forget the LoRAs of the last txt2img prompt (the WebUI's Lora support keeps them applied to
+    the weights until the next generation), so that training starts from the checkpoint itself."""
+    networks = sys.modules.get("networks")
+    if networks is not None and hasattr(networks, "load_networks"):
+        networks.load_networks([])

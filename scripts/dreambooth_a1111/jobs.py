@@ -1,0 +1,358 @@
+"""DreamBooth training as a background job of the WebUI: one at a time, status, cancel.
+
+A request is checked before the job starts (so bad input is an immediate error: an empty or
+unreadable dataset, an identifier that splits, a save name with folders); the job then runs in a
+thread holding the WebUI's queue lock (txt2img waits while the shared model carries training
+adapters; the server keeps answering), generates/reuses the class images through the core's
+cache, trains with dreambooth_core, and copies the LoRA into the WebUI's Lora folder.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger("dreambooth")
+#: request keys that are not TrainConfig fields
+EXTRA_KEYS = ("instance_images", "force_token")
+HISTORY_KEPT = 500
+
+
+def data_dir() -> Path:
+    from modules import paths_internal
+
+    return Path(paths_internal.data_path)
+
+
+def lora_dir() -> Path:
+    from modules import paths_internal, shared
+
+    return Path(getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths_internal.models_path, "Lora"))
+
+
+def checkpoint_dir() -> Path:
+    from modules import paths_internal, shared
+
+    default = os.path.join(paths_internal.models_path, "Stable-diffusion")
+    return Path(getattr(shared.cmd_opts, "ckpt_dir", None) or default)
+
+
+def run_dir(stem: str) -> Path:
+    return data_dir() / "outputs" / "dreambooth" / stem
+
+
+def class_image_root() -> Path:
+    return data_dir() / "outputs" / "dreambooth_class_images"
+
+
+@dataclass
+class Job:
+    id: str
+    config: Any  # TrainConfig
+    state: str = "queued"  # queued | class_images | training | saving | completed | cancelled | error
+    message: str = ""
+    error: Optional[str] = None
+    step: int = 0
+    total: int = 0
+    loss: Optional[float] = None
+    prior_loss: Optional[float] = None
+    eta_seconds: Optional[float] = None
+    class_done: int = 0
+    class_total: int = 0
+    class_images: Dict[str, Any] = field(default_factory=dict)
+    history: List[dict] = field(default_factory=list)
+    previews: List[str] = field(default_factory=list)
+    lora_path: Optional[str] = None
+    checkpoint_path: Optional[str] = None
+    full_paths: List[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+    def should_stop(self) -> bool:
+        from modules import shared
+
+        return self.cancel_event.is_set() or bool(shared.state.interrupted)
+
+    def status(self) -> dict:
+        c = self.config
+        name = Path(self.lora_path).stem if self.lora_path else None
+        return {
+            "id": self.id, "state": self.state, "running": self.running, "message": self.message, "error": self.error,
+            "step": self.step, "total": self.total, "progress": self.step / self.total if self.total else 0.0,
+            "loss": self.loss, "prior_loss": self.prior_loss, "eta_seconds": self.eta_seconds,
+            "class_images_done": self.class_done, "class_images_total": self.class_total,
+            "class_images": self.class_images, "history": self.history[-HISTORY_KEPT:], "previews": self.previews,
+            "lora_path": self.lora_path, "lora_name": name,
+            "prompt_example": f"<lora:{name}:1> {c.resolved_instance_prompt()}" if name else None,
+            "checkpoint_path": self.checkpoint_path, "full_paths": self.full_paths,
+            "output_dir": str(c.output_dir), "save_name": c.save_name, "mode": c.mode,
+            "elapsed_seconds": (self.finished or time.time()) - self.started,
+        }
+
+
+_lock = threading.Lock()
+_jobs: Dict[str, Job] = {}
+_current: Optional[Job] = None
+
+
+def _decode_images(items: List[Any]) -> list:
+    """Uploaded images: base64 strings (a data: URL prefix is allowed) from the API; file paths
+    (Path objects) or PIL images from the tab."""
+    from PIL import Image
+
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            out.append(item)
+            continue
+        data = item.split(",", 1)[1] if item.startswith("data:") else item
+        try:
+            out.append(Image.open(io.BytesIO(base64.b64decode(data))))
+        except Exception as exc:
+            raise ValueError(f"instance_images[{i}]: not a base64-encoded image ({exc})") from None
+    return out
+
+
+def _config(request: Dict[str, Any]):
+    from dreambooth_core.config import ConfigError, TrainConfig
+    from dreambooth_core.trainer import safe_name
+
+    from .backend import DEFAULT_SAMPLER
+
+    settings = {k: v for k, v in request.items() if k not in EXTRA_KEYS and v is not None}
+    for owned in ("output_dir", "model"):
+        if owned in settings:
+            raise ValueError(f"{owned}: set by the WebUI extension, not by the request")
+    settings.setdefault("class_sampler", DEFAULT_SAMPLER)
+    settings.setdefault("class_guidance", 7.0)
+    settings.setdefault("save_name", "dreambooth")
+    try:
+        config = TrainConfig.from_mapping(settings, source="request")
+        config.save_name = safe_name(str(config.save_name).strip())
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    config.output_dir = str(run_dir(config.save_name))
+    return config
+
+
+def _check_lora_overwrite(dest: Path) -> None:
+    """Replace an earlier DreamBooth LoRA of the same name, never a LoRA from elsewhere."""
+    if not dest.exists():
+        return
+    from dreambooth_core.lora import read_lora_file
+
+    try:
+        ours = "dreambooth_version" in read_lora_file(dest)[1]
+    except Exception:
+        ours = False
+    if not ours:
+        raise ValueError(f"save_name: {dest} exists and was not made by DreamBooth; choose another save_name")
+
+
+def start(request: Dict[str, Any]) -> Job:
+    """Check a training request and start it in the background; ValueError names the bad input."""
+    global _current
+    from dreambooth_core.dataset import prepare_dataset
+    from dreambooth_core.tokens import TokenError, require_single_token
+    from modules import sd_samplers
+
+    from .backend import A1111Backend
+
+    config = _config(request)
+    images = request.get("instance_images") or None
+    if not images and not config.instance_dir:
+        raise ValueError("instance_dir: give the folder with 3-30 photos of the subject (or upload instance_images)")
+    if images is None and not Path(config.instance_dir).is_dir():
+        raise ValueError(f"instance_dir: {config.instance_dir} is not a folder on the WebUI's machine")
+    if config.prior and sd_samplers.find_sampler_config(config.class_sampler.partition(":")[0]) is None:
+        raise ValueError(f"class_sampler: {config.class_sampler!r} is not one of the WebUI's samplers")
+    with _lock:
+        if _current is not None and _current.running:
+            raise RuntimeError(f"a DreamBooth job is already running ({_current.id}); cancel it or wait for it")
+        backend = A1111Backend(mode=config.mode, train_text_encoder=config.train_text_encoder)
+        try:
+            check = require_single_token(backend.tokenizers(), config.token, force=bool(request.get("force_token")))
+        except TokenError as exc:
+            raise ValueError(f"token: {exc}") from None
+        config.resolution = config.resolution or backend.native_resolution
+        config.model = backend.describe()
+        config.validate()
+        if config.mode == "lora":
+            _check_lora_overwrite(lora_dir() / f"{config.save_name}.safetensors")
+        source = _decode_images(images) if images else config.instance_dir
+        data = prepare_dataset(source, token=config.token, class_noun=config.class_noun,
+                               caption_template=config.instance_prompt or "a photo of {token} {class}",
+                               resolution=config.resolution, crop=config.crop, flip=config.flip, seed=config.seed)
+        job = Job(id=uuid.uuid4().hex[:12], config=config, total=config.steps,
+                  message=f"{check.message} {data.summary()}")
+        _jobs[job.id] = job
+        _current = job
+    threading.Thread(target=_run, args=(job, backend, data), name=f"dreambooth-{job.id}", daemon=True).start()
+    return job
+
+
+def get(job_id: Optional[str] = None) -> Optional[Job]:
+    """A job by id; without an id the current (or last) job."""
+    return _jobs.get(job_id) if job_id else _current
+
+
+def cancel(job_id: Optional[str] = None) -> Job:
+    """Stop a job at its next step (mid-image while class images are generated); the trainer keeps a
+    resumable checkpoint."""
+    from modules import shared
+
+    job = get(job_id)
+    if job is None:
+        raise KeyError(f"job {job_id!r}: no such DreamBooth job" if job_id else "no DreamBooth job has run yet")
+    if job.running:
+        job.cancel_event.set()
+        if job.state in ("class_images", "training"):  # the job holds the queue lock: only it samples now
+            shared.state.interrupt()
+    return job
+
+
+def _run(job: Job, backend, data) -> None:
+    import torch
+    from modules import sd_hijack, shared
+    from modules.call_queue import queue_lock
+
+    from dreambooth_core.accel import fresh_accelerator
+    from dreambooth_core.trainer import Callbacks, train
+
+    from .backend import Interrupted, clear_active_loras
+
+    c = job.config
+    with queue_lock:
+        shared.state.begin(job="dreambooth")
+        optimized = bool(getattr(shared.opts, "training_xattention_optimizations", False))
+        try:
+            if job.cancel_event.is_set():
+                job.state = "cancelled"
+                return
+            clear_active_loras()
+            if not optimized:  # as the WebUI's own training: plain attention unless the user opted in
+                sd_hijack.undo_optimizations()
+            with torch.inference_mode(False), torch.enable_grad():
+                class_items = _class_images(job, backend) if c.prior else None
+                if class_items is None and c.prior:
+                    job.state, job.message = "cancelled", "cancelled while generating class images (kept in the cache)"
+                    return
+                job.state = "training"
+                callbacks = Callbacks(on_step=lambda info: _on_step(job, info), should_stop=job.should_stop,
+                                      on_preview=lambda step, images: _on_preview(job, step, images),
+                                      on_phase=lambda phase: log.info("DreamBooth %s: %s", job.id, phase))
+                result = train(backend, c, data.items, class_items, callbacks,
+                               accelerator=fresh_accelerator(backend.device), flip=data.flip)
+            job.history = list(result.history)
+            if result.status == "cancelled":
+                job.state = "cancelled"
+                job.checkpoint_path = str(result.checkpoint_path) if result.checkpoint_path else None
+                job.message = f"cancelled at step {result.step}; start again with resume on to continue"
+                return
+            job.state = "saving"
+            _publish(job, result)
+            job.state = "completed"
+        except Interrupted:
+            job.state, job.message = "cancelled", "cancelled while generating class images (kept in the cache)"
+        except Exception as exc:  # reported through the status route
+            log.exception("DreamBooth job %s failed", job.id)
+            job.state, job.error = "error", f"{type(exc).__name__}: {exc}"
+        finally:
+            try:
+                backend.release()
+            finally:
+                if not optimized:
+                    sd_hijack.apply_optimizations()
+                shared.state.end()
+                job.finished = time.time()
+    log.info("DreamBooth job %s: %s %s", job.id, job.state, job.error or job.message)
+
+
+def _class_images(job: Job, backend):
+    """The class images through the core's cache: made by the WebUI's txt2img, reused next time."""
+    from dreambooth_core.backends.base import SampleSettings
+    from dreambooth_core.prior import ensure_class_images
+
+    c = job.config
+    job.state, job.class_total = "class_images", c.num_class_images
+    settings = SampleSettings(steps=c.class_steps, guidance=c.class_guidance, sampler=c.class_sampler,
+                              negative_prompt=c.negative_prompt, width=c.resolution, height=c.resolution)
+
+    def progress(done: int, total: int) -> None:
+        job.class_done, job.class_total = done, total
+
+    image_set = ensure_class_images(backend, class_image_root(), c.resolved_class_prompt(), c.num_class_images,
+                                    settings, seed=c.seed, batch_size=1, progress=progress,
+                                    should_stop=job.should_stop)
+    job.class_images = {"generated": image_set.generated, "reused": image_set.reused, "count": image_set.count,
+                        "folder": str(image_set.folder)}
+    if not image_set.complete:
+        return None
+    return image_set.load(resolution=c.resolution).items
+
+
+def _on_step(job: Job, info) -> None:
+    from modules import shared
+
+    job.step, job.total, job.loss, job.prior_loss, job.eta_seconds = (info.step, info.total, info.loss,
+                                                                      info.prior_loss, info.eta_seconds)
+    job.history.append({"step": info.step, "loss": info.loss, "prior_loss": info.prior_loss, "lr": info.lr})
+    shared.state.textinfo = f"DreamBooth step {info.step}/{info.total}, loss {info.loss:.4f}"
+
+
+def _on_preview(job: Job, step: int, images) -> None:
+    from dreambooth_core.fileio import save_image
+
+    folder = Path(job.config.output_dir) / "previews"
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"step{step:06d}_{i}.png"
+        save_image(path, image)
+        paths.append(str(path))
+    job.previews = paths
+
+
+def _publish(job: Job, result) -> None:
+    """LoRA → the WebUI's Lora folder (its LoRA support lists it and `<lora:NAME:1>` works);
+    a full fine-tune → the checkpoint folder (with the loaded model's .yaml, if it has one)."""
+    from dreambooth_core import fileio
+
+    c = job.config
+    if result.lora_path:
+        dest = lora_dir() / f"{c.save_name}.safetensors"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fileio.atomic_path(dest) as tmp:
+            shutil.copyfile(result.lora_path, tmp)
+        job.lora_path = str(dest)
+        job.message = f"{result.step} steps; LoRA saved: use <lora:{c.save_name}:1> in a prompt"
+    for path in result.full_paths:
+        dest = checkpoint_dir() / Path(path).name
+        with fileio.atomic_path(dest) as tmp:
+            shutil.copyfile(path, tmp)
+        job.full_paths.append(str(dest))
+        _copy_model_yaml(dest)
+        job.message = f"{result.step} steps; checkpoint saved as {dest.name} (refresh the checkpoint list)"
+    if c.checkpoint_every and result.checkpoint_path:
+        job.checkpoint_path = str(result.checkpoint_path)
+
+
+def _copy_model_yaml(dest: Path) -> None:
+    from modules import shared
+
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    yaml = Path(info.filename).with_suffix(".yaml") if info is not None else None
+    if yaml is not None and yaml.is_file():
+        shutil.copyfile(yaml, dest.with_suffix(".yaml"))

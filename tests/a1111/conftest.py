@@ -1,0 +1,57 @@
+"""Integration tests against the real Automatic1111 WebUI (v1.10.1, read-only at ../shared/a1111).
+
+They need the WebUI's Python (tools/setup_a1111_env.sh makes .venv-a1111) and the repositories
+its launcher would clone (`repositories/` inside the WebUI folder, or A1111_REPOSITORIES):
+
+    bash tools/setup_a1111_env.sh
+    .venv-a1111/bin/python -m pytest tests/a1111
+
+The WebUI is copied to a temporary folder with this repository linked as `extensions/dreambooth`,
+a seeded mini SD1.5 checkpoint (+ .yaml) in its models folder, and started API-only on CPU on a
+free loopback port, at DEBUG log level (the Lora loader reports unmatched keys only there).
+Under any other Python every test here is skipped with the reason.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from webui_server import A1111_DIR, CLIP_CONFIG, SKIP_REASON, repositories_dir, start_webui, stop_webui  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if SKIP_REASON:
+        here = Path(__file__).parent
+        for item in items:
+            if here in Path(str(item.fspath)).parents:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def mini_checkpoint() -> Path:
+    from a1111_checkpoint import ensure_checkpoint
+
+    return ensure_checkpoint(A1111_DIR, repositories_dir(), CLIP_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory, mini_checkpoint):
+    server = start_webui(tmp_path_factory.mktemp("a1111"), mini_checkpoint)
+    yield server
+    stop_webui(server)
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory) -> Path:
+    """Three 64×64 photos of a 'subject' (a red disc on different backgrounds)."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("subject")
+    for i, bg in enumerate([(30, 90, 200), (40, 160, 60), (220, 210, 190)]):
+        im = Image.new("RGB", (64, 64), bg)
+        ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))
+        im.save(folder / f"subject_{i}.png")
+    return folder

@@ -1,0 +1,205 @@
+"""The extension inside the real WebUI, over its HTTP API (one server for the module, tests in order).
+
+What a WebUI user relies on: the extension loads; a job trains on the loaded checkpoint with class
+images made by the WebUI's own txt2img and cached (a second job reuses them); progress advances;
+Cancel keeps a checkpoint that resume finishes from; the LoRA lands in models/Lora and
+`<lora:NAME:1>` changes a txt2img image with every key matched; bad input is refused by name.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+
+import numpy as np
+import pytest
+
+TRAIN = "/dreambooth/v1/train"
+STATUS = "/dreambooth/v1/status"
+CANCEL = "/dreambooth/v1/cancel"
+UNMATCHED = "didn't match keys"
+
+
+def _job(subject_dir, **overrides) -> dict:
+    body = {"instance_dir": str(subject_dir), "token": "sks", "class_noun": "ball", "num_class_images": 2,
+            "class_steps": 2, "resolution": 64, "steps": 2, "learning_rate": 5e-3, "save_name": "dbtest"}
+    body.update(overrides)
+    return body
+
+
+def _txt2img(webui, prompt: str, seed: int = 7) -> np.ndarray:
+    from PIL import Image
+
+    # "No norm" emphasis: with random CLIP weights the default one divides by a ~1e-9 mean (A1111_NOTES).
+    r = webui.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed,
+                                          "sampler_name": "Euler", "override_settings": {"emphasis": "No norm"}})
+    assert r.status_code == 200, r.text[:2000]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=float)
+    assert np.isfinite(image).all() and image.std() > 0, "txt2img gave a blank image"
+    return image
+
+
+def _alive(webui) -> None:
+    assert webui.get("/sdapi/v1/options").status_code == 200
+
+
+def test_extension_loads(webui):
+    paths = webui.get("/openapi.json").json()["paths"]
+    for route in (TRAIN, STATUS, CANCEL, "/dreambooth/v1/token"):
+        assert route in paths, f"{route} not registered"
+    log = webui.log()
+    assert "Error loading script" not in log, log[-4000:]
+    assert "dreambooth_tab.py" not in log, "the WebUI reported a problem with the extension's script"
+    r = webui.get(STATUS)
+    assert r.status_code == 404 and "no DreamBooth job" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"token": "xyzzyplugh"}, ["token", "splits into", "tokens"]),
+    ({"save_name": "../escape"}, ["save name", "plain file name"]),
+    ({"instance_dir": "EMPTY"}, ["no usable image", "no image files"]),
+    ({"instance_dir": "/no/such/folder"}, ["instance_dir", "not a folder"]),
+    ({"mode": "dreamy"}, ["mode", "dreamy"]),
+])
+def test_bad_input_is_refused_with_the_reason(webui, subject_dir, tmp_path, overrides, words):
+    if overrides.get("instance_dir") == "EMPTY":
+        overrides = dict(overrides, instance_dir=str(tmp_path))
+    r = webui.post(TRAIN, _job(subject_dir, **overrides))
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"].lower()
+    for word in words:
+        assert word.lower() in detail, detail
+    _alive(webui)
+
+
+def test_train_lora_with_prior_preservation(webui, subject_dir):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    r = webui.post(TRAIN, _job(subject_dir, train_text_encoder=True))
+    assert r.status_code == 200, r.text
+    job = r.json()
+    seen = []
+
+    def record(s: dict) -> bool:
+        seen.append(s["state"])
+        return False
+
+    status = webui.wait_job(job["id"], until=record)
+    assert status["state"] == "completed", status
+    assert "class_images" in seen, f"the class-image phase was never reported: {seen}"
+    assert status["class_images"]["generated"] == 2 and status["class_images"]["reused"] == 0
+    assert [h["step"] for h in status["history"]] == [1, 2]
+    assert all(h["prior_loss"] is not None for h in status["history"]), "prior preservation loss missing"
+    lora = webui.root / "models" / "Lora" / "dbtest.safetensors"
+    assert status["lora_path"] == str(lora) and lora.is_file()
+    with safe_open(str(lora), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    for part in ("lora_unet_down_blocks_", "lora_unet_mid_block_attentions_0_", "lora_unet_up_blocks_",
+                 "lora_te_text_model_encoder_layers_"):
+        assert any(k.startswith(part) for k in keys), f"no {part}* key in the LoRA"
+    assert meta["dreambooth_token"] == "sks" and meta["dreambooth_prior_preservation"] == "true"
+    # Every adapter trained (lora_up starts at zero): gradients reached the text encoder through the
+    # WebUI's conditioning and the UNet through its denoiser.
+    tensors = load_file(str(lora))
+    untrained = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.abs().max() > 0]
+    assert not untrained, f"{len(untrained)} adapters did not train, e.g. {untrained[:3]}"
+    # The class images are PNGs the WebUI's txt2img made, in the core's cache with its manifest.
+    folder = webui.root / "outputs" / "dreambooth_class_images"
+    assert len(list(folder.glob("*/0000[01].png"))) == 2 and list(folder.glob("*/manifest.json"))
+
+
+def test_second_job_reuses_the_cached_class_images(webui, subject_dir):
+    job = webui.post(TRAIN, _job(subject_dir, steps=1, save_name="dbtest_again")).json()
+    status = webui.wait_job(job["id"])
+    assert status["state"] == "completed", status
+    assert status["class_images"]["generated"] == 0 and status["class_images"]["reused"] == 2
+
+
+def test_lora_prompt_changes_the_image_with_every_key_matched(webui):
+    from safetensors.torch import load_file, save_file
+
+    base = _txt2img(webui, "a photo of sks ball")
+    assert np.array_equal(base, _txt2img(webui, "a photo of sks ball")), "txt2img is not reproducible"
+    with_lora = _txt2img(webui, "<lora:dbtest:1> a photo of sks ball")
+    assert np.abs(with_lora - base).mean() > 0.5, "the trained LoRA does not change the image"
+    assert UNMATCHED not in webui.log(), re.findall(r".*didn't match keys.*", webui.log())[:1]
+    # Control: the same LoRA with one key of no layer is reported at this log level.
+    lora_dir = webui.root / "models" / "Lora"
+    tensors = load_file(str(lora_dir / "dbtest.safetensors"))
+    down = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors["lora_unet_no_such_block.lora_down.weight"] = tensors[down].clone()
+    save_file(tensors, str(lora_dir / "control.safetensors"))
+    _txt2img(webui, "<lora:control:1> a photo of sks ball")
+    assert "control.safetensors didn't match keys" in webui.log()
+
+
+def test_full_fine_tune_saves_a_checkpoint_and_restores_the_loaded_model(webui, subject_dir, mini_checkpoint):
+    from safetensors import safe_open
+
+    before = _txt2img(webui, "a photo of sks ball", seed=3)
+    job = webui.post(TRAIN, _job(subject_dir, mode="full", steps=1, prior=False, learning_rate=1e-3,
+                                 save_name="dbfull")).json()
+    status = webui.wait_job(job["id"])
+    assert status["state"] == "completed", status
+    saved = webui.root / "models" / "Stable-diffusion" / "dbfull.safetensors"
+    assert status["full_paths"] == [str(saved)] and saved.with_suffix(".yaml").is_file()
+    with safe_open(str(saved), framework="pt") as new, safe_open(str(mini_checkpoint), framework="pt") as old:
+        assert set(new.keys()) == set(old.keys()), "the saved checkpoint's keys differ from the loaded one's"
+        key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+        assert not new.get_tensor(key).equal(old.get_tensor(key)), "full fine-tuning changed no UNet weight"
+    # The WebUI's loaded model is back to the checkpoint's weights.
+    assert np.array_equal(before, _txt2img(webui, "a photo of sks ball", seed=3))
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_finishes(webui, subject_dir):
+    body = _job(subject_dir, steps=500, save_name="dbcancel")
+    job = webui.post(TRAIN, body).json()
+    status = webui.wait_job(job["id"], until=lambda s: s["step"] >= 2)
+    assert status["running"] and status["state"] == "training" and status["loss"] is not None
+    t0 = time.time()
+    _alive(webui)  # the server answers while the job trains
+    assert time.time() - t0 < 10
+    assert webui.post(CANCEL, {"id": job["id"]}).status_code == 200
+    status = webui.wait_job(job["id"])
+    assert status["state"] == "cancelled", status
+    stopped = status["step"]
+    assert 2 <= stopped < 500
+    checkpoint = webui.root / "outputs" / "dreambooth" / "dbcancel" / "checkpoint.safetensors"
+    assert status["checkpoint_path"] == str(checkpoint) and checkpoint.is_file()
+    assert not (webui.root / "models" / "Lora" / "dbcancel.safetensors").exists()
+    _alive(webui)
+
+    resumed = webui.post(TRAIN, dict(body, steps=stopped + 2, resume=True)).json()
+    status = webui.wait_job(resumed["id"])
+    assert status["state"] == "completed", status
+    steps = [h["step"] for h in status["history"]]
+    assert steps == list(range(1, stopped + 3)), steps  # continued, not restarted
+    assert (webui.root / "models" / "Lora" / "dbcancel.safetensors").is_file()
+
+
+def test_one_job_at_a_time(webui, subject_dir):
+    first = webui.post(TRAIN, _job(subject_dir, steps=500, save_name="dbbusy")).json()
+    try:
+        r = webui.post(TRAIN, _job(subject_dir, save_name="dbbusy2"))
+        assert r.status_code == 409 and "already running" in r.json()["detail"]
+    finally:
+        webui.post(CANCEL, {"id": first["id"]})
+        assert webui.wait_job(first["id"])["state"] == "cancelled"
+
+
+def test_install_py_leaves_the_webui_packages_alone():
+    """The WebUI runs install.py at start: nothing to install here, and torch & co. keep their pins."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
+
+    pins = ("torch", "torchvision", "Pillow", "accelerate", "transformers", "safetensors", "numpy")
+    before = {p: version(p) for p in pins}
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(repo / "install.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "all requirements present" in out.stdout, out.stdout + out.stderr
+    assert {p: version(p) for p in pins} == before

@@ -1,0 +1,159 @@
+"""Start the real Automatic1111 WebUI for tests and tools: a temporary copy of ../shared/a1111 (read-only
+source) with this repository's extension, a checkpoint and offline settings; see conftest.py."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+A1111_DIR = Path(os.environ.get("A1111_DIR", SHARED / "a1111")).resolve()
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", SHARED / "comfyui")).resolve()
+CLIP_CONFIG = COMFYUI_DIR / "comfy" / "sd1_clip_config.json"
+# What the WebUI imports that the core's environment lacks.
+HOST_MODULES = ("gradio", "open_clip", "pytorch_lightning", "omegaconf", "torchsde", "clip")
+
+
+def repositories_dir() -> Path:
+    return Path(os.environ.get("A1111_REPOSITORIES") or A1111_DIR / "repositories").resolve()
+
+
+def venv_python() -> Path:
+    """The WebUI's Python: this one when it is the WebUI's venv, else .venv-a1111's."""
+    return Path(sys.executable) if (Path(sys.prefix) / "hf-home").is_dir() else REPO / ".venv-a1111" / "bin" / "python"
+
+
+def hf_home() -> Path:
+    return Path(os.environ.get("A1111_HF_HOME") or venv_python().parent.parent / "hf-home")
+
+
+def skip_reason() -> str:
+    """Why the WebUI cannot be started from this Python ('' when it can)."""
+    if not (A1111_DIR / "launch.py").is_file():
+        return f"the WebUI source is not at {A1111_DIR} (set A1111_DIR)"
+    missing = [m for m in HOST_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"not running under the WebUI's Python ({sys.executable} lacks {', '.join(missing)}): run "
+                "`bash tools/setup_a1111_env.sh` then `.venv-a1111/bin/python -m pytest tests/a1111`")
+    if not (repositories_dir() / "stable-diffusion-stability-ai" / "ldm").is_dir():
+        return (f"the WebUI's repositories (stable-diffusion-stability-ai, k-diffusion, generative-models, BLIP, "
+                f"stable-diffusion-webui-assets at the launcher's pinned commits) are not at {repositories_dir()}: "
+                "set A1111_REPOSITORIES to a folder holding them")
+    if not (hf_home() / "hub" / "models--openai--clip-vit-large-patch14").is_dir():
+        return f"no offline CLIP tokenizer cache at {hf_home()}: run `bash tools/setup_a1111_env.sh`"
+    return ""
+
+
+SKIP_REASON = skip_reason()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _writable_copy(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("repositories", "*.zip", "screenshot.png"))
+    for root, dirs, files in os.walk(dst):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR)
+    os.chmod(dst, os.stat(dst).st_mode | stat.S_IWUSR)
+
+
+class WebUI:
+    """A running WebUI: base URL, its folder and its log."""
+
+    def __init__(self, root: Path, port: int, log_path: Path, proc: subprocess.Popen):
+        self.root, self.port, self.log_path, self.proc = root, port, log_path, proc
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, **params):
+        import requests
+
+        return requests.get(self.url + path, params=params, timeout=120)
+
+    def post(self, path: str, body=None, timeout: float = 600):
+        import requests
+
+        return requests.post(self.url + path, json=body if body is not None else {}, timeout=timeout)
+
+    def wait_job(self, job_id: str, timeout: float = 300, until=None) -> dict:
+        """Poll the status route until the job ends (or `until(status)` holds)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            status = self.get("/dreambooth/v1/status", id=job_id).json()
+            if (until and until(status)) or not status["running"]:
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still running after {timeout} s: {status}\n{self.log()[-3000:]}")
+
+
+def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[Path] = None,
+                start_timeout: float = 600) -> WebUI:
+    """Copy the WebUI into `tmp`, add the extension and the checkpoint, start it; returns once the API answers."""
+    root = tmp / "webui"
+    _writable_copy(A1111_DIR, root)
+    (root / "repositories").symlink_to(repositories_dir(), target_is_directory=True)
+    # The extension as a user's clone holds it (the parts the WebUI loads, linked from this checkout;
+    # not the checkout itself, whose git remotes the WebUI would try to read).
+    ext = root / "extensions" / "dreambooth"
+    ext.mkdir(parents=True)
+    for part in ("scripts", "dreambooth_core", "install.py"):
+        (ext / part).symlink_to(REPO / part)
+    # Offline: the default live preview ("Approx NN") downloads a model at the first txt2img.
+    (root / "config.json").write_text(json.dumps({"live_previews_enable": False}))
+    models = root / "models" / "Stable-diffusion"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / checkpoint.name).symlink_to(checkpoint)
+    shutil.copyfile(checkpoint.with_suffix(".yaml"), models / checkpoint.with_suffix(".yaml").name)
+    port = _free_port()
+    env = dict(os.environ, HF_HOME=str(hf_home()), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    args = [str(python or sys.executable), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+            "--skip-python-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
+            "--server-name", "127.0.0.1", "--port", str(port), "--skip-version-check", "--no-download-sd-model",
+            "--loglevel", "DEBUG", "--ckpt", str(models / checkpoint.name)]
+    if not ui:
+        args.append("--nowebui")
+    log_path = tmp / "webui.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    webui = WebUI(root, port, log_path, proc)
+    import requests
+
+    deadline = time.time() + start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the WebUI exited with {proc.returncode}:\n{webui.log()[-4000:]}")
+        try:
+            if requests.get(webui.url + "/sdapi/v1/options", timeout=5).status_code == 200:
+                return webui
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"the WebUI did not answer within {start_timeout:.0f} s:\n{webui.log()[-4000:]}")
+
+
+def stop_webui(webui: WebUI) -> None:
+    webui.proc.terminate()
+    try:
+        webui.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        webui.proc.kill()
+        webui.proc.wait()
