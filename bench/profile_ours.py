@@ -2,6 +2,7 @@
 
     python -m bench.profile_ours --model DIR --instance-dir DIR --class-dir DIR --resolution 128
         [--steps 4] [--profile-steps 2] [--threads 1] [--no-lean] [--out profile.txt]
+        [--lora-targets transformer|attention] [--gradient-checkpointing off|attention-hires|attention|full]
 
 Runs the same path as ``python -m dreambooth_core train`` (``commands.run_training``), with
 callbacks that print VmRSS/VmHWM at each phase ("caching", "training", every step) and with
@@ -11,6 +12,7 @@ shapes). This is what the optimisation choices in bench/README.md were based on.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
@@ -35,7 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True,
                    help="what `train` on the command line does (release encoders, malloc tuning)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-targets", choices=("transformer", "attention"), default="transformer")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="full", default="off",
+                   choices=("off", "attention-hires", "attention", "full"))
     p.add_argument("--out", default=None)
     p.add_argument("--output-dir", default="/tmp/bench-profile-out")
     a = p.parse_args(argv)
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     config = TrainConfig(model=a.model, instance_dir=a.instance_dir, class_dir=a.class_dir, token="sks",
                          class_noun="star", num_class_images=n_images, resolution=a.resolution, steps=a.steps,
                          rank=4, learning_rate=1e-4, seed=0, output_dir=a.output_dir,
-                         gradient_checkpointing=a.gradient_checkpointing).validate()
+                         lora_targets=a.lora_targets, gradient_checkpointing=a.gradient_checkpointing).validate()
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                   schedule=torch.profiler.schedule(wait=a.steps - a.profile_steps - 1 if a.steps > a.profile_steps + 1 else 0,
                                                                    warmup=1 if a.steps > a.profile_steps else 0,
@@ -63,9 +67,13 @@ def main(argv=None) -> int:
         print(f"phase {name}: {_mem()}", flush=True)
 
     def on_step(info):
-        now = time.perf_counter()
-        print(f"step {info.step}: {now - t['last']:.2f} s  {_mem()}", flush=True)
-        t["last"] = now
+        # CPU seconds (user+sys) beside wall seconds: on a shared machine the wall time of a step
+        # grows with the load, its CPU time much less.
+        now, cpu = time.perf_counter(), os.times()
+        used = cpu.user + cpu.system - t.get("cpu", cpu.user + cpu.system)
+        print(f"step {info.step}: {now - t['last']:.2f} s (cpu {used:.2f} s, sys "
+              f"{cpu.system - t.get('sys', cpu.system):.2f} s)  {_mem()}", flush=True)
+        t.update(last=now, cpu=cpu.user + cpu.system, sys=cpu.system)
         prof.step()
 
     def patched(backend, config, instance, class_images=None, callbacks=None, accelerator=None, flip=None,

@@ -41,6 +41,17 @@ INSTANCE_PROMPT, CLASS_PROMPT = f"a photo of {TOKEN} {CLASS_NOUN}", f"a photo of
 # glibc tunables equivalent to what our CLI sets with mallopt (bench/README.md, "Where the speed
 # comes from"): used for the extra reference row that shows how much of the gap is the allocator.
 REFERENCE_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
+# Our trainer's own settings on top of the shared ones (bench/README.md, "What is compared"):
+# the reference's LoRA set (attention projections only) for parity, and gradient checkpointing of
+# the highest-resolution transformer blocks only, a user-facing option that trades a little time
+# for much of the activation memory. Each extra row changes one of them.
+OURS_SETTINGS = ["--lora-targets", "attention", "--gradient-checkpointing", "attention-hires"]
+OURS_EXTRAS = [  # (child name suffix, flags appended to OURS_SETTINGS, row label)
+    ("nogc", ["--no-gradient-checkpointing"], "ours, no gradient checkpointing"),
+    ("gc_attention", ["--gradient-checkpointing", "attention"], "ours --gradient-checkpointing attention"),
+    ("gc_full", ["--gradient-checkpointing", "full"], "ours --gradient-checkpointing full"),
+    ("kohya", ["--lora-targets", "transformer"], "ours, kohya's LoRA set (--lora-targets transformer)"),
+]
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -54,7 +65,7 @@ class ModelRun:
     class_steps: int
     class_guidance: float = 5.0
     mixed_precision: Optional[str] = None  # None: the plan's ("no": fp32 everywhere)
-    extras: bool = False  # extra rows: reference with our malloc settings, ours with gradient checkpointing
+    extras: bool = False  # extra rows: reference with our malloc settings, OURS_EXTRAS
 
     @property
     def steps(self) -> int:
@@ -202,7 +213,7 @@ class Bench:
                 "--lr-scheduler", "constant", "--lr-warmup-steps", "0", "--max-grad-norm", "1.0",
                 "--batch-size", "1", "--seed", "0",
                 "--mixed-precision", mixed_precision or self.plan.mixed_precision, "--save-precision", "fp32",
-                "--output-dir", str(out), *extra]
+                "--output-dir", str(out), *OURS_SETTINGS, *extra]
 
     def train_row(self, r: ChildResult, section: str, model: str, who: str, res: int, warmup: int,
                   images: int, note: str = "") -> Row:
@@ -245,11 +256,11 @@ class Bench:
             self.train_row(r, "train-extra", label, "reference + our malloc settings", res, run.warmup,
                            self.plan.instance_images, note=f"GLIBC_TUNABLES={REFERENCE_MALLOC_TUNABLES}")
         if run.extras and not self.args.no_extras:
-            r = self.child(f"{run.name}_ours_gc", ["--module", "dreambooth_core"],
-                           self.ours_args(model, inst, cls, n_class, res, run.steps, wd / "ours_gc_out",
-                                          ["--gradient-checkpointing"]), steps=run.steps)
-            self.train_row(r, "train-extra", label, "ours --gradient-checkpointing", res, run.warmup,
-                           self.plan.instance_images)
+            for suffix, flags, who in OURS_EXTRAS:
+                r = self.child(f"{run.name}_ours_{suffix}", ["--module", "dreambooth_core"],
+                               self.ours_args(model, inst, cls, n_class, res, run.steps, wd / f"ours_{suffix}_out",
+                                              flags, mixed_precision=run.mixed_precision), steps=run.steps)
+                self.train_row(r, "train-extra", label, who, res, run.warmup, self.plan.instance_images, note=mp)
 
     def class_images(self, run: ModelRun, model: Path, label: str, res: int) -> Path:
         """Generate the class images with ours (timed), time the reference's pipeline on the same
@@ -417,7 +428,7 @@ def detect_device(python: str) -> str:
     return "cuda" if probe.stdout.strip() == "True" else "cpu"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps and smaller resolutions (a few minutes on CPU)")
     p.add_argument("--output", default="bench_out", help="folder for results.json, chart.png, logs/ and work/")
@@ -431,8 +442,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--no-comfy", action="store_true")
     p.add_argument("--no-extras", action="store_true",
-                   help="skip the extra rows (reference with our malloc settings, ours with gradient checkpointing)")
-    args = p.parse_args(argv)
+                   help="skip the extra rows (reference with our malloc settings; ours without gradient "
+                        "checkpointing, with attention or full checkpointing, with kohya's LoRA set)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     python = args.python or default_python()
     device = detect_device(python) if args.device == "auto" else args.device
     threads = args.threads or (1 if device == "cpu" else min(8, os.cpu_count() or 1))

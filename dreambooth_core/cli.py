@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .config import CROPS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError, TrainConfig, read_config_file
+from .config import (CROPS, GRADIENT_CHECKPOINTING, LORA_TARGETS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError,
+                     TrainConfig, read_config_file)
 
 S = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
@@ -42,6 +43,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=S)
     g.add_argument("--alpha", type=float, default=S)
     g.add_argument("--lora-conv", action=BOOL, default=S, help="also adapt the UNet's convolutions (LoCon)")
+    g.add_argument("--lora-targets", choices=LORA_TARGETS, default=S,
+                   help="modules of the transformer blocks that carry LoRA: transformer (default, kohya's set: "
+                        "attention, proj_in/proj_out, feed-forward) or attention (to_q/to_k/to_v/to_out only, "
+                        "as diffusers' script: faster, less memory)")
     g.add_argument("--train-text-encoder", action=BOOL, default=S)
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=S)
@@ -56,7 +61,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--min-snr-gamma", type=float, default=S)
     g.add_argument("--offset-noise", type=float, default=S)
-    g.add_argument("--gradient-checkpointing", action=BOOL, default=S)
+    g.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=GRADIENT_CHECKPOINTING, default=S,
+                   help="recompute activations in the backward pass: full (the default when given without a "
+                        "value; least memory, slowest), attention (only the transformer blocks: most of the "
+                        "saving, less of the cost), attention-hires (only the highest-resolution transformer "
+                        "blocks: over half of that saving for less of its cost) or off")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const="off",
+                   default=S)
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=S, help="fp16/bf16 on CUDA")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", "--output", default=S)

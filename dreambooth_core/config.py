@@ -10,6 +10,15 @@ MODES = ("lora", "full")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CROPS = ("center", "random", "bucket")
+# Which Linear/Conv modules of the transformer blocks carry LoRA: "transformer" is kohya's set
+# (attention projections, proj_in/proj_out, feed-forward); "attention" only the attention
+# projections (to_q/to_k/to_v/to_out.0; q/k/v/out_proj in the text encoder), the set diffusers'
+# DreamBooth script adapts: fewer saved activations and less work per step.
+LORA_TARGETS = ("transformer", "attention")
+# What gradient checkpointing recomputes in the backward pass: "attention-hires" the transformer
+# blocks of the highest-resolution level that has them, "attention" every transformer block
+# (where activations pile up), "full" every block (least memory, slowest).
+GRADIENT_CHECKPOINTING = ("off", "attention-hires", "attention", "full")
 
 
 class ConfigError(ValueError):
@@ -44,6 +53,7 @@ class TrainConfig:
     rank: int = 4
     alpha: Optional[float] = None  # default: rank (scale 1)
     lora_conv: bool = False
+    lora_targets: str = "transformer"
     train_text_encoder: bool = False
     # optimisation
     steps: int = 400
@@ -58,7 +68,7 @@ class TrainConfig:
     seed: int = 0
     min_snr_gamma: Optional[float] = None
     offset_noise: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "off"  # also True (= "full") / False (= "off"), as before
     mixed_precision: str = "no"
     # outputs
     output_dir: str = "output"
@@ -68,6 +78,9 @@ class TrainConfig:
     resume: bool = False
     sample_every: int = 0
     sample_prompts: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gradient_checkpointing = _checkpointing_scope(self.gradient_checkpointing)
 
     # -- derived ------------------------------------------------------------------------------
     def resolved_instance_prompt(self) -> str:
@@ -93,6 +106,12 @@ class TrainConfig:
             bad("lr_scheduler", f"{self.lr_scheduler!r} is not one of {LR_SCHEDULES}")
         if self.mixed_precision not in MIXED_PRECISION:
             bad("mixed_precision", f"{self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        if self.lora_targets not in LORA_TARGETS:
+            bad("lora_targets", f"{self.lora_targets!r} is not one of {LORA_TARGETS}")
+        self.gradient_checkpointing = _checkpointing_scope(self.gradient_checkpointing)
+        if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
+            bad("gradient_checkpointing", f"{self.gradient_checkpointing!r} is not one of {GRADIENT_CHECKPOINTING} "
+                                          "(or true/false)")
         if self.crop not in CROPS:
             bad("crop", f"{self.crop!r} is not one of {CROPS}")
         if self.save_precision not in ("fp16", "bf16", "fp32"):
@@ -127,6 +146,14 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
         return cls(**normalised)
+
+
+def _checkpointing_scope(value: "bool | str") -> str:
+    """The setting was a boolean before it had scopes: True/False (old flags, config files, the
+    ComfyUI node) keep meaning what they meant, "full" and "off"."""
+    if isinstance(value, bool):
+        return "full" if value else "off"
+    return value
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from .config import TrainConfig
 from .lora import LoRANetwork
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+# kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
+# CLIP text encoders' self_attn q/k/v/out_proj (what `lora_targets="attention"` keeps).
+ATTENTION_PROJECTION = re.compile(r"(_attn\d+_to_(q|k|v|out_0)|_self_attn_(q|k|v|out)_proj)$")
 
 
 class TrainingDiverged(RuntimeError):
@@ -169,6 +173,7 @@ class DreamBoothTrainer:
     def _signature(self, n_trainable: int) -> dict:
         c = self.config
         return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
+                "lora_targets": c.lora_targets,
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
                 "n_trainable": n_trainable, "model": self.backend.fingerprint()}
 
@@ -186,8 +191,10 @@ class DreamBoothTrainer:
             torch.manual_seed(c.seed)
             named = self._trainable(train_te)
         params = [p for _, p in named]
-        if c.gradient_checkpointing:
-            backend.set_gradient_checkpointing(True)
+        if c.gradient_checkpointing != "off":
+            # "full" keeps the boolean call every backend knows; "attention" is passed as is, and a
+            # backend that cannot checkpoint selectively treats it as full.
+            backend.set_gradient_checkpointing(True if c.gradient_checkpointing == "full" else c.gradient_checkpointing)
         models = backend.trainable_models(True, train_te)
         wrapped = acc.prepare(*models) if models else []
         wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
@@ -239,7 +246,7 @@ class DreamBoothTrainer:
                 step = c.steps
         finally:
             backend.unwrap() if hasattr(backend, "unwrap") else None
-            if c.gradient_checkpointing:
+            if c.gradient_checkpointing != "off":
                 backend.set_gradient_checkpointing(False)
             for m in models:
                 m.eval()
@@ -274,7 +281,8 @@ class DreamBoothTrainer:
     def _trainable(self, train_te: bool) -> List[tuple]:
         c = self.config
         if c.mode == "lora":
-            targets = self.backend.lora_targets(True, train_te, conv=c.lora_conv)
+            targets = select_lora_targets(self.backend.lora_targets(True, train_te, conv=c.lora_conv),
+                                          c.lora_targets)
             self.network = LoRANetwork(targets, rank=c.rank, alpha=c.alpha)
             # A host may inject adapters its own way (ComfyUI: weight wrappers on a cloned patcher,
             # so the MODEL other nodes share is never touched); otherwise wrap module forwards.
@@ -399,6 +407,7 @@ class DreamBoothTrainer:
             meta = json.loads((f.metadata() or {}).get("dreambooth_checkpoint", "{}"))
         expected = self._signature(len(named))
         got = meta.get("signature", {})
+        got.setdefault("lora_targets", "transformer")  # checkpoints from before the option had only that set
         diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
         if diff:
             raise CheckpointMismatch(
@@ -429,6 +438,20 @@ class DreamBoothTrainer:
         plots.save_loss_curve(self.history, out / "loss.png")
 
 
+def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict[str, torch.nn.Module]:
+    """The backend's kohya-named targets narrowed to `scope` (config.LORA_TARGETS). Filtering by
+    name here, not in each backend, gives every host the same set and the same file keys.
+    "attention" drops proj_in/proj_out and the feed-forward (and the text encoder's MLP) but keeps
+    what `lora_conv` added: it narrows the transformer blocks only."""
+    if scope == "transformer":
+        return dict(targets)
+    if scope != "attention":
+        raise ValueError(f"lora_targets {scope!r}: choose 'transformer' or 'attention'")
+    in_transformer = re.compile(r"_attentions_\d+_|^lora_te\d?_")
+    return {name: module for name, module in targets.items()
+            if not in_transformer.search(name) or ATTENTION_PROJECTION.search(name)}
+
+
 def safe_name(name: str) -> str:
     """A file stem that cannot leave the output folder."""
     stem = Path(name.replace("\\", "/")).name
@@ -453,6 +476,7 @@ def lora_metadata(config: TrainConfig, backend: Backend, steps: int) -> Dict[str
         "dreambooth_base_fingerprint": backend.fingerprint(),
         "dreambooth_steps": str(steps),
         "dreambooth_prior_preservation": str(config.prior).lower(),
+        "dreambooth_lora_targets": config.lora_targets,
         "dreambooth_version": __version__,
     }
 

@@ -89,7 +89,9 @@ class Backend(Protocol):
     def use_wrapped(self, models: List[nn.Module]) -> None:
         """Run forwards through these (e.g. DDP-wrapped) versions of `trainable_models()`."""
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None: ...
+    def set_gradient_checkpointing(self, enabled: "bool | str") -> None:
+        """True/False, or a scope of config.GRADIENT_CHECKPOINTING other than "off" (e.g.
+        "attention"): a backend that cannot checkpoint selectively treats any scope as True."""
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings: SampleSettings,
                  progress: Optional[object] = None) -> List[np.ndarray]:

@@ -1,0 +1,138 @@
+"""LoRA target scope (`lora_targets`) and selective gradient checkpointing, on a tiny model.
+
+`attention` must adapt exactly the attention projections diffusers' DreamBooth script adapts and
+still give a LoRA file stock loaders read; checkpointing must change where memory goes, never a
+number the model computes.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import make_tiny_backend
+from dreambooth_core import lora
+from dreambooth_core.cli import build_config, parser
+from dreambooth_core.config import ConfigError, TrainConfig
+from dreambooth_core.trainer import CheckpointMismatch, select_lora_targets, train
+from test_trainer import CLASS, INSTANCE, config, lora_state
+
+UNET_ATTENTION = re.compile(r"^lora_unet_.*_attentions_\d+_transformer_blocks_\d+_attn[12]_to_(q|k|v|out_0)$")
+TE_ATTENTION = re.compile(r"^lora_te_text_model_encoder_layers_\d+_self_attn_(q|k|v|out)_proj$")
+
+
+def kohya_names(state: dict) -> set:
+    return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+
+
+def test_attention_scope_keeps_only_attention_projections():
+    backend = make_tiny_backend()
+    everything = backend.lora_targets(True, True)
+    picked = select_lora_targets(everything, "attention")
+    assert picked and all(UNET_ATTENTION.match(n) or TE_ATTENTION.match(n) for n in picked)
+    # 4 transformer blocks (down, mid, 2 up) x 2 attentions x 4 projections + 1 CLIP layer x 4
+    assert len(picked) == 4 * 2 * 4 + 4
+    dropped = set(everything) - set(picked)
+    for part in ("_proj_in", "_proj_out", "_ff_net_0_proj", "_ff_net_2", "_mlp_fc1", "_mlp_fc2"):
+        assert any(n.endswith(part) for n in dropped), part
+    assert select_lora_targets(everything, "transformer") == everything
+    # LoCon's convolutions are not part of the transformer blocks: the scope leaves them alone
+    with_conv = backend.lora_targets(True, False, conv=True)
+    convs = {n for n in with_conv if "_resnets_" in n}
+    assert convs and convs <= set(select_lora_targets(with_conv, "attention"))
+    with pytest.raises(ValueError, match="'mlp'"):
+        select_lora_targets(everything, "mlp")
+
+
+def test_attention_lora_trains_saves_only_those_keys_and_loads_in_diffusers(tmp_path):
+    pytest.importorskip("peft")
+    ours = make_tiny_backend()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300])
+    with torch.no_grad():
+        before = ours.predict(x, t, ours.encode_text(["a photo of sks star"], size=(16, 16)))
+    result = train(ours, config(tmp_path, steps=3, lora_targets="attention"), INSTANCE, CLASS)
+
+    state, meta = lora.read_lora_file(result.lora_path)
+    names = kohya_names(state)
+    assert names == set(result.network.adapters)
+    assert all(UNET_ATTENTION.match(n) or TE_ATTENTION.match(n) for n in names)
+    assert any(UNET_ATTENTION.match(n) for n in names) and any(TE_ATTENTION.match(n) for n in names)
+    assert meta["dreambooth_lora_targets"] == "attention"
+
+    pipe = make_tiny_backend().pipeline()
+    pipe.load_lora_weights(str(result.lora_path))
+    with torch.no_grad():
+        ids = pipe.tokenizer(["a photo of sks star"], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        theirs = pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+        mine = ours.predict(x, t, ours.encode_text(["a photo of sks star"], size=(16, 16)))
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mine, before, atol=1e-4), "training must change the model's output"
+
+
+def test_resume_refuses_another_target_scope(tmp_path):
+    train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), INSTANCE, CLASS)
+    with pytest.raises(CheckpointMismatch, match="lora_targets"):
+        train(make_tiny_backend(), config(tmp_path, steps=4, lora_targets="attention", resume=True),
+              INSTANCE, CLASS)
+
+
+def _block_calls(backend) -> dict:
+    """Forward calls per step of the UNet's transformer blocks and res-blocks (a checkpointed
+    block runs twice: once in the forward pass, once again in the backward pass)."""
+    counts = {"BasicTransformerBlock": 0, "ResnetBlock2D": 0}
+    for m in backend.unet.modules():
+        kind = type(m).__name__
+        if kind in counts:
+            m.register_forward_pre_hook(lambda *_, kind=kind: counts.__setitem__(kind, counts[kind] + 1))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def unchecked(tmp_path_factory) -> tuple:
+    """Block calls and LoRA of a 3-step run without checkpointing (shared by the scopes)."""
+    backend = make_tiny_backend()
+    calls = _block_calls(backend)
+    result = train(backend, config(tmp_path_factory.mktemp("off"), steps=3), INSTANCE, CLASS)
+    return calls, lora_state(result)
+
+
+@pytest.mark.parametrize("scope", ["attention-hires", "attention", "full"])
+def test_gradient_checkpointing_recomputes_its_scope_and_changes_no_weight(tmp_path, scope, unchecked):
+    plain_calls, a = unchecked
+    backend = make_tiny_backend()
+    calls = _block_calls(backend)
+    checkpointed = train(backend, config(tmp_path / scope, steps=3, gradient_checkpointing=scope), INSTANCE, CLASS)
+    if scope == "attention-hires":  # the tiny UNet: 3 of its 4 transformer blocks are at the top level
+        assert calls["BasicTransformerBlock"] == plain_calls["BasicTransformerBlock"] * 7 // 4, (calls, plain_calls)
+    else:
+        assert calls["BasicTransformerBlock"] == 2 * plain_calls["BasicTransformerBlock"], (calls, plain_calls)
+    if scope != "full":  # the convolutions' blocks run once
+        assert calls["ResnetBlock2D"] == plain_calls["ResnetBlock2D"], (calls, plain_calls)
+    else:  # diffusers checkpoints most res-blocks too (not every one: e.g. the mid block's first)
+        assert calls["ResnetBlock2D"] > plain_calls["ResnetBlock2D"], (calls, plain_calls)
+    assert not backend.unet.is_gradient_checkpointing, "the run must switch it off again"
+    b = lora_state(checkpointed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_checkpointing_setting_keeps_the_boolean_meaning():
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "full"
+    assert TrainConfig(gradient_checkpointing=False).gradient_checkpointing == "off"
+    assert TrainConfig.from_mapping({"gradient-checkpointing": "attention"}).gradient_checkpointing == "attention"
+    with pytest.raises(ConfigError, match="gradient_checkpointing.*'some'"):
+        TrainConfig(class_noun="star", gradient_checkpointing="some").validate()
+    with pytest.raises(ConfigError, match="lora_targets.*'all'"):
+        TrainConfig(class_noun="star", lora_targets="all").validate()
+
+
+@pytest.mark.parametrize("flags, scope", [([], "off"), (["--gradient-checkpointing"], "full"),
+                                          (["--gradient-checkpointing", "attention"], "attention"),
+                                          (["--no-gradient-checkpointing"], "off")])
+def test_cli_flags(flags, scope):
+    c = build_config(parser().parse_args(["train", "--class-noun", "star", "--lora-targets", "attention", *flags]))
+    assert c.gradient_checkpointing == scope and c.lora_targets == "attention"
