@@ -532,19 +532,3 @@ class ComfyBackend:
         with fileio.atomic_path(out) as tmp:
             comfy.sd.save_checkpoint(str(tmp), model, clip, self.vae, metadata=metadata)
         return [out]
-
-
-def fresh_accelerator(device: torch.device):
-    """An accelerate.Accelerator for one run in a long-lived host process.
-
-    accelerate keeps AcceleratorState / GradientState as process-wide singletons: a second
-    Accelerator with other settings (another device, another precision) raises. Each training
-    run resets them first, then creates its own."""
-    import accelerate.state as state
-    from accelerate import Accelerator
-
-    for cls, args in ((getattr(state, "AcceleratorState", None), (True,)), (getattr(state, "GradientState", None), ())):
-        reset = getattr(cls, "_reset_state", None)
-        if reset is not None:
-            reset(*args)
-    return Accelerator(mixed_precision="no", cpu=torch.device(device).type == "cpu", device_placement=False)

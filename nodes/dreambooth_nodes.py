@@ -332,10 +332,11 @@ class DreamBoothTrain_:
 
         from ..dreambooth_core import fileio
         from ..dreambooth_core.config import TrainConfig
+        from ..dreambooth_core.accel import fresh_accelerator
         from ..dreambooth_core.plots import loss_curve_image
         from ..dreambooth_core.trainer import Callbacks, safe_name
         from ..dreambooth_core.trainer import train as run_training
-        from .comfy_backend import ComfyBackend, fresh_accelerator
+        from .comfy_backend import ComfyBackend
 
         try:
             stem = safe_name(save_name.strip())
