@@ -24,7 +24,7 @@ from ..config import TrainConfig
 from . import metrics as m
 
 TOKEN = "sks"
-TRAIN = dict(token=TOKEN, mode="lora", rank=8, learning_rate=1e-3, train_text_encoder=True, batch_size=2,
+TRAIN = dict(token=TOKEN, mode="lora", rank=8, lora_conv=True, learning_rate=2e-3, train_text_encoder=True, batch_size=2,
              offset_noise=0.1, prior_weight=1.0, lr_scheduler="constant")
 SAMPLING = dict(steps=20, guidance=4.0)
 
