@@ -307,6 +307,11 @@ class DreamBoothTrain_:
                 "training_dtype": (["auto", "fp32", "bf16"], {"default": "auto",
                                                              "tooltip": "Compute precision of the UNet while training "
                                                                         "(auto: fp32 on CPU, bf16 where the GPU has it)."}),
+                "lora_targets": (["transformer", "attention"], {"default": "transformer",
+                                                                "tooltip": "Which layers the LoRA adapts: every linear "
+                                                                           "layer of the transformer blocks (kohya's "
+                                                                           "set), or only the attention projections "
+                                                                           "(smaller file, less memory)."}),
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000,
                                           "tooltip": "Every N steps, sample the instance prompt and show the image on "
                                                      "this node (0: off; each preview costs one full sampling)."}),
@@ -325,7 +330,8 @@ class DreamBoothTrain_:
 
     def train(self, model, clip, vae, dataset, mode, rank, alpha, train_text_encoder, steps, learning_rate,
               prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
-              gradient_checkpointing=False, training_dtype="auto", preview_every=0, unique_id=None):
+              gradient_checkpointing=False, training_dtype="auto", lora_targets="transformer", preview_every=0,
+              unique_id=None):
         import comfy.model_management as mm
         import comfy.utils
         import torch
@@ -357,7 +363,8 @@ class DreamBoothTrain_:
             class_prompt=class_images.prompt if prior else None, resolution=dataset.resolution, crop=dataset.crop,
             flip=dataset.flip, prior=prior, prior_weight=float(prior_weight),
             num_class_images=len(class_items) if class_items else 1, mode=mode, rank=int(rank),
-            alpha=float(alpha) if alpha > 0 else None, train_text_encoder=bool(train_text_encoder),
+            alpha=float(alpha) if alpha > 0 else None, lora_targets=lora_targets,
+            train_text_encoder=bool(train_text_encoder),
             steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
             gradient_checkpointing=bool(gradient_checkpointing), mixed_precision="no",
             output_dir=paths.run_dir(stem), save_name=stem, checkpoint_every=int(checkpoint_every),

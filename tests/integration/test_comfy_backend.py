@@ -210,13 +210,18 @@ def test_second_run_in_same_process_other_settings_text_encoder(pack, host, load
     with torch.inference_mode():
         ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "random", False)["result"][0]
         out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 2, 1.0, True, 2, 5e-3, 0.0, 2, 1,
-                                         "inproc_te", False, 0, gradient_checkpointing=True)
+                                         "inproc_te", False, 0, gradient_checkpointing=True, lora_targets="attention")
     monkeypatch.undo()
     trained_model, trained_clip, lora_path, _ = out["result"]
+    import re
+
     import comfy.utils
 
     keys = comfy.utils.load_torch_file(lora_path)
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+    # lora_targets="attention": only attention projections, none of proj_in/out or the feed-forward
+    modules = {k.split(".")[0] for k in keys}
+    assert modules and all(re.search(r"(_attn\d_to_(q|k|v|out_0)|_self_attn_(q|k|v|out)_proj)$", m) for m in modules), modules
     assert torch.equal(before, sample_latent(model, clip))
     assert not torch.equal(before, sample_latent(trained_model, trained_clip))
     dm = model.model.diffusion_model  # gradient checkpointing was undone on the shared modules
