@@ -40,3 +40,13 @@ def make_tiny_backend(seed: int = 0, prediction_type: str = "epsilon"):
 @pytest.fixture
 def tiny_backend():
     return make_tiny_backend()
+
+
+def diffusers_prediction(lora_path, x, t, prompt: str = "a photo of sks star"):
+    """The denoiser's output through diffusers' own pipeline, with a saved LoRA loaded by its
+    `load_lora_weights` on a fresh tiny model: what a diffusers user would get from our file."""
+    pipe = make_tiny_backend().pipeline()
+    pipe.load_lora_weights(str(lora_path))
+    with torch.no_grad():
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
