@@ -18,7 +18,6 @@ torch.inference_mode() as the executor runs nodes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -26,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACK_MODULE = "comfyui_dreambooth"
 
 
 def comfy_dir() -> Path:
@@ -54,15 +52,6 @@ def host_in_process(base: Path):
     return folder_paths
 
 
-def import_pack():
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--which", choices=("ours", "host"), required=True)
@@ -85,6 +74,7 @@ def main(argv=None) -> int:
     import comfy.sd
     import mini_checkpoint
     import nodes as comfy_nodes
+    from comfy_pack import import_pack
 
     ckpt = mini_checkpoint.ensure_checkpoint()
     with torch.inference_mode():

@@ -19,7 +19,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO.parent / "shared" / "comfyui")).resolve()
 HERE = Path(__file__).resolve().parent
-PACK_MODULE = "comfyui_dreambooth"
 # What ComfyUI imports that the core's environment lacks: a Python without these is not the host's.
 HOST_MODULES = ("torchsde", "aiohttp", "einops", "torchvision", "torchaudio", "av", "sqlalchemy", "alembic")
 
@@ -98,11 +97,6 @@ def host(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pack(host):
     """The node pack, imported the way ComfyUI imports a custom node folder (as a package)."""
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
+    from comfy_pack import import_pack
+
+    return import_pack()
