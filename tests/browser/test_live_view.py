@@ -48,8 +48,6 @@ def with_second_train_node(workflow: dict) -> dict:
     train.update(id=int(SECOND), pos=[1880, -560], size=[340, 500], title="DreamBooth Train (second)")
     train["inputs"] = [dict(i, link=None) for i in train["inputs"]]
     train["outputs"] = [dict(o, links=[]) for o in train["outputs"]]
-    train["widgets_values"] = ["lora", 2, 0.0, False, SECOND_STEPS, 5e-3, 0.0, 1, 0, "live_lora_b", False, 0,
-                               False, "auto", 0]
     preview = {"id": int(SECOND) + 1, "type": "PreviewImage", "pos": [2260, -560], "size": [240, 240],
                "flags": {}, "order": 99, "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": None}],
                "outputs": [], "properties": {"Node name for S&R": "PreviewImage"}, "widgets_values": []}
@@ -92,7 +90,11 @@ def test_live_training_view(comfy, example_workflow, artifacts):
     workflow = with_second_train_node(example_workflow)
     with cb.open_page(comfy.url, 1600, 1000) as (page, info):
         cb.load_workflow(page, workflow, info["console"])
-        cb.set_widgets(page, cb.live_settings(STEPS, PREVIEW_EVERY))
+        # By name, not by position: a widget added to the node must not shift these values.
+        settings = cb.live_settings(STEPS, PREVIEW_EVERY)
+        settings[SECOND] = {"rank": 2, "steps": SECOND_STEPS, "learning_rate": 5e-3, "prior_weight": 0.0,
+                            "save_name": "live_lora_b", "preview_every": 0}
+        cb.set_widgets(page, settings)
 
         # Before the run: an idle panel on each Train node, a class-images panel, nothing else.
         for node in (cb.TRAIN_NODE, SECOND):
