@@ -80,11 +80,12 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt))[:3]
 
+    from bench.data import subject
     from dreambooth_core import toyworld
 
     folder = base / "input" / "subject"
     folder.mkdir(parents=True, exist_ok=True)
-    views = toyworld.subject_views(toyworld.DEMO_SUBJECT, a.images, seed=7, size=a.resolution)
+    views = toyworld.subject_views(subject(), a.images, seed=7, size=a.resolution)
     for i, arr in enumerate(views):
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
     caption = "a photo of sks star"

@@ -1,6 +1,6 @@
 """Instance photos and class-image folders that both trainers read.
 
-Instance photos are toy-world renders of the demo subject (each on its own background), written
+Instance photos are toy-world renders of a pink star (each on its own background), written
 as PNG at the training resolution so that neither trainer resizes or crops anything. Class
 images are generated once by our ``class-images`` command and then written (image files only,
 at the training resolution: ``bench.prepare resize``) into a plain folder: the reference script
@@ -16,8 +16,16 @@ from typing import List
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
+def subject():
+    """The subject that the bench's prompts name ('a photo of sks star'): a pink star with cyan
+    diagonal stripes. Imported on call: the orchestrator runs on the standard library alone."""
+    from dreambooth_core import toyworld
+
+    return toyworld.EVAL_SUBJECTS[0]
+
+
 def instance_folder(root: Path, resolution: int, count: int, seed: int = 7) -> Path:
-    """`count` renders of the demo subject at `resolution` px, written once. The completion marker
+    """`count` renders of the bench's subject at `resolution` px, written once. The completion marker
     lies beside the folder, not in it: the reference script reads every entry of the folder."""
     from PIL import Image
 
@@ -30,7 +38,7 @@ def instance_folder(root: Path, resolution: int, count: int, seed: int = 7) -> P
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    views = toyworld.subject_views(toyworld.DEMO_SUBJECT, count, seed=seed, size=resolution)
+    views = toyworld.subject_views(subject(), count, seed=seed, size=resolution)
     for i, arr in enumerate(views):
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
     marker.write_text("ok")

@@ -51,7 +51,7 @@ TOY_PROMPT_SETS: Dict[str, List[str]] = {
     "property_modification": ["a photo of a yellow {token} {class}",
                               "a photo of a metallic {token} {class}"],
     "accessories": ["a photo of {token} {class} next to a small white circle"],
-    "class_hybrids": ["a photo of {token} heart", "a photo of {token} circle"],
+    "class_hybrids": ["a photo of {token} heart", "a photo of {token} square"],
     "class_prior": ["a photo of a {class}"],
 }
 

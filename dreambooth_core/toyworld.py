@@ -245,10 +245,12 @@ def pretraining_batch(rng: random.Random, n: int, size: int = 32,
 
 # --- subjects ---------------------------------------------------------------------------------
 
-DEMO_SUBJECT = Subject("demo", Thing("star", "pink", "diagonal", "cyan"))
+# Half pink, half cyan: two colours pretraining never names, in a pattern bold enough for a
+# 32-pixel model to draw, so the subject is unmistakable in the demo's grid.
+DEMO_SUBJECT = Subject("demo", Thing("circle", "pink", "split", "cyan"))
 
 EVAL_SUBJECTS: tuple[Subject, ...] = (
-    DEMO_SUBJECT,
+    Subject("diagonal-star", Thing("star", "pink", "diagonal", "cyan")),
     Subject("split-heart", Thing("heart", "cyan", "split", "orange")),
     Subject("target-circle", Thing("circle", "brown", "target", "yellow")),
     Subject("zigzag-square", Thing("square", "yellow", "zigzag", "purple")),
