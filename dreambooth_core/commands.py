@@ -10,10 +10,11 @@ from typing import Callable, List, Optional
 DEFAULT_CACHE = Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth")) / "class_images"
 
 
-def _bar(total: int, desc: str, disable: bool = False):
+def _bar(total: int, desc: str, disable: bool = False, unit: Optional[str] = None):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step" if "train" in desc else "img", disable=disable,
+    unit = unit or ("step" if "train" in desc else "img")
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable,
                 dynamic_ncols=True, file=sys.stderr)
 
 
@@ -323,8 +324,8 @@ def cmd_eval(args) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.subjects:
         plan = replace(plan, subjects=plan.subjects[: args.subjects])
-    bar = _bar(len(plan.subjects), "subjects")
-    results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar))
+    bar = _bar(len(plan.subjects), "subjects", unit="subject")
+    results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar), workers=args.workers)
     bar.close()
     print(format_tables(results))
     print(f"samples: {Path(args.output) / 'samples.png'}; results: {Path(args.output) / 'results.json'}")

@@ -9,8 +9,11 @@ and Table 3 (prior-preservation ablation: PRES, DIV).
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -39,7 +42,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(steps=200, seeds=(0, 1, 2), class_images=32)
+        return cls(steps=200, seeds=(0, 1), class_images=32)
 
 
 def subject_prompts(subject: tw.Subject) -> List[m.EvalPrompt]:
@@ -97,56 +100,101 @@ def _sample_all(backend, subject, prompts, seeds, settings):
     return by_prompt, rows[-2], rows[-1], rows
 
 
-def run_eval(output: Path, plan: Plan, log=print, progress=None) -> dict:
+def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> dict:
+    """One subject end to end: class images, DreamBooth with and without prior preservation,
+    samples of all three models, their scores and the subject's rows of the sample sheet."""
     from ..backends.diffusers_backend import load_backend
     from ..dataset import prepare_dataset
-    from ..plots import grid_image
     from ..prior import ensure_class_images
     from ..trainer import train
 
-    t0 = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
     base = load_backend("embedded")
     res = base.native_resolution
     settings = SampleSettings(width=res, height=res, **SAMPLING)
+    ref = m.subject_reference(subject, size=res)
+    prompts = subject_prompts(subject)
+    views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
+    data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res)
+    class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
+    class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images,
+                                    SampleSettings(width=res, height=res, **SAMPLING), seed=0)
+    class_items = class_set.load(resolution=res).items
+    samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
+    for name, prior in (("prior", True), ("no_prior", False)):
+        backend = load_backend("embedded")
+        config = TrainConfig(**TRAIN, class_noun=subject.class_noun, prior=prior, steps=plan.steps, seed=i,
+                             output_dir=str(output / "runs" / f"{subject.name}-{name}"),
+                             save_name=f"{subject.name}-{name}")
+        train(backend, config, data.items, class_items if prior else None)
+        samples[name] = _sample_all(backend, subject, prompts, plan.seeds, settings)
+    scores, sheet = {}, []
+    for name, (by_prompt, identity, klass, rows) in samples.items():
+        scores[name] = ModelScores()
+        _score(by_prompt, prompts, identity, klass, ref, scores[name])
+        # sheet: reference view | the first seed of each prompt (identity, prompts, class)
+        order = [len(rows) - 2] + list(range(len(prompts))) + [len(rows) - 1]
+        sheet.append((f"{subject.name} · {name.replace('_', ' ')}", [views[0]] + [rows[k][0] for k in order]))
+    line = ", ".join(f"{n}: fid {s.fidelity[-1]:.3f} prompt {s.prompt[-1]:.2f} pres {s.pres[-1]:.3f}"
+                     for n, s in scores.items())
+    return {"scores": scores, "sheet": sheet, "line": f"{subject.name}: {line}"}
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def default_workers(n_subjects: int) -> int:
+    """Subjects run in parallel processes, one core each: the toy model is too small for several
+    threads to help one training, so one process per core is ~2x faster on two cores."""
+    return max(1, min(n_subjects, os.cpu_count() or 1))
+
+
+def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Optional[int] = None) -> dict:
+    """Every subject of the plan (in `workers` processes), then the tables' numbers and the sheet."""
+    from ..plots import grid_image
+
+    t0 = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    subjects = list(plan.subjects)
+    workers = default_workers(len(subjects)) if workers is None else max(1, min(workers, len(subjects)))
+    done: Dict[int, dict] = {}
+
+    def finished(i: int, result: dict) -> None:
+        done[i] = result
+        log(f"[{len(done)}/{len(subjects)}] {result['line']}")
+        if progress:
+            progress(len(done), len(subjects))
+
+    if workers == 1:
+        for i, subject in enumerate(subjects):
+            finished(i, _evaluate_subject(i, subject, plan, output))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_limit_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_evaluate_subject, i, subject, plan, output): i
+                       for i, subject in enumerate(subjects)}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+
     scores = {name: ModelScores() for name in ("base", "prior", "no_prior")}
     sheet_rows, sheet_labels = [], []
-    for i, subject in enumerate(plan.subjects):
-        ref = m.subject_reference(subject, size=res)
-        prompts = subject_prompts(subject)
-        views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
-        data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res)
-        class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
-        class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images,
-                                        SampleSettings(width=res, height=res, **SAMPLING), seed=0)
-        class_items = class_set.load(resolution=res).items
-        samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
-        for name, prior in (("prior", True), ("no_prior", False)):
-            backend = load_backend("embedded")
-            config = TrainConfig(**TRAIN, class_noun=subject.class_noun, prior=prior, steps=plan.steps, seed=i,
-                                 output_dir=str(output / "runs" / f"{subject.name}-{name}"),
-                                 save_name=f"{subject.name}-{name}")
-            train(backend, config, data.items, class_items if prior else None)
-            samples[name] = _sample_all(backend, subject, prompts, plan.seeds, settings)
-        for name, (by_prompt, identity, klass, _) in samples.items():
-            _score(by_prompt, prompts, identity, klass, ref, scores[name])
-        line = ", ".join(f"{n}: fid {s.fidelity[-1]:.3f} prompt {s.prompt[-1]:.2f} pres {s.pres[-1]:.3f}"
-                         for n, s in scores.items())
-        log(f"[{i + 1}/{len(plan.subjects)}] {subject.name}: {line}")
-        if progress:
-            progress(i + 1, len(plan.subjects))
-        # sheet: reference view | per model, the first seed of each prompt (identity, prompts, class)
-        for name in ("base", "prior", "no_prior"):
-            rows = samples[name][3]
-            order = [len(rows) - 2] + list(range(len(prompts))) + [len(rows) - 1]
-            sheet_rows.append([views[0]] + [rows[k][0] for k in order])
-            sheet_labels.append(f"{subject.name} · {name.replace('_', ' ')}")
+    for i in range(len(subjects)):  # in the plan's order, whichever finished first
+        for name, subject_scores in done[i]["scores"].items():
+            for key, values in subject_scores.__dict__.items():
+                getattr(scores[name], key).extend(values)
+        for label, row in done[i]["sheet"]:
+            sheet_labels.append(label)
+            sheet_rows.append(row)
     results = {name: s.mean() for name, s in scores.items()}
     results["per_subject"] = {name: s.__dict__ for name, s in scores.items()}
-    results["subjects"] = [s.name for s in plan.subjects]
+    results["subjects"] = [s.name for s in subjects]
     results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images}
+    results["workers"] = workers
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(plan.subjects[0])] + ["class"]
+    cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(subjects[0])] + ["class"]
     fileio.save_image(output / "samples.png", grid_image(sheet_rows, sheet_labels, cols, scale=3,
                                                           title="toy DreamBench: first seed of each prompt"))
     fileio.write_json(output / "results.json", results)
