@@ -1,8 +1,8 @@
 """The demo: teach the embedded model a subject it has never seen and show it in new contexts.
 
 The subject is a toy-world object no pretraining scene contains (a circle, half pink and half
-cyan: colours no pretraining caption names). Five photos of it on different backgrounds go through the same dataset
-preparation, class-image cache and trainer as a user's photos would.
+cyan: colours no pretraining caption names). Five photos of it on different backgrounds go
+through the same dataset preparation, class-image cache and trainer as a user's photos would.
 """
 from __future__ import annotations
 

@@ -50,3 +50,22 @@ def diffusers_prediction(lora_path, x, t, prompt: str = "a photo of sks star"):
     with torch.no_grad():
         ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
         return pipe.unet(x, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+
+def subject_share(images, subject, min_pixels: int = 1) -> float:
+    """Mean fraction of an image's object pixels nearest to the subject's own two colours; an
+    image with fewer than `min_pixels` object pixels counts as 0."""
+    import numpy as np
+
+    from dreambooth_core import toyworld
+
+    colours = (subject.thing.colour, subject.thing.colour2)
+    shares = []
+    for im in images:
+        mask = toyworld.object_mask(im)
+        if mask.sum() < min_pixels:
+            shares.append(0.0)
+            continue
+        names = [toyworld.nearest_colour(px, among=tuple(toyworld.PALETTE)) for px in im[mask].astype(np.float32)]
+        shares.append(float(np.mean([n in colours for n in names])))
+    return float(np.mean(shares))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import subject_share
 from dreambooth_core import embedded, toyworld
 from dreambooth_core.cli import main
 from dreambooth_core.demo import DEMO_SEEDS, run_demo
@@ -17,17 +17,6 @@ pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.
                                 reason="embedded model not built")
 
 STEPS = 150  # half the demo's, to keep the suite short; the subject's colours already show
-
-
-def subject_share(images) -> float:
-    """Mean fraction of object pixels nearest to the demo subject's own pink or cyan."""
-    thing = toyworld.DEMO_SUBJECT.thing
-    shares = []
-    for im in images:
-        mask = toyworld.object_mask(im)
-        names = [toyworld.nearest_colour(px, among=tuple(toyworld.PALETTE)) for px in im[mask].astype(np.float32)]
-        shares.append(float(np.mean([n in (thing.colour, thing.colour2) for n in names])) if names else 0.0)
-    return float(np.mean(shares))
 
 
 def test_cli_demo_writes_its_outputs(tmp_path, monkeypatch):
@@ -65,7 +54,7 @@ def test_demo_run_shows_the_subject_after_training_and_not_before(tmp_path):
     with_token = [i for i, p in enumerate(result["prompts"]) if "sks" in p]
     before = [im for i in with_token for im in result["before"][i * n:(i + 1) * n]]
     after = [im for i in with_token for im in result["after"][i * n:(i + 1) * n]]
-    base, trained = subject_share(before), subject_share(after)
+    base, trained = subject_share(before, toyworld.DEMO_SUBJECT), subject_share(after, toyworld.DEMO_SUBJECT)
     # The base model's ragged blobs have a few pinkish pixels, never the subject's halves.
     assert base < 0.2, (base, trained)
     # Measured at 150 steps: 0.11 -> 0.21 (an untrained or broken trainer leaves it unchanged).

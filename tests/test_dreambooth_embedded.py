@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from dreambooth_core import embedded, objective, toyworld
 from dreambooth_core.backends.base import SampleSettings
 from dreambooth_core.config import TrainConfig
@@ -36,17 +37,7 @@ def load():
 
 
 def subject_share(images) -> float:
-    """Mean fraction of an image's object pixels that wear the subject's own two colours."""
-    colours = [SUBJECT.thing.colour, SUBJECT.thing.colour2]
-    shares = []
-    for im in images:
-        mask = toyworld.object_mask(im)
-        if mask.sum() < 12:
-            shares.append(0.0)
-            continue
-        names = [toyworld.nearest_colour(px, among=tuple(toyworld.PALETTE)) for px in im[mask].astype(np.float32)]
-        shares.append(float(np.mean([n in colours for n in names])))
-    return float(np.mean(shares))
+    return conftest.subject_share(images, SUBJECT, min_pixels=12)
 
 
 @torch.no_grad()

@@ -116,8 +116,7 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
     data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res)
     class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
-    class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images,
-                                    SampleSettings(width=res, height=res, **SAMPLING), seed=0)
+    class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images, settings, seed=0)
     class_items = class_set.load(resolution=res).items
     samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
     for name, prior in (("prior", True), ("no_prior", False)):

@@ -190,6 +190,12 @@ class ComfyServer:
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
+def is_widget(spec) -> bool:
+    """Does this input spec show as a widget on the node (rather than a link socket)?"""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """A front-end workflow (nodes + links, widgets_values) as an API graph, the way the front end
     converts it on Queue: widget values in the order of the node's inputs (required, then
@@ -207,9 +213,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         for section in ("required", "optional"):
             for name in order.get(section, []):
                 spec = info["input"][section][name]
-                kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-                is_widget = (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
-                if is_widget and values:
+                opts = spec[1] if len(spec) > 1 else {}
+                if is_widget(spec) and values:
                     value = values.pop(0)
                     # The front end adds a control widget when asked, and by legacy convention to
                     # inputs named seed / noise_seed unless control_after_generate is given.

@@ -81,7 +81,7 @@ def object_info(server):
 @pytest.fixture(scope="module")
 def workflow(object_info):
     """The example workflow in API format, with the test's small settings."""
-    from comfy_server import WIDGET_TYPES, ui_to_api
+    from comfy_server import is_widget, ui_to_api
 
     ui = json.loads((REPO / "example_workflows" / "dreambooth.json").read_text())
     graph = ui_to_api(ui, object_info)
@@ -90,10 +90,9 @@ def workflow(object_info):
     for node_id, node in graph.items():  # a widget added to a node must be added to the example too
         info = object_info[node["class_type"]]
         if info.get("category") == "DreamBooth":
-            widgets = [name for section in ("required", "optional")
-                       for name, spec in info["input"].get(section, {}).items()
-                       if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES]
-            assert not set(widgets) - set(node["inputs"]), f"example node {node_id} lacks {set(widgets) - set(node['inputs'])}"
+            widgets = {name for section in ("required", "optional")
+                       for name, spec in info["input"].get(section, {}).items() if is_widget(spec)}
+            assert widgets <= set(node["inputs"]), f"example node {node_id} lacks {widgets - set(node['inputs'])}"
     for node_id, values in OVERRIDES.items():
         graph[node_id]["inputs"].update(values)
     return graph
