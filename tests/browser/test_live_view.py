@@ -69,6 +69,14 @@ def live_state(page, node_id: str) -> dict:
     return page.evaluate("(id) => window.DreamBoothLive.state(id)", node_id)
 
 
+def rendered(state: dict) -> bool:
+    """The panel shows what the model holds: the view redraws on the next animation frame, so a
+    state read between an event and that frame has a DOM one step behind."""
+    dom = state.get("dom") or {}
+    return (dom.get("status") == state.get("status") and dom.get("step") == str(state.get("step"))
+            and dom.get("points") == str(state.get("points")))
+
+
 def wait_state(page, node_id: str, predicate, what: str, timeout: float, server, info) -> dict:
     """Poll the node's live state until predicate(state); fail with the page's and server's logs."""
     deadline = time.monotonic() + timeout
@@ -114,7 +122,8 @@ def test_live_training_view(comfy, example_workflow, artifacts):
                     seen_steps.append(s["step"])
             return len(seen_steps) >= 2
 
-        first = wait_state(page, cb.TRAIN_NODE, progressed, "two different steps", RUN_TIMEOUT, comfy, info)
+        first = wait_state(page, cb.TRAIN_NODE, lambda s: progressed(s) and rendered(s), "two different steps",
+                           RUN_TIMEOUT, comfy, info)
         assert first["status"] == "running" and first["total"] == STEPS
         assert first["step"] < STEPS - 2, f"training ran too fast to observe a reload mid-run: {first}"
         assert seen_steps == sorted(seen_steps), seen_steps
@@ -131,7 +140,8 @@ def test_live_training_view(comfy, example_workflow, artifacts):
         page.reload(wait_until="domcontentloaded")
         cb.wait_ready(page)
         restored = wait_state(page, cb.TRAIN_NODE,
-                              lambda s: s.get("run_id") == before["run_id"] and s.get("points", 0) >= before["step"],
+                              lambda s: (s.get("run_id") == before["run_id"] and s.get("points", 0) >= before["step"]
+                                         and rendered(s)),
                               "the same run after the reload", 60, comfy, info)
         assert restored["points"] >= before["step"], (before, restored)
         assert restored["dom"]["runId"] == before["run_id"]
@@ -141,8 +151,8 @@ def test_live_training_view(comfy, example_workflow, artifacts):
         assert moved["points"] == moved["step"], f"no step lost across the reload: {moved}"
 
         # After the run: final curve, LoRA path, preview; the second Train node has its own run.
-        done = wait_state(page, cb.TRAIN_NODE, lambda s: s.get("status") == "completed", "completion",
-                          RUN_TIMEOUT, comfy, info)
+        done = wait_state(page, cb.TRAIN_NODE, lambda s: s.get("status") == "completed" and rendered(s),
+                          "completion", RUN_TIMEOUT, comfy, info)
         assert done["step"] == STEPS and done["points"] == STEPS, done
         assert done["lora_path"].endswith("live_lora.safetensors"), done
         assert (comfy.base / "models" / "loras" / "live_lora.safetensors").is_file()
@@ -150,8 +160,8 @@ def test_live_training_view(comfy, example_workflow, artifacts):
         assert done["preview"], "preview_every > 0: a preview image was shown"
         assert page.locator(f'.dreambooth-live[data-node-id="{cb.TRAIN_NODE}"] img.db-preview').is_visible()
 
-        second = wait_state(page, SECOND, lambda s: s.get("status") == "completed", "the second node's run",
-                            RUN_TIMEOUT, comfy, info)
+        second = wait_state(page, SECOND, lambda s: s.get("status") == "completed" and rendered(s),
+                            "the second node's run", RUN_TIMEOUT, comfy, info)
         assert second["run_id"] != done["run_id"]
         assert second["total"] == SECOND_STEPS and second["points"] == SECOND_STEPS, second
         assert second["lora_path"].endswith("live_lora_b.safetensors") and not second["has_prior"], second
