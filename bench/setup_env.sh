@@ -18,22 +18,20 @@ PY="${PYTHON:-python3}"
 TORCH_SET="torch==2.11.0 torchvision==0.26.0"
 PACKAGES="diffusers>=0.40 transformers accelerate peft safetensors pillow numpy tqdm"
 STAMP="$VENV/.bench-setup-stamp"
+. "$ROOT/tools/venv_common.sh"
 want="$(printf '%s\n' "$TORCH_SET" "$PACKAGES" "$(cat "$ROOT/pyproject.toml")" | sha256sum | cut -d' ' -f1)"
-if [ -z "${FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+if venv_is_current "$STAMP" "$want" "$VENV"; then
     echo "$VENV is up to date"
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-# torch first, as a matching set; a constraints file keeps every later install from replacing it.
-"$VPY" -m pip install $TORCH_SET
-cons="$(mktemp)"
-trap 'rm -f "$cons"' EXIT
-printf '%s\n' $TORCH_SET > "$cons"
+# torch first, as a matching set, which no later install may replace.
+install_torch_set "$VPY" "$TORCH_SET"
 # shellcheck disable=SC2086
-"$VPY" -m pip install -c "$cons" $PACKAGES
-"$VPY" -m pip install -c "$cons" -e "$ROOT"
+pip_keeping_torch "$VPY" "$TORCH_SET" $PACKAGES
+pip_keeping_torch "$VPY" "$TORCH_SET" -e "$ROOT"
 "$VPY" -c "import torch, torchvision, diffusers, peft, dreambooth_core; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'diffusers', diffusers.__version__)"
 echo "$want" > "$STAMP"
 echo "ready: $VPY"

@@ -18,6 +18,7 @@ VENV="${A1111_VENV:-$ROOT/.venv-a1111}"
 PY="${PYTHON:-python3}"
 TORCH_SET="torch==2.11.0 torchvision==0.26.0"
 STAMP="$VENV/.dreambooth-setup-stamp"
+. "$ROOT/tools/venv_common.sh"
 
 for f in "$A1111/launch.py" "$A1111/requirements_versions.txt" "$COMFY/comfy/sd1_clip_config.json"; do
     if [ ! -f "$f" ]; then
@@ -29,7 +30,7 @@ CLIP_ZIP="$(ls "$A1111"/CLIP-*.zip | head -n1)"
 
 want="$(printf '%s\n' "$TORCH_SET" "$(cat "$A1111/requirements_versions.txt")" "$(basename "$CLIP_ZIP")" pytest \
         "$(cat "$ROOT/install.py")" "$(cat "$0")" | sha256sum | cut -d' ' -f1)"
-if [ -z "${FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+if venv_is_current "$STAMP" "$want" "$VENV"; then
     echo "$VENV is up to date"
     exit 0
 fi
@@ -39,22 +40,11 @@ VPY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 # 1. torch + torchvision as a set, first, so that nothing later replaces them.
-if ! "$VPY" - <<'PYEOF' 2>/dev/null
-import importlib.metadata as m, sys
-want = {"torch": "2.11.0", "torchvision": "0.26.0"}
-sys.exit(0 if all(m.version(k).split("+")[0] == v for k, v in want.items()) else 1)
-PYEOF
-then
-    "$VPY" -m pip install $TORCH_SET
-fi
+install_torch_set "$VPY" "$TORCH_SET"
 
-# 2. the WebUI's pinned requirements (unchanged), the clip package, pytest; a constraints file
-#    keeps the torch set.
-cons="$(mktemp)"
-trap 'rm -f "$cons"' EXIT
-printf '%s\n' $TORCH_SET > "$cons"
-"$VPY" -m pip install -c "$cons" -r "$A1111/requirements_versions.txt" wheel pytest
-"$VPY" -m pip install -c "$cons" --no-build-isolation "$CLIP_ZIP"
+# 2. the WebUI's pinned requirements (unchanged), the clip package, pytest; keeping the torch set.
+pip_keeping_torch "$VPY" "$TORCH_SET" -r "$A1111/requirements_versions.txt" wheel pytest
+pip_keeping_torch "$VPY" "$TORCH_SET" --no-build-isolation "$CLIP_ZIP"
 
 # 3. the extension's own needs, the way the WebUI runs an extension's install.py.
 "$VPY" "$ROOT/install.py"

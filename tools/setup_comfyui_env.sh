@@ -15,6 +15,7 @@ VENV="${COMFYUI_VENV:-$ROOT/.venv-comfyui}"
 PY="${PYTHON:-python3}"
 TORCH_SET="torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0"
 STAMP="$VENV/.dreambooth-setup-stamp"
+. "$ROOT/tools/venv_common.sh"
 
 if [ ! -f "$COMFY/main.py" ]; then
     echo "ComfyUI source not found at $COMFY (set COMFYUI_DIR)" >&2
@@ -23,7 +24,7 @@ fi
 
 # What the stamp records: any change re-runs the installs (pip then skips what is present).
 want="$(printf '%s\n' "$TORCH_SET" "$(cat "$COMFY/requirements.txt")" requests pytest playwright "$(cat "$ROOT/install.py")" | sha256sum | cut -d' ' -f1)"
-if [ -z "${FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+if venv_is_current "$STAMP" "$want" "$VENV"; then
     echo "$VENV is up to date"
     exit 0
 fi
@@ -36,23 +37,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 # 1. torch as a matching set (the registry's default build runs on CPU too). Installed first and
 #    on its own so that later requirements never pull another torch.
-if ! "$VPY" - <<'PYEOF' 2>/dev/null
-import importlib.metadata as m, sys
-want = {"torch": "2.11.0", "torchvision": "0.26.0", "torchaudio": "2.11.0"}
-sys.exit(0 if all(m.version(k).split("+")[0] == v for k, v in want.items()) else 1)
-PYEOF
-then
-    "$VPY" -m pip install $TORCH_SET
-fi
+install_torch_set "$VPY" "$TORCH_SET"
 
 # 2. the host's own requirements, plus requests (imported by the host, not listed), pytest, and
 #    playwright (the Python package only, driving the system Chromium for tools/screenshot_comfyui.py;
-#    no browser is downloaded: never `playwright install`). A constraints
-#    file pins the torch set so nothing here replaces it.
-cons="$(mktemp)"
-trap 'rm -f "$cons"' EXIT
-printf '%s\n' $TORCH_SET > "$cons"
-"$VPY" -m pip install -c "$cons" -r "$COMFY/requirements.txt" requests pytest playwright
+#    no browser is downloaded: never `playwright install`), keeping the torch set.
+pip_keeping_torch "$VPY" "$TORCH_SET" -r "$COMFY/requirements.txt" requests pytest playwright
 
 # 3. the pack's own needs, the way ComfyUI-Manager installs them.
 "$VPY" "$ROOT/install.py"
