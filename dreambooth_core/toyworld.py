@@ -233,13 +233,21 @@ def random_scene(rng: random.Random) -> Scene:
     return random_view(rng, thing, companion=companion)
 
 
-def pretraining_batch(rng: random.Random, n: int, size: int = 32,
-                      drop_caption: float = 0.1) -> tuple[np.ndarray, list[str]]:
+def pretraining_batch(rng: random.Random, n: int, size: int = 32, drop_caption: float = 0.1,
+                      bare: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """Rendered scenes and captions; a share `bare` of the captions is the class noun alone ('a photo
+    of a star'), the prompt DreamBooth's class images are made from (without it such a caption
+    comes up only when every attribute happens to be dropped, ~1 % of the time)."""
     images, captions = [], []
     for _ in range(n):
         scene = random_scene(rng)
         images.append(render(scene, size))
-        captions.append("" if rng.random() < drop_caption else caption(scene, rng))
+        if rng.random() < drop_caption:
+            captions.append("")
+        elif bare and rng.random() < bare:
+            captions.append(f"a photo of {_article(scene.thing.shape)} {scene.thing.shape}")
+        else:
+            captions.append(caption(scene, rng))
     return np.stack(images), captions
 
 
@@ -324,6 +332,7 @@ class PromptCheck:
     prompt: str
     background: str | None = None
     colour: str | None = None
+    shape: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -337,5 +346,6 @@ def probe_prompts(n: int, seed: int = 0) -> list[PromptCheck]:
         colour = rng.choice(COLOURS)
         bg = rng.choice([c for c in COLOURS if c != colour])
         checks.append(PromptCheck(f"a photo of {_article(colour)} {colour} {shape} on "
-                                  f"{_article(bg)} {bg} background", background=bg, colour=colour))
+                                  f"{_article(bg)} {bg} background", background=bg, colour=colour,
+                                  shape=shape))
     return checks

@@ -7,10 +7,20 @@ to state each caption's attributes (pretrain_text_encoder) and is then frozen, a
 Diffusion's CLIP is; the UNet trains on captioned scenes (v-prediction, cosine schedule, offset
 noise, caption dropout for classifier-free guidance, EMA weights). With ε-prediction the loss hardly
 rewards predicting the image at low SNR, and after 2,000 steps samples still took their background
-colour from the starting noise; v-prediction asks for the image there directly. Every `--save-every` steps it writes a
-checkpoint to --work and can be restarted with the same command. At the end it writes the
-EMA weights, in fp16, as a diffusers folder to --out and prints how well the model follows
-prompts (background and object colour accuracy on probe prompts).
+colour from the starting noise; v-prediction asks for the image there directly. Every
+`--save-every` steps it writes a checkpoint to --work and can be restarted with the same command.
+At the end it writes the EMA weights, in fp16, as a diffusers folder to --out and prints how well
+the model follows prompts (background colour, object colour and shape accuracy on probe prompts).
+
+The shipped model was made in two stages (its pretraining_log.json records both):
+
+    python tools/pretrain_toy_model.py --work /tmp/stage1 --out /tmp/stage1-model
+    python tools/pretrain_toy_model.py --work /tmp/stage2 --init-from /tmp/stage1-model \
+        --steps 4000 --lr 5e-4 --bare-captions 0.15
+
+The second stage continues the first's UNet (frozen text encoder unchanged) with 15 % of captions
+the bare class noun: after stage 1 the model drew 'a photo of a star' as a ragged many-coloured
+blob, and those are exactly the class images DreamBooth's prior preservation trains on.
 """
 from __future__ import annotations
 
@@ -150,7 +160,9 @@ def pretrain_text_encoder(text_encoder, tokenizer, seed: int, steps: int = 400, 
 
 @torch.no_grad()
 def probe(vae, unet, text_encoder, tokenizer, scheduler_config, n: int = 24, seed: int = 0):
-    """Background/object colour accuracy of samples on probe prompts (guidance 4, 25 steps)."""
+    """Background colour, object colour and shape accuracy of samples on probe prompts (guidance 4,
+    25 steps)."""
+    from dreambooth_core.evaluation.metrics import object_shape
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -164,7 +176,8 @@ def probe(vae, unet, text_encoder, tokenizer, scheduler_config, n: int = 24, see
     images = (out * 255).round().astype(np.uint8)
     bg = np.mean([toyworld.background_colour(im) == c.background for im, c in zip(images, checks)])
     obj = np.mean([toyworld.object_colour(im) == c.colour for im, c in zip(images, checks)])
-    return float(bg), float(obj), images
+    shape = np.mean([object_shape(im) == c.shape for im, c in zip(images, checks)])
+    return float(bg), float(obj), float(shape), images
 
 
 def main() -> None:
@@ -176,10 +189,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offset-noise", type=float, default=0.1)
+    p.add_argument("--bare-captions", type=float, default=0.0,
+                   help="share of captions that are the class noun alone (DreamBooth's class prompt)")
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--probe-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an exported model (e.g. the embedded one): its UNet and frozen text "
+                        "encoder, a fresh optimizer with its own warm-up and cosine over --steps")
     p.add_argument("--export-only", action="store_true", help="write the latest checkpoint's EMA weights to --out")
     args = p.parse_args()
     if args.threads:
@@ -200,12 +218,21 @@ def main() -> None:
     ckpt = args.work / "unet_te.safetensors"
     log = []
     tensors = None
+    offset = 0  # steps that the --init-from model had already trained
+    if args.init_from is not None:
+        init_unet, init_te, log = load_exported(args.init_from)
+        unet.load_state_dict(init_unet)
+        text_encoder.load_state_dict(init_te)
+        text_encoder.requires_grad_(False)
+        offset = max(entry["step"] for entry in log)
+        log.append({"step": offset, "continued_with": {"steps": args.steps, "lr": args.lr,
+                                                        "bare_captions": args.bare_captions}})
     if ckpt.exists():
         from safetensors.torch import load_file
         tensors = load_file(ckpt)
         text_encoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("te.")})
         text_encoder.requires_grad_(False)
-    else:
+    elif args.init_from is None:
         acc = pretrain_text_encoder(text_encoder, tokenizer, args.seed)
         log.append({"step": 0, "text_encoder_attribute_acc": acc})
     text_encoder.eval()
@@ -236,7 +263,7 @@ def main() -> None:
     for step in range(start, start if args.export_only else args.steps):
         unet.train()
         images, captions = toyworld.pretraining_batch(random.Random(f"unet-{args.seed}-{step}"), args.batch,
-                                                      embedded.RESOLUTION)
+                                                      embedded.RESOLUTION, bare=args.bare_captions)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         with torch.no_grad():
             latents = vae.encode(to_tensor(images)).latent_dist.sample(generator=g) * scale
@@ -264,11 +291,12 @@ def main() -> None:
             live = [q.detach().clone() for q in params]
             for e, q in zip(ema, params):
                 q.data.copy_(e)
-            bg, obj, images = probe(vae, unet.eval(), text_encoder, tokenizer, scheduler.config)
+            bg, obj, shape, images = probe(vae, unet.eval(), text_encoder, tokenizer, scheduler.config)
             for l, q in zip(live, params):
                 q.data.copy_(l)
-            log.append({"step": done, "background_acc": bg, "object_colour_acc": obj})
-            print(f"probe at {done}: background {bg:.2f} object colour {obj:.2f}", flush=True)
+            log.append({"step": offset + done, "background_acc": bg, "object_colour_acc": obj, "shape_acc": shape})
+            print(f"probe at {offset + done}: background {bg:.2f} object colour {obj:.2f} shape {shape:.2f}",
+                  flush=True)
             from PIL import Image
             r = embedded.RESOLUTION
             grid = images[:24].reshape(4, 6, r, r, 3).transpose(0, 2, 1, 3, 4).reshape(4 * r, 6 * r, 3)
@@ -285,6 +313,19 @@ def main() -> None:
     for e, q in zip(ema, params):
         q.data.copy_(e)
     export(vae, unet, text_encoder, tokenizer, scheduler, args.out, log)
+
+
+def load_exported(folder: Path):
+    """UNet and text-encoder weights (fp32) and the pretraining log of an exported model."""
+    from safetensors.torch import load_file
+
+    def weights(part: str):
+        files = sorted((folder / part).glob("*.safetensors"))
+        if not files:
+            raise SystemExit(f"--init-from {folder}: no {part}/*.safetensors (expected an exported model folder)")
+        return {k: v.float() for f in files for k, v in load_file(f).items()}
+
+    return weights("unet"), weights("text_encoder"), json.loads((folder / "pretraining_log.json").read_text())
 
 
 def export(vae, unet, text_encoder, tokenizer, scheduler, out: Path, log) -> None:
