@@ -324,6 +324,10 @@ def cmd_eval(args) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.subjects:
         plan = replace(plan, subjects=plan.subjects[: args.subjects])
+    if args.steps:
+        plan = replace(plan, steps=args.steps)
+    if args.frozen_text_encoder:
+        plan = replace(plan, train_text_encoder=False)
     bar = _bar(len(plan.subjects), "subjects", unit="subject")
     results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar), workers=args.workers)
     bar.close()

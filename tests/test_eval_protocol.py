@@ -34,3 +34,28 @@ def test_parallel_subjects_give_the_serial_results_in_the_plan_order(tmp_path):
             np.testing.assert_allclose(parallel["per_subject"][model][metric], values, atol=1e-6,
                                        err_msg=f"{model} {metric}")
     assert (tmp_path / "parallel" / "samples.png").is_file()
+
+
+def test_cli_flags_reach_the_plan_and_a_frozen_text_encoder_gets_no_lora(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from dreambooth_core.cli import main
+    from dreambooth_core.evaluation import protocol
+    from dreambooth_core.lora import read_lora_file
+
+    plans = []
+    real = protocol.run_eval
+
+    def capture(output, plan, **kwargs):
+        plans.append(plan)
+        return real(output, replace(PLAN, subjects=PLAN.subjects[:1], steps=plan.steps,
+                                    train_text_encoder=plan.train_text_encoder), **kwargs)
+
+    monkeypatch.setattr(protocol, "run_eval", capture)
+    assert main(["eval", "--quick", "--steps", "3", "--frozen-text-encoder", "--workers", "1",
+                 "--output", str(tmp_path)]) == 0
+    assert plans[0].steps == 3 and plans[0].train_text_encoder is False and plans[0].seeds == Plan.quick().seeds
+    for lora in (tmp_path / "runs").glob("*/*.safetensors"):
+        tensors, _ = read_lora_file(lora)
+        assert tensors and not any(k.startswith("lora_te") for k in tensors), lora
+    assert len(list((tmp_path / "runs").glob("*/*.safetensors"))) == 2

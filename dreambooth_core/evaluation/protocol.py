@@ -39,6 +39,7 @@ class Plan:
     seeds: Sequence[int] = (0, 1, 2, 3)
     class_images: int = 48
     instance_images: int = 5
+    train_text_encoder: bool = TRAIN["train_text_encoder"]
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -121,7 +122,8 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
     for name, prior in (("prior", True), ("no_prior", False)):
         backend = load_backend("embedded")
-        config = TrainConfig(**TRAIN, class_noun=subject.class_noun, prior=prior, steps=plan.steps, seed=i,
+        config = TrainConfig(**dict(TRAIN, train_text_encoder=plan.train_text_encoder), class_noun=subject.class_noun,
+                             prior=prior, steps=plan.steps, seed=i,
                              output_dir=str(output / "runs" / f"{subject.name}-{name}"),
                              save_name=f"{subject.name}-{name}")
         train(backend, config, data.items, class_items if prior else None)
@@ -190,7 +192,8 @@ def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Option
     results = {name: s.mean() for name, s in scores.items()}
     results["per_subject"] = {name: s.__dict__ for name, s in scores.items()}
     results["subjects"] = [s.name for s in subjects]
-    results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images}
+    results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images,
+                       "train_text_encoder": plan.train_text_encoder}
     results["workers"] = workers
     results["seconds"] = round(time.perf_counter() - t0, 1)
     cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(subjects[0])] + ["class"]
