@@ -5,7 +5,8 @@
         [--lora-targets transformer|attention] [--gradient-checkpointing off|attention-hires|attention|full]
 
 Runs the same path as ``python -m dreambooth_core train`` (``commands.run_training``), with
-callbacks that print VmRSS/VmHWM at each phase ("caching", "training", every step) and with
+callbacks that print VmRSS/VmHWM at each phase ("caching", "training", every step; VmHWM restarts
+after each step, so a step's line shows its own peak) and with
 torch.profiler recording the last ``--profile-steps`` steps (CPU time by operator, with input
 shapes). This is what the optimisation choices in bench/README.md were based on.
 """
@@ -24,6 +25,16 @@ def _mem() -> str:
                 k, v = line.split(":")
                 vals[k] = int(v.split()[0]) // 1024
     return " ".join(f"{k}={v}M" for k, v in vals.items())
+
+
+def _reset_peak() -> None:
+    """Restart VmHWM from the current RSS (as bench/child.py does between phases), so that each
+    step line shows that step's own peak, not the first step's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def main(argv=None) -> int:
@@ -74,6 +85,7 @@ def main(argv=None) -> int:
         print(f"step {info.step}: {now - t['last']:.2f} s (cpu {used:.2f} s, sys "
               f"{cpu.system - t.get('sys', cpu.system):.2f} s)  {_mem()}", flush=True)
         t.update(last=now, cpu=cpu.user + cpu.system, sys=cpu.system)
+        _reset_peak()
         prof.step()
 
     def patched(backend, config, instance, class_images=None, callbacks=None, accelerator=None, flip=None,

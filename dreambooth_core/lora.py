@@ -51,12 +51,13 @@ class LoRAModule(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank * self.multiplier
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.lora_down.weight.dtype)
-        return (self.lora_up(self.lora_down(h)) * self.scale).to(x.dtype)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self._base_forward(x, *args, **kwargs) + self.delta(x)
+        # The scaled update is added into the base output in place, in one pass: neither a Linear's
+        # nor a Conv2d's backward needs its output, and it saves two activation-sized temporaries
+        # per adapted module on every forward.
+        out = self._base_forward(x, *args, **kwargs)
+        delta = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        return out.add_(delta.to(out.dtype), alpha=self.scale)
 
     def attach(self, base: nn.Module) -> None:
         """Route base's forward through this adapter. The adapter becomes a child module of its
