@@ -16,6 +16,8 @@ import argparse
 import os
 import time
 
+from bench.child import _reset_hwm
+
 
 def _mem() -> str:
     vals = {}
@@ -25,16 +27,6 @@ def _mem() -> str:
                 k, v = line.split(":")
                 vals[k] = int(v.split()[0]) // 1024
     return " ".join(f"{k}={v}M" for k, v in vals.items())
-
-
-def _reset_peak() -> None:
-    """Restart VmHWM from the current RSS (as bench/child.py does between phases), so that each
-    step line shows that step's own peak, not the first step's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def main(argv=None) -> int:
@@ -85,7 +77,7 @@ def main(argv=None) -> int:
         print(f"step {info.step}: {now - t['last']:.2f} s (cpu {used:.2f} s, sys "
               f"{cpu.system - t.get('sys', cpu.system):.2f} s)  {_mem()}", flush=True)
         t.update(last=now, cpu=cpu.user + cpu.system, sys=cpu.system)
-        _reset_peak()
+        _reset_hwm()  # so that the next step's line shows its own peak, not the first step's
         prof.step()
 
     def patched(backend, config, instance, class_images=None, callbacks=None, accelerator=None, flip=None,
