@@ -188,3 +188,25 @@ def test_releasing_frozen_encoders_frees_them_and_changes_no_weight(tmp_path):
     a, b = lora_state(kept), lora_state(lean)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_cli_trimming_runs_once_the_encoders_are_released_and_after_every_step(tmp_path):
+    """The CLI's malloc trims: one when training starts (after caching, once the encoders are
+    gone), one after each step, with the progress callbacks still called in between."""
+    from dreambooth_core.commands import _trimming
+
+    events = []
+    backend = make_tiny_backend()
+
+    def trim():
+        events.append(("trim", backend.vae is None))
+
+    inner = Callbacks(on_step=lambda info: events.append(("step", info.step)),
+                      on_phase=lambda name: events.append(("phase", name)))
+    train(backend, config(tmp_path, steps=3, train_text_encoder=False), INSTANCE, CLASS, _trimming(inner, trim),
+          release_frozen=True)
+    start = events.index(("phase", "training"))
+    assert ("trim", False) not in events, "no trim while the VAE is still in use (caching)"
+    assert events[start - 1] == ("trim", True)
+    assert events[start + 1:start + 7] == [("trim", True), ("step", 1), ("trim", True), ("step", 2),
+                                           ("trim", True), ("step", 3)]
