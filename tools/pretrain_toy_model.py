@@ -20,7 +20,12 @@ The shipped model was made in two stages (its pretraining_log.json records both)
 
 The second stage continues the first's UNet (frozen text encoder unchanged) with 15 % of captions
 the bare class noun: after stage 1 the model drew 'a photo of a star' as a ragged many-coloured
-blob, and those are exactly the class images DreamBooth's prior preservation trains on.
+blob, and those are exactly the class images DreamBooth's prior preservation trains on. A third
+stage teaches the frozen text encoder to carry words that no caption used (the identifier, see
+teach_new_words), the UNet unchanged:
+
+    python tools/pretrain_toy_model.py --work /tmp/stage3 --init-from /tmp/stage2-model \
+        --new-words 600 --steps 0
 """
 from __future__ import annotations
 
@@ -158,6 +163,100 @@ def pretrain_text_encoder(text_encoder, tokenizer, seed: int, steps: int = 400, 
     return acc
 
 
+_CAPTION_WORDS = set(toyworld.COLOURS + toyworld.SHAPES + toyworld.PATTERNS) | {
+    "a", "an", "photo", "of", "next", "to", "small", "on", "background"}
+
+
+def _new_word_ids(tokenizer) -> list:
+    """Whole-word tokens that no pretraining caption uses: the identifiers a user may pick."""
+    return sorted(i for piece, i in tokenizer.get_vocab().items()
+                  if piece.endswith("</w>") and piece[:-4].isalpha() and piece[:-4] not in _CAPTION_WORDS
+                  and i < tokenizer.bos_token_id)
+
+
+def _with_new_word(tokens: list, word: int, nouns: set, rng: random.Random):
+    """Put `word` where DreamBooth prompts put the identifier: in place of the article before the
+    object ('a photo of sks star') or just before its shape noun ('a photo of a red sks star').
+    Returns the new tokens, the word's position and whether it was inserted (the caption's later
+    positions then move one place on), or None for a caption without an object."""
+    noun = next((j for j, t in enumerate(tokens) if t in nouns), None)
+    if noun is None:
+        return None
+    if noun >= 5 and rng.random() < 0.5:
+        article = 4  # [start] a photo of <article> ...
+        return tokens[:article] + [word] + tokens[article + 1:], article, False
+    return tokens[:noun] + [word] + tokens[noun:-1], noun, True
+
+
+def teach_new_words(text_encoder, tokenizer, seed: int, steps: int = 600, batch: int = 64,
+                    strength: float = 0.5, lr: float = 1e-3) -> dict:
+    """Make the frozen text encoder carry a word that no caption used, as CLIP does.
+
+    Trained on attribute heads only, the encoder had learned to ignore every other word: 'a photo
+    of sks star' came out 0.9985-cosine-identical to 'a photo of a star' (a colour word moves it to
+    ~0.75), so DreamBooth's identifier was nearly invisible, and prior preservation, which keeps
+    'a star' where the base model had it while 'sks star' learns the subject, pulled the subject
+    back with it. This continues the encoder (the UNet is not touched) towards targets read off the
+    encoder as it was: an ordinary caption comes out unchanged, and the same caption with a new
+    word comes out the same before the word and, from the word on, turned by `strength` (of each
+    position's norm) towards a direction taken from the word's own (frozen) embedding, so that
+    every token of the vocabulary moves the encoding its own way. Returns the final errors."""
+    import copy
+
+    old = copy.deepcopy(text_encoder).eval().requires_grad_(False)
+    text_encoder.requires_grad_(True)
+    embeddings = text_encoder.get_input_embeddings()
+    embeddings.requires_grad_(False)  # every word keeps its embedding; the layers learn to read it
+    width = embeddings.weight.shape[1]
+    turn = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(seed)))[0]
+    words = _new_word_ids(tokenizer)
+    nouns = {tokenizer.convert_tokens_to_ids(f"{s}</w>") for s in toyworld.SHAPES}
+    params = [p for p in text_encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(f"words-{seed}")
+    errors: dict = {}
+    for step in range(steps):
+        captions = []
+        for _ in range(batch):
+            scene = toyworld.random_scene(rng)
+            bare = f"a photo of {toyworld._article(scene.thing.shape)} {scene.thing.shape}"
+            captions.append(bare if rng.random() < 0.2 else toyworld.caption(scene, rng))
+        ids = tokenize(tokenizer, captions)
+        with torch.no_grad():
+            ref = old(ids)[0]
+        keep = F.mse_loss(text_encoder(ids)[0], ref)
+        new_ids, targets, masks = [], [], []
+        for k in range(batch):
+            made = _with_new_word(ids[k].tolist(), words[rng.randrange(len(words))], nouns, rng)
+            if made is None:
+                continue
+            tokens, pos, inserted = made
+            target = ref[k].clone()
+            mask = torch.ones(ids.shape[1], 1)
+            if inserted:
+                target[pos + 1:] = ref[k, pos:-1]
+                mask[pos] = 0.0  # the new word's own position has no counterpart in the caption
+            direction = F.normalize(embeddings.weight[tokens[pos]] @ turn, dim=0)
+            norm = target[pos:].norm(dim=-1, keepdim=True)
+            target[pos:] = F.normalize(target[pos:] + strength * norm * direction, dim=-1) * norm
+            new_ids.append(torch.tensor(tokens))
+            targets.append(target)
+            masks.append(mask)
+        out = text_encoder(torch.stack(new_ids))[0]
+        mask = torch.stack(masks)
+        learn = (((out - torch.stack(targets)) ** 2) * mask).sum() / (mask.sum() * out.shape[-1])
+        (keep + learn).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        errors = {"keep_mse": keep.item(), "new_word_mse": learn.item()}
+        if step % 100 == 0 or step == steps - 1:
+            print(f"new words step {step} keep {errors['keep_mse']:.5f} new word {errors['new_word_mse']:.5f}",
+                  flush=True)
+    text_encoder.requires_grad_(False)
+    return errors
+
+
 @torch.no_grad()
 def probe(vae, unet, text_encoder, tokenizer, scheduler_config, n: int = 24, seed: int = 0):
     """Background colour, object colour and shape accuracy of samples on probe prompts (guidance 4,
@@ -198,6 +297,9 @@ def main() -> None:
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from an exported model (e.g. the embedded one): its UNet and frozen text "
                         "encoder, a fresh optimizer with its own warm-up and cosine over --steps")
+    p.add_argument("--new-words", type=int, default=0, metavar="STEPS",
+                   help="with --init-from: first teach its frozen text encoder to carry words no caption used "
+                        "(teach_new_words) for STEPS steps; --steps 0 then leaves the UNet as it was")
     p.add_argument("--export-only", action="store_true", help="write the latest checkpoint's EMA weights to --out")
     args = p.parse_args()
     if args.threads:
@@ -225,8 +327,14 @@ def main() -> None:
         text_encoder.load_state_dict(init_te)
         text_encoder.requires_grad_(False)
         offset = max(entry["step"] for entry in log)
-        log.append({"step": offset, "continued_with": {"steps": args.steps, "lr": args.lr,
-                                                        "bare_captions": args.bare_captions}})
+        if args.steps:
+            log.append({"step": offset, "continued_with": {"steps": args.steps, "lr": args.lr,
+                                                            "bare_captions": args.bare_captions}})
+    if args.new_words:
+        if args.init_from is None or ckpt.exists():
+            raise SystemExit("--new-words continues an exported model's text encoder: give --init-from and a new --work")
+        errors = teach_new_words(text_encoder, tokenizer, args.seed, steps=args.new_words)
+        log.append({"step": offset, "text_encoder_new_words": {"steps": args.new_words, **errors}})
     if ckpt.exists():
         from safetensors.torch import load_file
         tensors = load_file(ckpt)
