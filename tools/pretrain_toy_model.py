@@ -12,11 +12,11 @@ colour from the starting noise; v-prediction asks for the image there directly. 
 At the end it writes the EMA weights, in fp16, as a diffusers folder to --out and prints how well
 the model follows prompts (background colour, object colour and shape accuracy on probe prompts).
 
-The shipped model was made in two stages (its pretraining_log.json records both):
+The shipped model was made in three stages (its pretraining_log.json records them):
 
     python tools/pretrain_toy_model.py --work /tmp/stage1 --out /tmp/stage1-model
     python tools/pretrain_toy_model.py --work /tmp/stage2 --init-from /tmp/stage1-model \
-        --steps 4000 --lr 5e-4 --bare-captions 0.15
+        --out /tmp/stage2-model --steps 4000 --lr 5e-4 --bare-captions 0.15
 
 The second stage continues the first's UNet (frozen text encoder unchanged) with 15 % of captions
 the bare class noun: after stage 1 the model drew 'a photo of a star' as a ragged many-coloured
