@@ -118,25 +118,23 @@ NO_GUIDANCE = SampleSettings(steps=15, guidance=1.0, width=RES, height=RES)
 CLASS_SEEDS = list(range(300, 312))
 
 
-def class_likeness(backend, setup) -> float:
-    """Mean similarity of the class prompt's samples to the centre of the base model's own (same
-    seeds), without classifier-free guidance: the class as the conditional model draws it."""
-    def samples(b):
-        return b.generate([setup["class_prompt"]] * len(CLASS_SEEDS), CLASS_SEEDS, NO_GUIDANCE)
-
-    if "base_class" not in setup:
-        setup["base_class"] = samples(load())
-    centre = np.mean([metrics.descriptor(im) for im in setup["base_class"]], axis=0)
-    centre /= np.linalg.norm(centre)
-    return float(np.mean([metrics.descriptor(im) @ centre for im in samples(backend)]))
-
-
 def test_prior_preservation_keeps_the_class_close_to_the_base_model(setup, with_prior, without_prior):
+    def unguided_class(backend):
+        return backend.generate([setup["class_prompt"]] * len(CLASS_SEEDS), CLASS_SEEDS, NO_GUIDANCE)
+
+    # The class as the conditional model draws it (no classifier-free guidance): mean similarity of
+    # its samples to the centre of the base model's own, same seeds.
+    centre = np.mean([metrics.descriptor(im) for im in unguided_class(load())], axis=0)
+    centre /= np.linalg.norm(centre)
+
+    def likeness(backend) -> float:
+        return float(np.mean([metrics.descriptor(im) @ centre for im in unguided_class(backend)]))
+
     def leak(backend) -> float:
         return subject_share(backend.generate([setup["class_prompt"]] * len(SEEDS), SEEDS, SETTINGS))
 
     # Measured: 0.86 with prior preservation, 0.80 without (the base model's own samples: 0.88).
-    assert class_likeness(with_prior, setup) > class_likeness(without_prior, setup) + 0.03
+    assert likeness(with_prior) > likeness(without_prior) + 0.03
     # Measured: 0.00 with prior preservation, 0.88 without (the class collapsed onto the subject).
     kept, collapsed = leak(with_prior), leak(without_prior)
     assert kept < 0.5 * collapsed, (kept, collapsed)
@@ -171,7 +169,7 @@ def test_the_text_encoder_carries_an_identifier_it_never_saw():
     colour = (encoding("a photo of a red star") - plain).norm()
     for word in ("sks", "ohwx"):
         assert (encoding(f"a photo of {word} star") - plain).norm() > 0.15 * colour, word
-    assert (encoding("a photo of sks star") - encoding("a photo of ohwx star")).norm() > 0.15 * colour
-    # and the class noun still says what it did: 'sks star' is a star, not some other shape
     sks = encoding("a photo of sks star")
+    assert (sks - encoding("a photo of ohwx star")).norm() > 0.15 * colour
+    # and the class noun still says what it did: 'sks star' is a star, not some other shape
     assert (sks - plain).norm() < 0.5 * (sks - encoding("a photo of a circle")).norm()
