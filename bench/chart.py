@@ -114,9 +114,14 @@ def panels(results: dict) -> List[Image.Image]:
         for m in models:
             sel = [r for r in rows if r["section"] in (section, section + "-extra") and r["model"] == m]
             res = sel[0]["resolution"]
-            out.append(bar_panel(f"{m} @ {res}px: seconds per step", [(r["who"], r["s_per_step"], colour(r["who"]))
+            paired = any(r.get("pair", 1) > 1 for r in sel)
+
+            def label(r: dict) -> str:
+                return f"{r['who']} #{r.get('pair', 1)}" if paired and r["section"] == section else r["who"]
+
+            out.append(bar_panel(f"{m} @ {res}px: seconds per step", [(label(r), r["s_per_step"], colour(r["who"]))
                                                                          for r in sel], "s"))
-            out.append(bar_panel(f"{m} @ {res}px: peak RSS", [(r["who"], r["peak_rss_mib"] and r["peak_rss_mib"] / 1024,
+            out.append(bar_panel(f"{m} @ {res}px: peak RSS", [(label(r), r["peak_rss_mib"] and r["peak_rss_mib"] / 1024,
                                                                colour(r["who"])) for r in sel], "GiB"))
     gen = [r for r in rows if r["section"] == "classgen"]
     for m in dict.fromkeys(r["model"] for r in gen):

@@ -18,16 +18,22 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 
 def training_table(rows: List[dict], sections=("train", "train-extra"), ref_who="reference") -> str:
     sel = [r for r in rows if r["section"] in sections]
-    refs = {r["model"]: r for r in rows if r["section"] == sections[0] and r["who"] == ref_who}
+    main = [r for r in rows if r["section"] == sections[0] and r["who"] == ref_who]
+    # A row of a back-to-back pair is compared with its own pair's reference; any other row (the
+    # extras, run after the pairs) with the last reference run before it.
+    refs = {r["model"]: r for r in main}
+    pair_refs = {(r["model"], r.get("pair", 1)): r for r in main}
+    paired = {r["model"] for r in main if r.get("pair", 1) > 1}
     body = []
     for r in sel:
-        ref = refs.get(r["model"])
+        ref = pair_refs.get((r["model"], r.get("pair", 1))) if r["section"] == sections[0] else refs.get(r["model"])
         is_ref = r is ref
+        who = f"{r['who']} (pair {r.get('pair', 1)})" if r["section"] == sections[0] and r["model"] in paired else r["who"]
         speed = ref["s_per_step"] / r["s_per_step"] if (ref and not is_ref and r["s_per_step"] and ref["s_per_step"]) else None
         mem = r["peak_rss_mib"] / ref["peak_rss_mib"] if (ref and not is_ref and ref["peak_rss_mib"]) else None
         tmem = (r["training_peak_rss_mib"] / ref["training_peak_rss_mib"]
                 if (ref and not is_ref and r["training_peak_rss_mib"] and ref["training_peak_rss_mib"]) else None)
-        body.append([r["model"], r["who"], f"{r['resolution']}", _f(r["s_per_step"], "{:.3f}"),
+        body.append([r["model"], who, f"{r['resolution']}", _f(r["s_per_step"], "{:.3f}"),
                      "" if is_ref else _f(speed, "x{:.2f}"), _f(r["wall_s"], "{:.0f}"), _f(r["setup_s"], "{:.1f}"),
                      _f(r["peak_rss_mib"], "{:.0f}"), "" if is_ref else _f(mem), _f(r["training_peak_rss_mib"], "{:.0f}"),
                      "" if is_ref else _f(tmem), _f(r.get("cuda_peak_mib"), "{:.0f}"),

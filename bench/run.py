@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -138,6 +139,7 @@ class Row:
     warmup: int = 0
     note: str = ""
     detail: Dict = field(default_factory=dict)
+    pair: int = 1  # with --repeat: which back-to-back (reference, ours) pair the row belongs to
 
 
 class Bench:
@@ -216,11 +218,11 @@ class Bench:
                 "--output-dir", str(out), *OURS_SETTINGS, *extra]
 
     def train_row(self, r: ChildResult, section: str, model: str, who: str, res: int, warmup: int,
-                  images: int, note: str = "") -> Row:
+                  images: int, note: str = "", pair: int = 1) -> Row:
         s = r.summary(warmup)
         row = Row(section, model, who, res, images, s.get("s_per_step"), s["wall_s"], s["peak_rss_mib"],
                   s.get("training_peak_rss_mib"), s.get("cuda_peak_mib"), s.get("to_first_step_end_s"),
-                  s["steps_recorded"], warmup, note, s)
+                  s["steps_recorded"], warmup, note, s, pair)
         self.rows.append(row)
         return row
 
@@ -239,15 +241,22 @@ class Bench:
         n_class = run.class_count
         wd = self.work / run.name
 
-        ref = self.child(f"{run.name}_reference", ["--script", str(self.reference_script(run.name))],
-                         self.reference_args(model, inst, cls, n_class, res, run.steps, wd / "reference_out",
-                                             run.mixed_precision), steps=run.steps)
         mp = f"mixed precision {run.mixed_precision}" if run.mixed_precision else ""
-        self.train_row(ref, "train", label, "reference", res, run.warmup, self.plan.instance_images, note=mp)
-        ours = self.child(f"{run.name}_ours", ["--module", "dreambooth_core"],
-                          self.ours_args(model, inst, cls, n_class, res, run.steps, wd / "ours_out",
-                                         mixed_precision=run.mixed_precision), steps=run.steps)
-        self.train_row(ours, "train", label, "ours", res, run.warmup, self.plan.instance_images, note=mp)
+        # With --repeat N the two trainers alternate N times (reference, ours, reference, ours, ...): a
+        # machine whose speed drifts over minutes then slows both members of a pair alike, and the
+        # headline is the median over the pairs.
+        for pair in range(1, self.args.repeat + 1):
+            tag = "" if pair == 1 else f"_pair{pair}"
+            ref = self.child(f"{run.name}_reference{tag}", ["--script", str(self.reference_script(run.name))],
+                             self.reference_args(model, inst, cls, n_class, res, run.steps,
+                                                 wd / f"reference{tag}_out", run.mixed_precision), steps=run.steps)
+            self.train_row(ref, "train", label, "reference", res, run.warmup, self.plan.instance_images, note=mp,
+                           pair=pair)
+            ours = self.child(f"{run.name}_ours{tag}", ["--module", "dreambooth_core"],
+                              self.ours_args(model, inst, cls, n_class, res, run.steps, wd / f"ours{tag}_out",
+                                             mixed_precision=run.mixed_precision), steps=run.steps)
+            self.train_row(ours, "train", label, "ours", res, run.warmup, self.plan.instance_images, note=mp,
+                           pair=pair)
         if run.extras and not self.args.no_extras and self.plan.device == "cpu":
             env = dict(self.env, GLIBC_TUNABLES=REFERENCE_MALLOC_TUNABLES)
             r = self.child(f"{run.name}_reference_malloc", ["--script", str(self.reference_script(run.name))],
@@ -364,23 +373,40 @@ class Bench:
                 self.log(f"FAILED: {str(exc)[:2000]}")
         return self.report(failures)
 
+    def pairs(self, model: str) -> List[tuple]:
+        """(reference row, our row) of each back-to-back pair of `model` that both finished."""
+        train = [r for r in self.rows if r.section == "train" and r.model == model]
+        out = []
+        for pair in sorted({r.pair for r in train}):
+            ref = next((r for r in train if r.pair == pair and r.who == "reference"), None)
+            ours = next((r for r in train if r.pair == pair and r.who == "ours"), None)
+            if ref and ours and ref.s_per_step and ours.s_per_step:
+                out.append((ref, ours))
+        return out
+
     def headline(self) -> tuple:
-        """(speedup, memory, which model) from the SD1.5-shaped run if there is one, else the first."""
+        """(speedup, memory, which model) from the SD1.5-shaped run if there is one, else the first;
+        with several pairs, the median of the pairs' ratios."""
         labels = [r.model for r in self.rows if r.section == "train"]
         pick = next((m for m in labels if m.startswith("SD1.5")), labels[0] if labels else None)
-        ref = next((r for r in self.rows if r.section == "train" and r.model == pick and r.who == "reference"), None)
-        ours = next((r for r in self.rows if r.section == "train" and r.model == pick and r.who == "ours"), None)
-        if not (ref and ours and ref.s_per_step and ours.s_per_step):
+        pairs = self.pairs(pick) if pick else []
+        if not pairs:
             return None, None, pick
-        return ref.s_per_step / ours.s_per_step, ours.peak_rss_mib / ref.peak_rss_mib, pick
+        speedups = [ref.s_per_step / ours.s_per_step for ref, ours in pairs]
+        memories = [ours.peak_rss_mib / ref.peak_rss_mib for ref, ours in pairs]
+        return statistics.median(speedups), statistics.median(memories), pick
 
     def report(self, failures: List[str]) -> int:
         from bench.report import format_table
 
         speedup, memory, pick = self.headline()
+        pairs = self.pairs(pick) if pick else []
+        per_pair = [{"pair": ours.pair, "speedup": ref.s_per_step / ours.s_per_step,
+                     "memory": ours.peak_rss_mib / ref.peak_rss_mib} for ref, ours in pairs]
         results = {"plan": asdict(self.plan), "versions": getattr(self, "versions", {}), "python": self.python,
                    "machine": machine(), "rows": [asdict(r) for r in self.rows], "notes": self.notes,
-                   "failures": failures, "headline": {"model": pick, "speedup": speedup, "memory": memory},
+                   "failures": failures, "repeat": self.args.repeat,
+                   "headline": {"model": pick, "speedup": speedup, "memory": memory, "pairs": per_pair},
                    "seconds": round(time.time() - self.t0, 1)}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         chart = subprocess.run([self.python, "-m", "bench.chart", str(self.out / "results.json"),
@@ -398,13 +424,15 @@ class Bench:
         if speedup is None:
             print("speedup=nan memory=nan")
             return 1
-        ours = next(r for r in self.rows if r.section == "train" and r.model == pick and r.who == "ours")
-        ref = next(r for r in self.rows if r.section == "train" and r.model == pick and r.who == "reference")
+        ref, ours = pairs[0]
         tp = (f"{ours.training_peak_rss_mib / ref.training_peak_rss_mib:.2f}"
               if ours.training_peak_rss_mib and ref.training_peak_rss_mib else "n/a")
         print(f"headline from {pick} at {ours.resolution} px on {self.plan.device} ({self.plan.threads} thread(s)): "
               f"speedup = reference s/step / ours; memory = our peak RSS / reference peak RSS (whole process; "
-              f"training steps only: {tp})")
+              f"training steps only, first pair: {tp})")
+        if len(pairs) > 1:
+            print("back-to-back pairs: " + ", ".join(f"x{p['speedup']:.2f} at {p['memory']:.2f}" for p in per_pair)
+                  + f"; the headline is their median")
         print(f"speedup={speedup:.2f} memory={memory:.2f}")
         return 1 if failures else 0
 
@@ -439,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads of every trainer process (default 1 on CPU, min(8, cores) on CUDA)")
     p.add_argument("--python", default=None, help="Python that runs both trainers (default .venv-bench/bin/python)")
     p.add_argument("--comfy-python", default=None, help="the ComfyUI host's Python (default .venv-comfyui/bin/python)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the reference and ours N times, alternating, and report the median of the N pairs' "
+                        "ratios (for a machine whose speed drifts over minutes)")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--no-comfy", action="store_true")
     p.add_argument("--no-extras", action="store_true",
@@ -449,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat {args.repeat}: give 1 or more pairs")
     python = args.python or default_python()
     device = detect_device(python) if args.device == "auto" else args.device
     threads = args.threads or (1 if device == "cpu" else min(8, os.cpu_count() or 1))
