@@ -29,9 +29,15 @@ def test_parallel_subjects_give_the_serial_results_in_the_plan_order(tmp_path):
     assert parallel["subjects"] == serial["subjects"] == [s.name for s in PLAN.subjects]
     assert len(seen) == 2 and {line.split("] ")[1].split(":")[0] for line in seen} == set(parallel["subjects"])
     for model in ("base", "prior", "no_prior"):
-        for metric, values in serial["per_subject"][model].items():
+        flat = dict(serial["per_subject"][model])
+        by_kind = flat.pop("by_kind")
+        assert set(by_kind) == {"recontextualization", "property_modification", "accessories", "class_hybrid"}
+        flat.update({f"kind {k}": v for k, v in by_kind.items()})
+        parallel_flat = dict(parallel["per_subject"][model])
+        parallel_flat.update({f"kind {k}": v for k, v in parallel_flat.pop("by_kind").items()})
+        for metric, values in flat.items():
             assert len(values) == 2
-            np.testing.assert_allclose(parallel["per_subject"][model][metric], values, atol=1e-6,
+            np.testing.assert_allclose(parallel_flat[metric], values, atol=1e-6,
                                        err_msg=f"{model} {metric}")
     assert (tmp_path / "parallel" / "samples.png").is_file()
 

@@ -73,16 +73,31 @@ class ModelScores:
     pres: List[float] = field(default_factory=list)
     div: List[float] = field(default_factory=list)
     identity: List[float] = field(default_factory=list)
+    # prompt fidelity of each of the paper's four prompt kinds, one value per subject
+    by_kind: Dict[str, List[float]] = field(default_factory=dict)
 
     def mean(self) -> Dict[str, float]:
-        return {k: float(np.nanmean(v)) if v else float("nan") for k, v in self.__dict__.items()}
+        means = {k: float(np.nanmean(v)) if v else float("nan") for k, v in self.__dict__.items() if k != "by_kind"}
+        means["prompt_by_kind"] = {k: float(np.nanmean(v)) for k, v in self.by_kind.items()}
+        return means
+
+    def extend(self, other: "ModelScores") -> None:
+        for key, values in other.__dict__.items():
+            if key == "by_kind":
+                for kind, kind_values in values.items():
+                    self.by_kind.setdefault(kind, []).extend(kind_values)
+            else:
+                getattr(self, key).extend(values)
 
 
 def _score(images_by_prompt: Dict[str, List[np.ndarray]], prompts: List[m.EvalPrompt], identity: List[np.ndarray],
            class_images: List[np.ndarray], ref: np.ndarray, into: ModelScores) -> None:
     into.fidelity.append(m.subject_fidelity([im for p in prompts for im in images_by_prompt[p.template]] + identity, ref))
-    into.prompt.append(float(np.nanmean([np.mean([p.ask.score(im) for im in images_by_prompt[p.template]])
-                                         for p in prompts])))
+    per_prompt = [float(np.mean([p.ask.score(im) for im in images_by_prompt[p.template]])) for p in prompts]
+    into.prompt.append(float(np.nanmean(per_prompt)))
+    for kind in dict.fromkeys(p.kind for p in prompts):
+        into.by_kind.setdefault(kind, []).append(
+            float(np.nanmean([v for p, v in zip(prompts, per_prompt) if p.kind == kind])))
     into.identity.append(m.subject_fidelity(identity, ref))
     into.pres.append(m.subject_fidelity(class_images, ref))
     into.div.append(float(np.mean([m.diversity(images_by_prompt[p.template]) for p in prompts] + [m.diversity(identity)])))
@@ -184,8 +199,7 @@ def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Option
     sheet_rows, sheet_labels = [], []
     for i in range(len(subjects)):  # in the plan's order, whichever finished first
         for name, subject_scores in done[i]["scores"].items():
-            for key, values in subject_scores.__dict__.items():
-                getattr(scores[name], key).extend(values)
+            scores[name].extend(subject_scores)
         for label, row in done[i]["sheet"]:
             sheet_labels.append(label)
             sheet_rows.append(row)
@@ -224,4 +238,14 @@ def format_tables(results: dict) -> str:
     for key in ("prior", "no_prior", "base"):
         r = results[key]
         lines.append(f"| {names[key]:40} | {r['pres']:6.3f} | {r['div']:5.3f} | {r['fidelity']:18.3f} |")
+    kinds = list(results["base"].get("prompt_by_kind", {}))
+    if kinds:
+        heads = [k.replace("_", " ") for k in kinds]
+        lines += ["", "Prompt fidelity by prompt kind",
+                  f"| {'Method':40} | " + " | ".join(heads) + " |",
+                  f"|{'-' * 42}|" + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
+        for key in ("base", "prior", "no_prior"):
+            by_kind = results[key]["prompt_by_kind"]
+            lines.append(f"| {names[key]:40} | " + " | ".join(f"{by_kind[k]:{len(h)}.3f}" for k, h in zip(kinds, heads))
+                         + " |")
     return "\n".join(lines)
