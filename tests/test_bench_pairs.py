@@ -1,0 +1,56 @@
+"""The benchmark's back-to-back pairs: each pair's ratio is taken within the pair, the headline is
+their median (bench/run.py, bench/report.py; stdlib only, no trainer runs here)."""
+from __future__ import annotations
+
+import pytest
+
+from bench.report import training_table
+from bench.run import Bench, Row, build_parser, make_plan
+
+MODEL = "SD1.5-shaped (random)"
+
+
+def _bench(tmp_path, repeat: int) -> Bench:
+    args = build_parser().parse_args(["--output", str(tmp_path), "--repeat", str(repeat), "--device", "cpu"])
+    return Bench(args, make_plan(False, "cpu", 1, ["sd15"]))
+
+
+def _row(who: str, s_per_step: float, rss: float, pair: int, section: str = "train") -> Row:
+    return Row(section, MODEL, who, 256, 5, s_per_step=s_per_step, wall_s=60.0, peak_rss_mib=rss,
+               training_peak_rss_mib=rss, steps=13, warmup=3, pair=pair)
+
+
+def test_the_headline_is_the_median_of_the_pairs_each_against_its_own_reference(tmp_path):
+    bench = _bench(tmp_path, 3)
+    # A machine that slows down over the run: pair 2's reference is slow, and so is its "ours".
+    bench.rows = [_row("reference", 10.0, 1000, 1), _row("ours", 5.0, 800, 1),
+                  _row("reference", 20.0, 1000, 2), _row("ours", 16.0, 700, 2),
+                  _row("reference", 12.0, 1000, 3), _row("ours", 8.0, 750, 3),
+                  _row("ours, no gradient checkpointing", 6.0, 900, 1, section="train-extra")]
+    speedup, memory, pick = bench.headline()
+    assert pick == MODEL
+    assert speedup == pytest.approx(1.5)  # median of 2.0, 1.25, 1.5
+    assert memory == pytest.approx(0.75)  # median of 0.8, 0.7, 0.75
+
+    table = training_table([r.__dict__ for r in bench.rows])
+    lines = {line.split("  256")[0].strip(): line for line in table.splitlines()[2:]}
+    assert "x1.25" in lines[f"{MODEL}  ours (pair 2)"]  # against pair 2's reference, not pair 1's (x0.62)
+    assert "x2.00" in lines[f"{MODEL}  ours (pair 1)"]
+    # the extra row, run after the pairs, against the last reference (12 s / 6 s)
+    assert "x2.00" in lines[f"{MODEL}  ours, no gradient checkpointing"]
+
+
+def test_a_pair_that_did_not_finish_is_left_out_and_one_pair_is_the_old_single_run(tmp_path):
+    bench = _bench(tmp_path, 2)
+    bench.rows = [_row("reference", 10.0, 1000, 1), _row("ours", 4.0, 800, 1), _row("reference", 9.0, 1000, 2)]
+    speedup, memory, _ = bench.headline()
+    assert (speedup, memory) == (pytest.approx(2.5), pytest.approx(0.8))
+    table = training_table([r.__dict__ for r in bench.rows])
+    assert "(pair 1)" in table and "(pair 2)" in table
+
+
+def test_repeat_must_be_positive():
+    from bench.run import main
+
+    with pytest.raises(SystemExit, match="--repeat 0"):
+        main(["--repeat", "0", "--device", "cpu"])
