@@ -47,7 +47,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -73,7 +73,7 @@ class Recorder:
     def close_phase(self, name: str, reset: bool) -> None:
         self.rec["rss_phases_kib"][name] = _status_kib("VmHWM")
         if reset:
-            ok = _reset_hwm()
+            ok = reset_hwm()
             self.rec["hwm_reset"] = ok if self.rec["hwm_reset"] is None else (self.rec["hwm_reset"] and ok)
         torch = self._cuda()
         if torch is not None:

@@ -16,7 +16,7 @@ import argparse
 import os
 import time
 
-from bench.child import _reset_hwm
+from bench.child import reset_hwm
 
 
 def _mem() -> str:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         print(f"step {info.step}: {now - t['last']:.2f} s (cpu {used:.2f} s, sys "
               f"{cpu.system - t.get('sys', cpu.system):.2f} s)  {_mem()}", flush=True)
         t.update(last=now, cpu=cpu.user + cpu.system, sys=cpu.system)
-        _reset_hwm()  # so that the next step's line shows its own peak, not the first step's
+        reset_hwm()  # so that the next step's line shows its own peak, not the first step's
         prof.step()
 
     def patched(backend, config, instance, class_images=None, callbacks=None, accelerator=None, flip=None,
