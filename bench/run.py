@@ -432,7 +432,7 @@ class Bench:
               f"training steps only, first pair: {tp})")
         if len(pairs) > 1:
             print("back-to-back pairs: " + ", ".join(f"x{p['speedup']:.2f} at {p['memory']:.2f}" for p in per_pair)
-                  + f"; the headline is their median")
+                  + "; the headline is their median")
         print(f"speedup={speedup:.2f} memory={memory:.2f}")
         return 1 if failures else 0
 
