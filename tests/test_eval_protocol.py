@@ -12,7 +12,8 @@ from dreambooth_core.evaluation.protocol import Plan, run_eval
 pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
                                 reason="embedded model not built")
 
-PLAN = Plan(subjects=tw.EVAL_SUBJECTS[1:3], steps=4, seeds=(0,), class_images=2, instance_images=2)
+# Four sampling steps: the runs must agree, not look good (a fifth of the protocol's sampling time).
+PLAN = Plan(subjects=tw.EVAL_SUBJECTS[1:3], steps=4, seeds=(0,), class_images=2, instance_images=2, sample_steps=4)
 
 
 def _flat(per_subject: dict) -> dict:

@@ -40,6 +40,7 @@ class Plan:
     class_images: int = 48
     instance_images: int = 5
     train_text_encoder: bool = TRAIN["train_text_encoder"]
+    sample_steps: int = SAMPLING["steps"]
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -126,7 +127,7 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
 
     base = load_backend("embedded")
     res = base.native_resolution
-    settings = SampleSettings(width=res, height=res, **SAMPLING)
+    settings = SampleSettings(width=res, height=res, **dict(SAMPLING, steps=plan.sample_steps))
     ref = m.subject_reference(subject, size=res)
     prompts = subject_prompts(subject)
     views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
@@ -207,7 +208,7 @@ def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Option
     results["per_subject"] = {name: s.__dict__ for name, s in scores.items()}
     results["subjects"] = [s.name for s in subjects]
     results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images,
-                       "train_text_encoder": plan.train_text_encoder}
+                       "train_text_encoder": plan.train_text_encoder, "sample_steps": plan.sample_steps}
     results["workers"] = workers
     results["seconds"] = round(time.perf_counter() - t0, 1)
     cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(subjects[0])] + ["class"]
