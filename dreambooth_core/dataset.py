@@ -22,6 +22,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import masks as mk
 from .fileio import save_image, write_bytes, write_json
 
 CROPS = ("center", "random", "bucket")
@@ -73,6 +74,7 @@ class TrainImage:
     image: Image.Image  # RGB at its training size (both sides multiples of 8)
     caption: str
     source: str  # path relative to the input folder, or "memory[i]"
+    mask: Optional[Image.Image] = None  # "L", the image's size; 255 = the subject (masked loss)
 
 
 @dataclass
@@ -106,9 +108,10 @@ class PreparedDataset:
             sizes[key] = sizes.get(key, 0) + 1
         size_text = ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))
         c = self.counts()
+        masked = sum(it.mask is not None for it in self.items)
         return (f"{len(self.items)} image(s) ready ({size_text or 'none'}); {c['fixed']} fixed, "
                 f"{c['warning']} with warnings, {c['skipped']} skipped; crop={self.crop}, "
-                f"flip={'on' if self.flip else 'off'}")
+                f"flip={'on' if self.flip else 'off'}" + (f"; {masked} with a subject mask" if masked else ""))
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """Write the training crops (PNG) with sidecar captions (.txt), report.json and report.txt,
@@ -122,6 +125,9 @@ class PreparedDataset:
             write_bytes(out / f"{stem}.txt", (item.caption + "\n").encode("utf-8"))
             files.append({"file": f"{stem}.png", "caption": item.caption, "source": item.source,
                           "size": [item.image.width, item.image.height]})
+            if item.mask is not None:
+                save_image(out / "masks" / f"{stem}.png", item.mask)  # a subfolder: never read as a photo
+                files[-1]["mask"] = f"masks/{stem}.png"
         write_json(out / "report.json", {"resolution": self.resolution, "crop": self.crop, "flip": self.flip,
                                          "summary": self.summary(), "items": files,
                                          "report": [asdict(r) for r in self.report]})
@@ -319,9 +325,9 @@ def _orientation(im: Image.Image, log: _Log) -> int:
 
 
 def _load_file(cand: _Candidate, *, resolution: int, crop: str, min_size: int, max_pixels: int,
-               log: _Log) -> Tuple[Image.Image, Tuple[int, int]]:
-    """Decode one file to an upright RGB image (maybe decoded at reduced scale) and its upright
-    size in the file, or raise _Skip with the reason."""
+               log: _Log) -> Tuple[Image.Image, Tuple[int, int], Optional[Image.Image]]:
+    """Decode one file to an upright RGB image (maybe decoded at reduced scale), its upright
+    size in the file and its upright alpha channel (None without one), or raise _Skip with the reason."""
     path = cand.path
     assert path is not None
     ext = path.suffix.lower()
@@ -381,11 +387,13 @@ def _load_file(cand: _Candidate, *, resolution: int, crop: str, min_size: int, m
         except Exception as e:
             raise _Skip(f"truncated or corrupt image data ({e}); download or export it again") from None
         rgb = _to_rgb(im, log)
+        alpha = mk.alpha_mask(im)
     if orientation != 1:
         method, note = _ORIENTATION[orientation]
         rgb = rgb.transpose(method)
+        alpha = alpha.transpose(method) if alpha is not None else None
         log.fixed(note)
-    return rgb, upright
+    return rgb, upright, alpha
 
 
 def _check_small(size: Tuple[int, int], min_size: int, resolution: int) -> None:
@@ -497,6 +505,55 @@ def _from_memory(obj: Any, log: _Log) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
+# subject masks
+
+
+def _given_masks(masks: Any, cands: Sequence[_Candidate]) -> Optional[list]:
+    """The caller's own masks, one per in-memory image (None for "alpha" or no masks)."""
+    if masks is None or (isinstance(masks, str) and masks == "alpha"):
+        return None
+    if isinstance(masks, (str, os.PathLike)):
+        raise DatasetError(f"masks: {str(masks)!r} is not understood; give \"alpha\" (each image's alpha channel) "
+                           "or one mask per image")
+    if any(c.path is not None for c in cands):
+        raise DatasetError("masks: a list of masks goes with in-memory images; for files use masks=\"alpha\" "
+                           "(cut-outs with a transparent background)")
+    shape = getattr(masks, "shape", None)
+    given = masks
+    if shape is not None and len(shape) in (2, 3):  # one H×W mask, or a B×H×W batch (ComfyUI's MASK)
+        given = [masks] if len(shape) == 2 else list(masks)
+    if not isinstance(given, (list, tuple)) or len(given) != len(cands):
+        n = len(given) if isinstance(given, (list, tuple)) else "not a list of"
+        raise DatasetError(f"masks: {n} mask(s) for {len(cands)} image(s); give one mask per image")
+    return list(given)
+
+
+def _subject_mask(masks: Any, given: Optional[list], index: int, alpha: Optional[Image.Image],
+                  size: Tuple[int, int], log: _Log) -> Optional[Image.Image]:
+    """This image's mask at its own size, or None (no masks asked for, or "alpha" without one)."""
+    if masks is None:
+        return None
+    if given is None:
+        if alpha is None:
+            log.warn("no transparency to read a subject mask from: the whole image is learned")
+            return None
+        mask = alpha
+    else:
+        try:
+            mask = mk.to_mask(given[index], f"masks[{index}]")
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
+    if mask.size != size:
+        if abs(mask.width / mask.height - size[0] / size[1]) > 0.01:
+            raise DatasetError(f"masks[{index}]: {mask.width}x{mask.height} does not have the shape of its image "
+                               f"({size[0]}x{size[1]}); give each image a mask of its own aspect ratio")
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    if mk.coverage(mask) < 1e-3:
+        raise _Skip("its subject mask is empty (marks nothing to learn); fix the mask or leave the image out")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
 # captions
 
 
@@ -589,11 +646,13 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
                     caption_template: str = "a photo of {token} {class}", resolution: int = 512,
                     crop: str = "center", flip: bool = False, recursive: bool = False,
                     min_size: Optional[int] = None, seed: int = 0, use_captions: bool = True,
-                    max_pixels: int = MAX_PIXELS) -> PreparedDataset:
+                    max_pixels: int = MAX_PIXELS, masks: Any = None) -> PreparedDataset:
     """Load, validate, fix, caption and crop the subject's images; report on every file.
 
     `source`: a folder, a list of image files, or a list of in-memory images (PIL, numpy
     H×W×3 uint8 / float [0, 1], torch tensors; a whole B×H×W×3 batch is accepted too).
+    `masks`: subject masks for a masked loss (see masks.py): "alpha" reads each image's alpha
+    channel (cut-outs), or one mask per in-memory image (a B×H×W batch such as ComfyUI's MASK).
     Raises DatasetError when no usable image remains."""
     _check_resolution(resolution)
     if crop not in CROPS:
@@ -609,21 +668,27 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
             hint = "images were found in subfolders: pass recursive=True to use them"
     else:
         cands, where = _candidates(source)
+    given_masks = _given_masks(masks, cands)
+    from_alpha = masks is not None and given_masks is None
 
     report: List[FileReport] = []
     kept: List[Tuple[TrainImage, FileReport, int, np.ndarray]] = []
     exact: dict = {}
-    for cand in cands:
+    for index, cand in enumerate(cands):
         log = _Log()
         rep = FileReport(cand.name, "ok")
         try:
+            alpha = None
             if cand.path is not None:
-                img, rep.original_size = _load_file(cand, resolution=resolution, crop=crop, min_size=min_size,
-                                                    max_pixels=max_pixels, log=log)
+                img, rep.original_size, alpha = _load_file(cand, resolution=resolution, crop=crop,
+                                                           min_size=min_size, max_pixels=max_pixels, log=log)
             else:
                 img = _from_memory(cand.obj, log)
                 rep.original_size = img.size
                 _check_small(img.size, min_size, resolution)
+                if from_alpha:
+                    alpha = mk.array_alpha_mask(cand.obj)
+            mask = _subject_mask(masks, given_masks, index, alpha, img.size, log)
             digest = _pixel_digest(img)
             if digest in exact:
                 raise _Skip(f"exact duplicate of {exact[digest]}: dropped")
@@ -642,7 +707,9 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
                 log.warn(f"small image ({img.width}x{img.height}) upscaled x{scale:.2f} to {target[0]}x{target[1]}: "
                          f"it may look soft; photos of at least {resolution} px on the shorter side train better")
             rep.size = out.size
-            kept.append((TrainImage(out, caption, cand.name), rep, dhash, colour))
+            if mask is not None:
+                mask = _cover_and_crop(mask, target, crop, f"{seed}:{cand.name}")[0]
+            kept.append((TrainImage(out, caption, cand.name, mask), rep, dhash, colour))
         except _Skip as skip:
             log.add("skipped", str(skip))
         rep.status, rep.notes = log.status, log.notes
@@ -654,4 +721,7 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
         found = f"{len(report)} file(s) skipped — {reasons}{more}" if report else "no image files found"
         tip = hint or (f"add JPEG/PNG/WebP photos of the subject, at least {max(min_size, 1)} px on the shorter side")
         raise DatasetError(f"No usable image in {where}: {found}. {tip[0].upper() + tip[1:]}.")
+    if from_alpha and all(k[0].mask is None for k in kept):
+        raise DatasetError(f"masks='alpha': none of the images in {where} has an alpha channel; cut the subject out "
+                           "(a PNG/WebP with a transparent background) or train without masks")
     return PreparedDataset([k[0] for k in kept], report, flip=flip, resolution=resolution, crop=crop)

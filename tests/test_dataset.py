@@ -575,3 +575,82 @@ def test_system_folders_skipped_when_recursive(tmp_path):
     (tmp_path / ".git" / "x.png").write_bytes(b"junk")
     ds = prep(tmp_path, recursive=True)
     assert [r.source for r in ds.report] == ["a.png"]
+
+
+# --- subject masks (masked loss) -----------------------------------------------------------------
+
+
+def cutout(seed: int, w: int = 128, h: int = 96, box=(40, 20, 100, 80)) -> Image.Image:
+    """A photo whose subject (a box of the pattern) is opaque and whose background is transparent."""
+    im = pattern(seed, w, h).convert("RGBA")
+    alpha = Image.new("L", (w, h), 0)
+    alpha.paste(255, box)
+    im.putalpha(alpha)
+    return im
+
+
+def shrink(region: np.ndarray, by: int = 2) -> np.ndarray:
+    for _ in range(by):
+        pad = np.pad(region, 1)
+        region = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    return region
+
+
+def test_alpha_masks_are_cropped_exactly_like_their_photos(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    cutout(1).save(src / "a.png")
+    cutout(2, box=(0, 0, 30, 96)).save(src / "b.png")
+    for crop in ("center", "random"):
+        ds = prep(src, masks="alpha", crop=crop, seed=3)
+        assert "2 with a subject mask" in ds.summary()
+        for item in ds.items:
+            assert item.mask.size == item.image.size == (RES, RES)
+            mask, rgb = np.asarray(item.mask, np.int16), np.asarray(item.image, np.int16)
+            # transparent areas were composited on grey: wherever the mask is clearly off the photo
+            # is grey, and wherever it is clearly on, the photo is the (not grey) pattern
+            # (2 px from the mask's edge, where resampling blends the two)
+            off, on = shrink(mask < 3), shrink(mask > 252)
+            assert off.sum() > 200 and on.sum() > 200
+            assert np.all(np.abs(rgb[off] - 128).max(-1) <= 2)
+            assert np.mean(np.abs(rgb[on] - 128).max(-1) > 2) > 0.95
+    # centre crop: the mask is the alpha channel under the photo's own resize and crop (128x96 → 85x64 → 64x64)
+    alpha = cutout(1).getchannel("A").resize((85, 64), Image.Resampling.LANCZOS).crop((10, 0, 74, 64))
+    assert np.abs(np.asarray(prep(src, masks="alpha").items[0].mask, np.int16) - np.asarray(alpha, np.int16)).max() <= 2
+
+
+def test_in_memory_masks_one_per_image_and_their_errors():
+    photos = [np.asarray(pattern(i)) for i in range(3)]
+    masks = np.zeros((3, 48, 48), np.float32)  # ComfyUI's MASK layout, at half the photos' size
+    masks[:, 10:30, 5:20] = 1.0
+    ds = prep(photos, masks=masks)
+    m = np.asarray(ds.items[0].mask) > 127
+    ys, xs = np.nonzero(m)
+    # 96 px → 64 px: the mask's 20x15 box at half size lands at 2/3 × 2 of its coordinates
+    assert abs(ys.min() - 13) <= 1 and abs(ys.max() - 39) <= 1 and abs(xs.min() - 7) <= 1 and abs(xs.max() - 26) <= 1
+    with pytest.raises(DatasetError, match="2 mask"):
+        prep(photos, masks=masks[:2])
+    with pytest.raises(DatasetError, match=r"masks\[0\].*aspect"):
+        prep(photos, masks=np.ones((3, 48, 20), np.float32))
+    with pytest.raises(DatasetError, match="none of the images .* alpha"):
+        prep(photos, masks="alpha")
+    empty = masks.copy()
+    empty[1] = 0
+    ds = prep(photos, masks=empty)
+    assert len(ds.items) == 2 and "mask is empty" in notes(ds, "memory[1]")
+
+
+def test_mask_list_with_files_is_refused_and_masks_are_saved_apart(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    cutout(1).save(src / "a.png")
+    pattern(2).save(src / "b.png")  # no transparency: learned whole, with a warning
+    with pytest.raises(DatasetError, match="in-memory"):
+        prep(src, masks=[np.ones((96, 128))])
+    ds = prep(src, masks="alpha")
+    assert ds.items[0].mask is not None and ds.items[1].mask is None
+    assert "whole image is learned" in notes(ds, "b.png")
+    ds.save(tmp_path / "out")
+    assert Image.open(tmp_path / "out" / "masks" / "0000_a.png").size == (RES, RES)
+    # the saved folder reads back as the same photos: the masks' subfolder is not taken for photos
+    assert len(prep(tmp_path / "out").items) == 2
