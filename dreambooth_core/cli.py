@@ -26,6 +26,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=S, help="training resolution (default: the model's)")
     g.add_argument("--crop", choices=CROPS, default=S)
     g.add_argument("--flip", action=BOOL, default=S, help="mirror images at random (not for text or logos)")
+    g.add_argument("--masked-loss", action=BOOL, default=S,
+                   help="learn only the subject, not the photos' backgrounds: masks from the photos' alpha "
+                        "channel (cut-outs with a transparent background)")
+    g.add_argument("--mask-background-weight", type=float, default=S,
+                   help="loss weight outside the mask with --masked-loss (default 0; 1 = no mask)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, help="'embedded' (default), a diffusers folder, or a .safetensors checkpoint")
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=S,
@@ -128,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", choices=CROPS, default="center")
     p.add_argument("--flip", action=BOOL, default=False)
     p.add_argument("--recursive", action=BOOL, default=False)
+    p.add_argument("--masked-loss", action=BOOL, default=False,
+                   help="read subject masks from the alpha channel (written to OUTPUT/masks/)")
     p.add_argument("--min-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
 
@@ -154,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
                    help="DreamBooth steps per run (default: 250, or 200 with --quick)")
     p.add_argument("--frozen-text-encoder", action="store_true",
                    help="train the UNet's LoRA only (the default also trains the text encoder's)")
+    p.add_argument("--masked-loss", action="store_true",
+                   help="learn only the subject (masks read off the renders); the default trains on the whole photos")
 
     p = sub.add_parser("token", help="check or propose a rare identifier token")
     tsub = p.add_subparsers(dest="token_command", required=True)

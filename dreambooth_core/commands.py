@@ -184,7 +184,7 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
     template = config.instance_prompt or "a photo of {token} {class}"
     data = prepare_dataset(config.instance_dir, token=config.token, class_noun=config.class_noun,
                            caption_template=template, resolution=resolution, crop=config.crop, flip=config.flip,
-                           seed=config.seed)
+                           seed=config.seed, masks="alpha" if config.masked_loss else None)
     if main:
         log(data.summary())
     class_items = None
@@ -273,7 +273,8 @@ def cmd_prepare(args) -> int:
     try:
         data = prepare_dataset(args.input_dir, token=args.token, class_noun=args.class_noun,
                                caption_template=args.caption_template, resolution=args.resolution, crop=args.crop,
-                               flip=args.flip, recursive=args.recursive, min_size=args.min_size, seed=args.seed)
+                               flip=args.flip, recursive=args.recursive, min_size=args.min_size, seed=args.seed,
+                               masks="alpha" if args.masked_loss else None)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -337,6 +338,8 @@ def cmd_eval(args) -> int:
         plan = replace(plan, steps=args.steps)
     if args.frozen_text_encoder:
         plan = replace(plan, train_text_encoder=False)
+    if args.masked_loss:
+        plan = replace(plan, masked_loss=True)
     bar = _bar(len(plan.subjects), "subjects", unit="subject")
     results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar), workers=args.workers)
     bar.close()

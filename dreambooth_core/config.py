@@ -36,6 +36,8 @@ class TrainConfig:
     resolution: Optional[int] = None  # default: the model's native resolution
     crop: str = "center"
     flip: bool = False
+    masked_loss: bool = False  # learn only the subject: masks from the photos' alpha channel (masks.py)
+    mask_background_weight: float = 0.0  # loss weight outside the subject mask (1: as without a mask)
     # model
     model: str = "embedded"
     prediction_type: Optional[str] = None
@@ -119,6 +121,8 @@ class TrainConfig:
         for name in ("steps", "rank", "batch_size", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")
+        if not 0.0 <= self.mask_background_weight <= 1.0:
+            bad("mask_background_weight", "must be between 0 (learn only the subject) and 1 (as without a mask)")
         if self.learning_rate is not None and not self.learning_rate > 0:
             bad("learning_rate", "must be positive")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):

@@ -66,9 +66,18 @@ class LossParts:
 
 
 def dreambooth_loss(pred: torch.Tensor, batch: NoisedBatch, n_instance: int,
-                    prior_weight: float) -> LossParts:
-    """Instance samples come first in the batch, class samples after them."""
-    losses = per_sample_mse(pred, batch.target) * batch.weight
+                    prior_weight: float, instance_weight: torch.Tensor | None = None) -> LossParts:
+    """Instance samples come first in the batch, class samples after them. `instance_weight`
+    (the instance latents' shape) weights each instance element, a masked loss: each sample's
+    loss is then its weighted mean, so a small subject counts as much as a large one."""
+    if instance_weight is None:
+        losses = per_sample_mse(pred, batch.target)
+    else:
+        err = F.mse_loss(pred.float(), batch.target.float(), reduction="none").flatten(1)
+        w = torch.ones_like(err)
+        w[:n_instance] = instance_weight.to(err).flatten(1)
+        losses = (err * w).sum(1) / w.sum(1).clamp_min(1e-8)
+    losses = losses * batch.weight
     instance = losses[:n_instance].mean()
     if n_instance == losses.shape[0]:
         return LossParts(instance, instance.detach(), None)

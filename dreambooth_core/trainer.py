@@ -110,6 +110,7 @@ class _Bucket:
     flipped: Optional[torch.Tensor]
     captions: List[str]
     size: tuple  # (H, W) in pixels
+    masks: Optional[torch.Tensor] = None  # (N, 1, h, w) in [0, 1] at latent size: subject masks
 
 
 class DreamBoothTrainer:
@@ -158,8 +159,19 @@ class DreamBoothTrainer:
             if flip:
                 mirrored = pixels.flip(-1)
                 flipped = torch.cat([self.backend.encode_images(mirrored[i:i + 8]) for i in range(0, len(items), 8)])
-            buckets.append(_Bucket(latents, flipped, [ex.caption for ex in items], size))
+            buckets.append(_Bucket(latents, flipped, [ex.caption for ex in items], size,
+                                   self._latent_masks(items, latents.shape[-2:])))
         return buckets
+
+    @staticmethod
+    def _latent_masks(items: Sequence[Example], latent_size) -> Optional[torch.Tensor]:
+        """Subject masks (dataset.TrainImage.mask) averaged down to latent pixels; None if no item has
+        one, and all ones for an item without."""
+        if all(getattr(ex, "mask", None) is None for ex in items):
+            return None
+        full = [torch.ones(ex.image.height, ex.image.width) if getattr(ex, "mask", None) is None
+                else torch.from_numpy(np.asarray(ex.mask.convert("L"), np.float32) / 255.0) for ex in items]
+        return torch.nn.functional.interpolate(torch.stack(full)[:, None], size=tuple(latent_size), mode="area")
 
     @torch.no_grad()
     def _cache_text(self, buckets: Sequence[_Bucket]) -> Dict[tuple, Cond]:
@@ -301,7 +313,8 @@ class DreamBoothTrainer:
         return named
 
     def _draw(self, step: int, micro: int, inst: List[_Bucket], cls: List[_Bucket]):
-        """The global batch of this micro-step, then this process's slice of it."""
+        """The global batch of this micro-step, then this process's slice of it, and the instance
+        samples' loss weights (masked loss) or None."""
         c, acc = self.config, self.accelerator
         g = step_generator(c.seed, step, micro)
         world, rank, b = acc.num_processes, acc.process_index, c.batch_size
@@ -316,6 +329,11 @@ class DreamBoothTrainer:
         t = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
         mine = slice(rank * b, (rank + 1) * b)
         parts = [(lat[mine], noise[mine], t[mine], [bucket.captions[i] for i in idx[mine].tolist()], bucket.size)]
+        weight = None
+        if bucket.masks is not None:
+            masks = torch.where(flips.bool().view(-1, 1, 1, 1), bucket.masks.flip(-1)[idx], bucket.masks[idx])[mine]
+            floor = c.mask_background_weight
+            weight = (floor + (1 - floor) * masks).expand(-1, lat.shape[1], -1, -1)
         if cls:
             cb = cls[0]
             cidx = torch.randint(len(cb.captions), (total,), generator=g)
@@ -323,14 +341,14 @@ class DreamBoothTrainer:
             cnoise = objective.sample_noise(clat.shape, g, c.offset_noise)
             ct = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
             parts.append((clat[mine], cnoise[mine], ct[mine], [cb.captions[i] for i in cidx[mine].tolist()], cb.size))
-        return parts
+        return parts, weight
 
     def _cond(self, captions: List[str], size: tuple, text_cache: Dict[tuple, Cond]) -> Cond:
         if text_cache:
             return cat_conds([text_cache[(cap, size)] for cap in captions])
         return self.backend.encode_text(captions, size=size)
 
-    def _forward_loss(self, parts, text_cache) -> objective.LossParts:
+    def _forward_loss(self, parts, text_cache, instance_weight=None) -> objective.LossParts:
         c, backend = self.config, self.backend
         dev = backend.device
         batches = [objective.make_batch(lat.to(dev), noise.to(dev), t.to(dev), backend.alphas_cumprod,
@@ -346,15 +364,16 @@ class DreamBoothTrainer:
                 pred = torch.cat([backend.predict(b.noisy, b.timesteps, cd).flatten(1) for b, cd in zip(batches, conds)])
                 merged = objective.NoisedBatch(None, None, torch.cat([b.target.flatten(1) for b in batches]),
                                                torch.cat([b.weight for b in batches]))
-        return objective.dreambooth_loss(pred, merged, n_inst, c.prior_weight)
+        weight = instance_weight.to(dev) if instance_weight is not None else None
+        return objective.dreambooth_loss(pred, merged, n_inst, c.prior_weight, weight)
 
     def _optimizer_step(self, step, inst, cls, text_cache, models, params, optimizer, scheduler, named):
         c, acc = self.config, self.accelerator
         totals = np.zeros(3)
         for micro in range(c.gradient_accumulation):
-            parts = self._draw(step, micro, inst, cls)
+            parts, weight = self._draw(step, micro, inst, cls)
             with _accumulate(acc, models):
-                loss = self._forward_loss(parts, text_cache)
+                loss = self._forward_loss(parts, text_cache, weight)
                 finite = torch.isfinite(loss.total.detach()).float()
                 if acc.num_processes > 1:
                     finite = acc.reduce(finite.to(acc.device), "min")

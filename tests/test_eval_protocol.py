@@ -63,9 +63,10 @@ def test_cli_flags_reach_the_plan_and_a_frozen_text_encoder_gets_no_lora(tmp_pat
                                     train_text_encoder=plan.train_text_encoder), **kwargs)
 
     monkeypatch.setattr(protocol, "run_eval", capture)
-    assert main(["eval", "--quick", "--steps", "3", "--frozen-text-encoder", "--workers", "1",
+    assert main(["eval", "--quick", "--steps", "3", "--frozen-text-encoder", "--masked-loss", "--workers", "1",
                  "--output", str(tmp_path)]) == 0
     assert plans[0].steps == 3 and plans[0].train_text_encoder is False and plans[0].seeds == Plan.quick().seeds
+    assert plans[0].masked_loss is True and Plan().masked_loss is False
     for lora in (tmp_path / "runs").glob("*/*.safetensors"):
         tensors, _ = read_lora_file(lora)
         assert tensors and not any(k.startswith("lora_te") for k in tensors), lora

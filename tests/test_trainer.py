@@ -20,6 +20,11 @@ class Ex:
     caption: str
 
 
+@dataclass
+class MaskedEx(Ex):
+    mask: Image.Image
+
+
 def examples(n: int, caption: str, seed: int) -> list:
     rng = np.random.default_rng(seed)
     return [Ex(Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)), caption) for _ in range(n)]
@@ -175,6 +180,45 @@ def test_objective_targets_and_min_snr():
     parts = objective.dreambooth_loss(pred, eps, n_instance=1, prior_weight=0.5)
     per = noise.pow(2).flatten(1).mean(1)
     torch.testing.assert_close(parts.total, per[0] + 0.5 * per[1:].mean())
+
+
+def test_masked_loss_counts_only_the_subject_and_weights_each_sample_alike():
+    target = torch.zeros(3, 2, 4, 4)
+    batch = objective.NoisedBatch(None, None, target, torch.ones(3))
+    weight = torch.zeros(2, 2, 4, 4)
+    weight[0, :, :2] = 1.0  # sample 0: top half is the subject
+    weight[1, :, 0, 0] = 1.0  # sample 1: one pixel
+    pred = torch.zeros_like(target)
+    pred[0, :, 2:] = 5.0  # wrong only outside the mask
+    pred[1, :, 0, 0] = 2.0  # wrong on its one subject pixel
+    pred[2] = 1.0  # the class sample: no mask
+    parts = objective.dreambooth_loss(pred, batch, n_instance=2, prior_weight=1.0, instance_weight=weight)
+    torch.testing.assert_close(parts.instance, torch.tensor((0.0 + 4.0) / 2))  # a mean over each subject
+    torch.testing.assert_close(parts.prior, torch.tensor(1.0))
+    plain = objective.dreambooth_loss(pred, batch, 2, 1.0)
+    ones = objective.dreambooth_loss(pred, batch, 2, 1.0, torch.ones(2, 2, 4, 4))
+    torch.testing.assert_close(plain.total, ones.total)
+
+
+def test_masks_reach_the_loss_and_change_what_is_learned(tmp_path):
+    """A mask that marks only part of each photo trains a different LoRA than the whole photo, and
+    one that marks everything trains the same one."""
+    def masked(value_of):
+        out = []
+        for ex in INSTANCE:
+            m = np.zeros((16, 16), np.uint8)
+            m[:, :8] = 255
+            out.append(MaskedEx(ex.image, ex.caption, Image.fromarray(value_of(m))))
+        return out
+
+    plain = lora_state(train(make_tiny_backend(), config(tmp_path / "a"), INSTANCE, CLASS))
+    full = lora_state(train(make_tiny_backend(), config(tmp_path / "b"), masked(lambda m: m * 0 + 255), CLASS))
+    half = lora_state(train(make_tiny_backend(), config(tmp_path / "c"), masked(lambda m: m), CLASS))
+    for k in plain:
+        torch.testing.assert_close(plain[k], full[k], rtol=0, atol=1e-6)
+    assert max((plain[k] - half[k]).abs().max().item() for k in plain) > 1e-4
+    with pytest.raises(Exception, match="mask_background_weight"):
+        config(tmp_path, mask_background_weight=1.5).validate()
 
 
 def test_releasing_frozen_encoders_frees_them_and_changes_no_weight(tmp_path):

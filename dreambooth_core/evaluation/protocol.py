@@ -40,11 +40,23 @@ class Plan:
     class_images: int = 48
     instance_images: int = 5
     train_text_encoder: bool = TRAIN["train_text_encoder"]
+    masked_loss: bool = False  # train on subject masks read off the renders (eval --masked-loss)
     sample_steps: int = SAMPLING["steps"]
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(steps=200, seeds=(0, 1), class_images=32)
+
+
+def subject_masks(views: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """What a cut-out of each photo gives the masked loss: the object's pixels, read off the render,
+    grown by one pixel so that its anti-aliased edge counts as subject."""
+    grown = []
+    for view in views:
+        mask = tw.object_mask(view)
+        pad = np.pad(mask, 1)
+        grown.append(pad[1:-1, 1:-1] | pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:])
+    return grown
 
 
 def subject_prompts(subject: tw.Subject) -> List[m.EvalPrompt]:
@@ -131,7 +143,8 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     ref = m.subject_reference(subject, size=res)
     prompts = subject_prompts(subject)
     views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
-    data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res)
+    data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res,
+                           masks=subject_masks(views) if plan.masked_loss else None)
     class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
     class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images, settings, seed=0)
     class_items = class_set.load(resolution=res).items
@@ -208,7 +221,8 @@ def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Option
     results["per_subject"] = {name: s.__dict__ for name, s in scores.items()}
     results["subjects"] = [s.name for s in subjects]
     results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images,
-                       "train_text_encoder": plan.train_text_encoder, "sample_steps": plan.sample_steps}
+                       "train_text_encoder": plan.train_text_encoder, "masked_loss": plan.masked_loss,
+                       "sample_steps": plan.sample_steps}
     results["workers"] = workers
     results["seconds"] = round(time.perf_counter() - t0, 1)
     cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(subjects[0])] + ["class"]
