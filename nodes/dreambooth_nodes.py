@@ -121,6 +121,13 @@ class DreamBoothDataset_:
                 "caption_template": ("STRING", {"default": "a photo of {token} {class}",
                                                 "tooltip": "Caption of photos without a .txt caption file; {token} and "
                                                            "{class} are filled in."}),
+                "subject_mask": ("MASK", {"tooltip": "Masked loss: only the subject is learned, not the photos' "
+                                                     "backgrounds. One mask per image of the 'images' input, white = "
+                                                     "subject (e.g. from a segmentation node; Load Image's mask is "
+                                                     "white where the image is transparent: put Invert Mask after it)."}),
+                "mask_from_alpha": ("BOOLEAN", {"default": False,
+                                                "tooltip": "Masked loss for a folder of cut-outs: each photo's "
+                                                           "transparency is its subject mask."}),
             },
         }
 
@@ -140,7 +147,7 @@ class DreamBoothDataset_:
             return ""
 
     def prepare(self, clip, folder, token, class_noun, resolution, crop, flip, images=None, path="",
-                caption_template="a photo of {token} {class}"):
+                caption_template="a photo of {token} {class}", subject_mask=None, mask_from_alpha=False):
         from ..dreambooth_core.dataset import prepare_dataset
         from ..dreambooth_core.tokens import TokenError, require_single_token
         from .comfy_backend import clip_tokenizers
@@ -155,9 +162,15 @@ class DreamBoothDataset_:
             source, where = images, "IMAGE input"
         else:
             source = where = paths.resolve_dataset_folder(folder, path or "")
+        masks = "alpha" if mask_from_alpha else None
+        if subject_mask is not None:
+            if images is None or (path or "").strip():
+                raise ValueError("DreamBooth Dataset: subject_mask goes with the 'images' input (one mask per "
+                                 "image); for a folder of cut-outs turn on mask_from_alpha instead")
+            masks = subject_mask
         prepared = prepare_dataset(source, token=token, class_noun=class_noun,
                                    caption_template=caption_template or "a photo of {token} {class}",
-                                   resolution=int(resolution), crop=crop, flip=bool(flip))
+                                   resolution=int(resolution), crop=crop, flip=bool(flip), masks=masks)
         dataset = DreamBoothDataset(prepared, token, class_noun, caption_template, where, check.message)
         preview = _images_to_tensor([item.image for item in prepared.items])
         text = f"{check.message}\n{prepared.report_text()}"

@@ -195,7 +195,8 @@ def start(request: Dict[str, Any]) -> Job:
         source = _decode_images(images) if images else config.instance_dir
         data = prepare_dataset(source, token=config.token, class_noun=config.class_noun,
                                caption_template=config.instance_prompt or "a photo of {token} {class}",
-                               resolution=config.resolution, crop=config.crop, flip=config.flip, seed=config.seed)
+                               resolution=config.resolution, crop=config.crop, flip=config.flip, seed=config.seed,
+                               masks="alpha" if config.masked_loss else None)
         job = Job(id=uuid.uuid4().hex[:12], config=config, total=config.steps,
                   message=f"{check.message} {data.summary()}")
         _jobs[job.id] = job

@@ -415,6 +415,28 @@ def test_text_encoder_gradients_are_the_same_with_gradient_checkpointing(pack, l
     assert all("forward" not in vars(m) for m in layers)  # the shared CLIP is as the host made it
 
 
+def test_dataset_node_takes_a_subject_mask_per_image(pack, host, loaded):
+    """An IMAGE batch with a MASK batch (ComfyUI's layouts) gives each crop its mask; a mask without
+    images, or of the wrong count, is refused with what to do."""
+    _, clip, _ = loaded
+    n = nodes(pack)
+    images = torch.rand(3, 96, 96, 3)
+    masks = torch.zeros(3, 96, 96)
+    masks[:, 20:70, 30:60] = 1.0
+    ds = n["DreamBoothDataset"].prepare(clip, "[none]", "sks", "dog", 64, "center", False, images=images,
+                                        subject_mask=masks)["result"][0]
+    items = ds.prepared.items
+    assert len(items) == 3 and all(it.mask is not None and it.mask.size == (64, 64) for it in items)
+    on = np.asarray(items[0].mask) > 127
+    assert 0.15 < on.mean() < 0.3 and on[30, 30] and not on[5, 5]
+    with pytest.raises(ValueError, match="subject_mask goes with the 'images' input"):
+        n["DreamBoothDataset"].prepare(clip, "[none]", "sks", "dog", 64, "center", False,
+                                       subject_mask=masks)
+    with pytest.raises(ValueError, match="2 mask"):
+        n["DreamBoothDataset"].prepare(clip, "[none]", "sks", "dog", 64, "center", False, images=images,
+                                       subject_mask=masks[:2])
+
+
 def test_dataset_paths_stay_inside_the_hosts_folders(pack, host, monkeypatch):
     import importlib
 
