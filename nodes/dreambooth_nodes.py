@@ -158,16 +158,16 @@ class DreamBoothDataset_:
             check = require_single_token(clip_tokenizers(clip), token)
         except TokenError as exc:
             raise ValueError(f"DreamBooth Dataset: identifier token: {exc}") from None
-        if images is not None and not (path or "").strip():
-            source, where = images, "IMAGE input"
-        else:
-            source = where = paths.resolve_dataset_folder(folder, path or "")
         masks = "alpha" if mask_from_alpha else None
         if subject_mask is not None:
             if images is None or (path or "").strip():
                 raise ValueError("DreamBooth Dataset: subject_mask goes with the 'images' input (one mask per "
                                  "image); for a folder of cut-outs turn on mask_from_alpha instead")
             masks = subject_mask
+        if images is not None and not (path or "").strip():
+            source, where = images, "IMAGE input"
+        else:
+            source = where = paths.resolve_dataset_folder(folder, path or "")
         prepared = prepare_dataset(source, token=token, class_noun=class_noun,
                                    caption_template=caption_template or "a photo of {token} {class}",
                                    resolution=int(resolution), crop=crop, flip=bool(flip), masks=masks)
