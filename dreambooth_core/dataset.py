@@ -325,9 +325,10 @@ def _orientation(im: Image.Image, log: _Log) -> int:
 
 
 def _load_file(cand: _Candidate, *, resolution: int, crop: str, min_size: int, max_pixels: int,
-               log: _Log) -> Tuple[Image.Image, Tuple[int, int], Optional[Image.Image]]:
+               log: _Log, want_alpha: bool = False) -> Tuple[Image.Image, Tuple[int, int], Optional[Image.Image]]:
     """Decode one file to an upright RGB image (maybe decoded at reduced scale), its upright
-    size in the file and its upright alpha channel (None without one), or raise _Skip with the reason."""
+    size in the file and, with `want_alpha`, its upright alpha channel (None without one), or raise
+    _Skip with the reason."""
     path = cand.path
     assert path is not None
     ext = path.suffix.lower()
@@ -387,7 +388,7 @@ def _load_file(cand: _Candidate, *, resolution: int, crop: str, min_size: int, m
         except Exception as e:
             raise _Skip(f"truncated or corrupt image data ({e}); download or export it again") from None
         rgb = _to_rgb(im, log)
-        alpha = mk.alpha_mask(im)
+        alpha = mk.alpha_mask(im) if want_alpha else None
     if orientation != 1:
         method, note = _ORIENTATION[orientation]
         rgb = rgb.transpose(method)
@@ -680,8 +681,8 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
         try:
             alpha = None
             if cand.path is not None:
-                img, rep.original_size, alpha = _load_file(cand, resolution=resolution, crop=crop,
-                                                           min_size=min_size, max_pixels=max_pixels, log=log)
+                img, rep.original_size, alpha = _load_file(cand, resolution=resolution, crop=crop, min_size=min_size,
+                                                           max_pixels=max_pixels, log=log, want_alpha=from_alpha)
             else:
                 img = _from_memory(cand.obj, log)
                 rep.original_size = img.size

@@ -54,8 +54,13 @@ def make_batch(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tens
     return NoisedBatch(noisy, timesteps, target, weight)
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean squared error, or with `weight` (one per element of target) its weighted mean."""
+    err = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1)
+    if weight is None:
+        return err.mean(1)
+    weight = weight.to(err).flatten(1)
+    return (err * weight).sum(1) / weight.sum(1).clamp_min(1e-8)
 
 
 @dataclass
@@ -70,14 +75,11 @@ def dreambooth_loss(pred: torch.Tensor, batch: NoisedBatch, n_instance: int,
     """Instance samples come first in the batch, class samples after them. `instance_weight`
     (the instance latents' shape) weights each instance element, a masked loss: each sample's
     loss is then its weighted mean, so a small subject counts as much as a large one."""
-    if instance_weight is None:
-        losses = per_sample_mse(pred, batch.target)
-    else:
-        err = F.mse_loss(pred.float(), batch.target.float(), reduction="none").flatten(1)
-        w = torch.ones_like(err)
-        w[:n_instance] = instance_weight.to(err).flatten(1)
-        losses = (err * w).sum(1) / w.sum(1).clamp_min(1e-8)
-    losses = losses * batch.weight
+    weight = None
+    if instance_weight is not None:
+        weight = torch.ones(pred.shape[0], batch.target[0].numel(), device=pred.device)
+        weight[:n_instance] = instance_weight.flatten(1)
+    losses = per_sample_mse(pred, batch.target, weight) * batch.weight
     instance = losses[:n_instance].mean()
     if n_instance == losses.shape[0]:
         return LossParts(instance, instance.detach(), None)
