@@ -187,6 +187,7 @@ class DreamBoothTrainer:
         return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
                 "lora_targets": c.lora_targets,
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
+                "masked_loss": any(getattr(ex, "mask", None) is not None for ex in self.instance),
                 "n_trainable": n_trainable, "model": self.backend.fingerprint()}
 
     # -- the run -----------------------------------------------------------------------------
@@ -427,6 +428,7 @@ class DreamBoothTrainer:
         expected = self._signature(len(named))
         got = meta.get("signature", {})
         got.setdefault("lora_targets", "transformer")  # checkpoints from before the option had only that set
+        got.setdefault("masked_loss", False)  # ... and from before masks
         diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
         if diff:
             raise CheckpointMismatch(

@@ -221,6 +221,13 @@ def test_masks_reach_the_loss_and_change_what_is_learned(tmp_path):
         config(tmp_path, mask_background_weight=1.5).validate()
 
 
+def test_resume_refuses_a_checkpoint_trained_with_other_masks(tmp_path):
+    masked = [MaskedEx(ex.image, ex.caption, Image.new("L", ex.image.size, 255)) for ex in INSTANCE]
+    train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), masked, CLASS)
+    with pytest.raises(CheckpointMismatch, match="masked_loss"):
+        train(make_tiny_backend(), config(tmp_path, steps=4, resume=True), INSTANCE, CLASS)
+
+
 def test_releasing_frozen_encoders_frees_them_and_changes_no_weight(tmp_path):
     """The CLI's lean mode drops the VAE and frozen text encoder after caching: same LoRA, less held."""
     kept = train(make_tiny_backend(), config(tmp_path / "a", train_text_encoder=False), INSTANCE, CLASS)
