@@ -167,7 +167,7 @@ class DreamBoothTrainer:
     def _latent_masks(items: Sequence[Example], latent_size) -> Optional[torch.Tensor]:
         """Subject masks (dataset.TrainImage.mask) averaged down to latent pixels; None if no item has
         one, and all ones for an item without."""
-        if all(getattr(ex, "mask", None) is None for ex in items):
+        if not _has_masks(items):
             return None
         full = [torch.ones(ex.image.height, ex.image.width) if getattr(ex, "mask", None) is None
                 else torch.from_numpy(np.asarray(ex.mask.convert("L"), np.float32) / 255.0) for ex in items]
@@ -187,7 +187,7 @@ class DreamBoothTrainer:
         return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
                 "lora_targets": c.lora_targets,
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
-                "masked_loss": any(getattr(ex, "mask", None) is not None for ex in self.instance),
+                "masked_loss": _has_masks(self.instance),
                 "n_trainable": n_trainable, "model": self.backend.fingerprint()}
 
     # -- the run -----------------------------------------------------------------------------
@@ -457,6 +457,11 @@ class DreamBoothTrainer:
                                                 "version": __version__, "steps_done": result.step})
         fileio.write_json(out / "loss.json", self.history)
         plots.save_loss_curve(self.history, out / "loss.png")
+
+
+def _has_masks(items: Sequence[Example]) -> bool:
+    """Whether any example carries a subject mask (dataset.TrainImage.mask): a masked loss."""
+    return any(getattr(ex, "mask", None) is not None for ex in items)
 
 
 def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict[str, torch.nn.Module]:
