@@ -66,6 +66,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--min-snr-gamma", type=float, default=S)
     g.add_argument("--offset-noise", type=float, default=S)
+    g.add_argument("--caption-dropout", type=float, default=S,
+                   help="share of instance samples trained with the empty caption (0: off; 0.05-0.2 typical)")
     g.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=GRADIENT_CHECKPOINTING, default=S,
                    help="recompute activations in the backward pass: full (the default when given without a "
                         "value; least memory, slowest), attention (only the transformer blocks: most of the "
@@ -163,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
                    help="train the UNet's LoRA only (the default also trains the text encoder's)")
     p.add_argument("--masked-loss", action="store_true",
                    help="learn only the subject (masks read off the renders); the default trains on the whole photos")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of the subject's photos trained with the empty caption (default 0)")
 
     p = sub.add_parser("token", help="check or propose a rare identifier token")
     tsub = p.add_subparsers(dest="token_command", required=True)

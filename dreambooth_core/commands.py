@@ -340,6 +340,8 @@ def cmd_eval(args) -> int:
         plan = replace(plan, train_text_encoder=False)
     if args.masked_loss:
         plan = replace(plan, masked_loss=True)
+    if args.caption_dropout:
+        plan = replace(plan, caption_dropout=args.caption_dropout)
     bar = _bar(len(plan.subjects), "subjects", unit="subject")
     results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar), workers=args.workers)
     bar.close()

@@ -176,8 +176,9 @@ class DreamBoothTrainer:
     @torch.no_grad()
     def _cache_text(self, buckets: Sequence[_Bucket]) -> Dict[tuple, Cond]:
         cache: Dict[tuple, Cond] = {}
+        dropped = [""] if self.config.caption_dropout else []
         for b in buckets:
-            for caption in b.captions:
+            for caption in list(b.captions) + dropped:
                 if (caption, b.size) not in cache:
                     cache[(caption, b.size)] = self.backend.encode_text([caption], size=b.size)
         return cache
@@ -342,6 +343,11 @@ class DreamBoothTrainer:
             cnoise = objective.sample_noise(clat.shape, g, c.offset_noise)
             ct = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
             parts.append((clat[mine], cnoise[mine], ct[mine], [cb.captions[i] for i in cidx[mine].tolist()], cb.size))
+        if c.caption_dropout:
+            # drawn last, so that the batch is the one drawn without dropout but for its captions
+            keep = (torch.rand(total, generator=g) >= c.caption_dropout)[mine].tolist()
+            lat_i, noise_i, t_i, captions, size = parts[0]
+            parts[0] = (lat_i, noise_i, t_i, [cap if k else "" for cap, k in zip(captions, keep)], size)
         return parts, weight
 
     def _cond(self, captions: List[str], size: tuple, text_cache: Dict[tuple, Cond]) -> Cond:
@@ -494,6 +500,7 @@ def lora_metadata(config: TrainConfig, backend: Backend, steps: int) -> Dict[str
         "ss_training_comment": f"DreamBooth: {config.resolved_instance_prompt()}",
         "ss_steps": str(steps),
         "ss_learning_rate": f"{config.resolved_lr():g}",
+        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
         "ss_sd_model_name": backend.describe(),
         "dreambooth_token": config.token,
         "dreambooth_class_noun": config.class_noun,

@@ -325,6 +325,10 @@ class DreamBoothTrain_:
                                                                            "layer of the transformer blocks (kohya's "
                                                                            "set), or only the attention projections "
                                                                            "(smaller file, less memory)."}),
+                "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.95, "step": 0.05,
+                                              "tooltip": "Share of subject images trained with an empty caption, so "
+                                                         "the subject is exaggerated less by CFG and prompts keep "
+                                                         "more say (0: off; 0.05-0.2 typical)."}),
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000,
                                           "tooltip": "Every N steps, sample the instance prompt and show the image on "
                                                      "this node (0: off; each preview costs one full sampling)."}),
@@ -344,7 +348,7 @@ class DreamBoothTrain_:
     def train(self, model, clip, vae, dataset, mode, rank, alpha, train_text_encoder, steps, learning_rate,
               prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
               gradient_checkpointing=False, training_dtype="auto", lora_targets="transformer", preview_every=0,
-              unique_id=None):
+              caption_dropout=0.0, unique_id=None):
         import comfy.model_management as mm
         import comfy.utils
         import torch
@@ -375,6 +379,7 @@ class DreamBoothTrain_:
             token=dataset.token, class_noun=dataset.class_noun, instance_prompt=dataset.caption_template or None,
             class_prompt=class_images.prompt if prior else None, resolution=dataset.resolution, crop=dataset.crop,
             flip=dataset.flip, prior=prior, prior_weight=float(prior_weight),
+            caption_dropout=float(caption_dropout),
             num_class_images=len(class_items) if class_items else 1, mode=mode, rank=int(rank),
             alpha=float(alpha) if alpha > 0 else None, lora_targets=lora_targets,
             train_text_encoder=bool(train_text_encoder),

@@ -1,6 +1,8 @@
 """The eval protocol gives the same numbers whether its subjects run in one process or several."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,13 +62,17 @@ def test_cli_flags_reach_the_plan_and_a_frozen_text_encoder_gets_no_lora(tmp_pat
     def capture(output, plan, **kwargs):
         plans.append(plan)
         return real(output, replace(PLAN, subjects=PLAN.subjects[:1], steps=plan.steps,
-                                    train_text_encoder=plan.train_text_encoder), **kwargs)
+                                    train_text_encoder=plan.train_text_encoder,
+                                    caption_dropout=plan.caption_dropout), **kwargs)
 
     monkeypatch.setattr(protocol, "run_eval", capture)
     assert main(["eval", "--quick", "--steps", "3", "--frozen-text-encoder", "--masked-loss", "--workers", "1",
-                 "--output", str(tmp_path)]) == 0
+                 "--caption-dropout", "0.1", "--output", str(tmp_path)]) == 0
     assert plans[0].steps == 3 and plans[0].train_text_encoder is False and plans[0].seeds == Plan.quick().seeds
     assert plans[0].masked_loss is True and Plan().masked_loss is False
+    assert plans[0].caption_dropout == 0.1 and Plan().caption_dropout == 0.0
+    configs = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/config.json")]
+    assert len(configs) == 2 and all(c["config"]["caption_dropout"] == 0.1 for c in configs)
     for lora in (tmp_path / "runs").glob("*/*.safetensors"):
         tensors, _ = read_lora_file(lora)
         assert tensors and not any(k.startswith("lora_te") for k in tensors), lora

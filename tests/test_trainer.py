@@ -261,3 +261,33 @@ def test_cli_trimming_runs_once_the_encoders_are_released_and_after_every_step(t
     assert events[start - 1] == ("trim", True)
     assert events[start + 1:start + 7] == [("trim", True), ("step", 1), ("trim", True), ("step", 2),
                                            ("trim", True), ("step", 3)]
+
+
+
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_caption_dropout_trains_a_share_of_the_subject_with_the_empty_caption(tmp_path, train_text_encoder):
+    """The dropped captions reach the text encoder (or its cache, when frozen) at about the asked
+    rate, only for the subject's photos, and change what is learned. (On the embedded model the
+    effect on samples is measured by the eval: README, *Quality evaluation*.)"""
+    captions = []
+
+    def run(name, p):
+        backend = make_tiny_backend()
+        encode = backend.encode_text
+        backend.encode_text = lambda prompts, size: captions.extend(prompts) or encode(prompts, size=size)
+        cfg = config(tmp_path / name, caption_dropout=p, steps=30, train_text_encoder=train_text_encoder)
+        return lora_state(train(backend, cfg, INSTANCE, CLASS))
+
+    plain = run("off", 0.0)
+    assert "" not in captions
+    captions.clear()
+    dropped = run("on", 0.5)
+    if train_text_encoder:  # every step encodes its batch: 2 subject and 2 class captions
+        subject = [c for c in captions if "sks" in c or c == ""]
+        assert len(subject) == 60 and 15 <= subject.count("") <= 45, subject.count("")
+        assert captions.count("a photo of a star") == 60
+    else:  # encoded once, into the cache
+        assert "" in captions
+    assert max((plain[k] - dropped[k]).abs().max().item() for k in plain) > 1e-4
+    with pytest.raises(Exception, match="caption_dropout"):
+        config(tmp_path, caption_dropout=1.0).validate()

@@ -41,6 +41,7 @@ class Plan:
     instance_images: int = 5
     train_text_encoder: bool = TRAIN["train_text_encoder"]
     masked_loss: bool = False  # train on subject masks read off the renders (eval --masked-loss)
+    caption_dropout: float = 0.0  # eval --caption-dropout
     sample_steps: int = SAMPLING["steps"]
 
     @classmethod
@@ -151,7 +152,8 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
     for name, prior in (("prior", True), ("no_prior", False)):
         backend = load_backend("embedded")
-        config = TrainConfig(**dict(TRAIN, train_text_encoder=plan.train_text_encoder), class_noun=subject.class_noun,
+        config = TrainConfig(**dict(TRAIN, train_text_encoder=plan.train_text_encoder,
+                                    caption_dropout=plan.caption_dropout), class_noun=subject.class_noun,
                              prior=prior, steps=plan.steps, seed=i,
                              output_dir=str(output / "runs" / f"{subject.name}-{name}"),
                              save_name=f"{subject.name}-{name}")
@@ -222,6 +224,7 @@ def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Option
     results["subjects"] = [s.name for s in subjects]
     results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images,
                        "train_text_encoder": plan.train_text_encoder, "masked_loss": plan.masked_loss,
+                       "caption_dropout": plan.caption_dropout,
                        "sample_steps": plan.sample_steps}
     results["workers"] = workers
     results["seconds"] = round(time.perf_counter() - t0, 1)

@@ -51,8 +51,8 @@ def _start(*values) -> str:
     from . import jobs
 
     names = ["instance_dir", "uploads", "token", "class_noun", "instance_prompt", "prior", "class_prompt",
-             "num_class_images", "class_steps", "prior_weight", "mode", "rank", "train_text_encoder", "steps",
-             "learning_rate", "resolution", "seed", "save_name", "resume", "checkpoint_every", "sample_every"]
+             "num_class_images", "class_steps", "prior_weight", "mode", "rank", "train_text_encoder", "caption_dropout",
+             "steps", "learning_rate", "resolution", "seed", "save_name", "resume", "checkpoint_every", "sample_every"]
     request: Dict[str, Any] = dict(zip(names, values))
     uploads: List[Any] = request.pop("uploads") or []
     if uploads:  # gradio's temporary files, passed as paths (sidecar captions do not come along)
@@ -114,6 +114,8 @@ def create_tab():
                     mode = gr.Radio(["lora", "full"], value="lora", label="Method")
                     rank = gr.Slider(1, 128, value=4, step=1, label="LoRA rank")
                     train_te = gr.Checkbox(label="Train text encoder", value=False)
+                    caption_dropout = gr.Slider(0.0, 0.5, value=0.0, step=0.05,
+                                                label="Caption dropout (share of empty captions)")
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=400, precision=0, elem_id=eid("steps"))
                     lr = gr.Number(label="Learning rate", value=1e-4, elem_id=eid("learning_rate"))
@@ -134,8 +136,8 @@ def create_tab():
                 previews = gr.Gallery(label="Samples", columns=4)
         token.change(_check_token, inputs=[token], outputs=[token_info])
         inputs = [instance_dir, uploads, token, class_noun, instance_prompt, prior, class_prompt, num_class,
-                  class_steps, prior_weight, mode, rank, train_te, steps, lr, resolution, seed, save_name, resume,
-                  checkpoint_every, sample_every]
+                  class_steps, prior_weight, mode, rank, train_te, caption_dropout, steps, lr, resolution, seed,
+                  save_name, resume, checkpoint_every, sample_every]
         start.click(_start, inputs=inputs, outputs=[status])
         cancel.click(_cancel, outputs=[status])
         refresh.click(_poll, outputs=[status, curve, previews])
