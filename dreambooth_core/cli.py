@@ -67,7 +67,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-snr-gamma", type=float, default=S)
     g.add_argument("--offset-noise", type=float, default=S)
     g.add_argument("--caption-dropout", type=float, default=S,
-                   help="share of instance samples trained with the empty caption (0: off; 0.05-0.2 typical)")
+                   help="share of instance samples trained with the empty caption (0: off; 0.05-0.1 typical)")
     g.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=GRADIENT_CHECKPOINTING, default=S,
                    help="recompute activations in the backward pass: full (the default when given without a "
                         "value; least memory, slowest), attention (only the transformer blocks: most of the "

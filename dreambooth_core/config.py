@@ -38,9 +38,9 @@ class TrainConfig:
     flip: bool = False
     masked_loss: bool = False  # learn only the subject: masks from the photos' alpha channel (masks.py)
     mask_background_weight: float = 0.0  # loss weight outside the subject mask (1: as without a mask)
-    # Share of instance samples trained with the empty caption (kohya's caption_dropout_rate): the
-    # unconditional prediction learns the subject too, so guidance exaggerates it less and the
-    # prompt's other words keep more say. 0: off.
+    # Share of instance samples trained with the empty caption (kohya's caption_dropout_rate), so that
+    # the unconditional side of guidance knows the subject too. 0: off. On the toy model it moved no
+    # eval target the right way (README, Quality evaluation); kept for models where users find it does.
     caption_dropout: float = 0.0
     # model
     model: str = "embedded"
@@ -129,7 +129,7 @@ class TrainConfig:
             bad("mask_background_weight", "must be between 0 (learn only the subject) and 1 (as without a mask)")
         if not 0.0 <= self.caption_dropout < 1.0:
             bad("caption_dropout", "must be at least 0 (off) and below 1 (every caption dropped would never "
-                                   "bind the token); 0.05-0.2 is typical")
+                                   "bind the token); 0.05-0.1 is typical")
         if self.learning_rate is not None and not self.learning_rate > 0:
             bad("learning_rate", "must be positive")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):

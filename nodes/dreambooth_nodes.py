@@ -326,9 +326,9 @@ class DreamBoothTrain_:
                                                                            "set), or only the attention projections "
                                                                            "(smaller file, less memory)."}),
                 "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.95, "step": 0.05,
-                                              "tooltip": "Share of subject images trained with an empty caption, so "
-                                                         "the subject is exaggerated less by CFG and prompts keep "
-                                                         "more say (0: off; 0.05-0.2 typical)."}),
+                                              "tooltip": "Share of subject images trained with an empty caption "
+                                                         "(kohya's caption dropout), so that CFG's unconditional "
+                                                         "side knows the subject too (0: off; 0.05-0.1 typical)."}),
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000,
                                           "tooltip": "Every N steps, sample the instance prompt and show the image on "
                                                      "this node (0: off; each preview costs one full sampling)."}),
