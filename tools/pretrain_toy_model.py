@@ -50,13 +50,26 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def build_models(seed: int):
+def unet_config(cross_attention: tuple) -> dict:
+    """The embedded UNet's layout with cross-attention at the given latent resolutions (the shipped
+    model: 8 only; Stable Diffusion has it at every level but the lowest-resolution one)."""
+    sizes = [embedded.RESOLUTION >> i for i in range(len(embedded.UNET_CONFIG["block_out_channels"]))]
+    unknown = set(cross_attention) - set(sizes)
+    if unknown:
+        raise SystemExit(f"--cross-attention {','.join(map(str, sorted(unknown)))}: the UNet's levels are "
+                         f"{','.join(map(str, sizes))}")
+    down = tuple("CrossAttnDownBlock2D" if r in cross_attention else "DownBlock2D" for r in sizes)
+    up = tuple("CrossAttnUpBlock2D" if r in cross_attention else "UpBlock2D" for r in reversed(sizes))
+    return dict(embedded.UNET_CONFIG, down_block_types=down, up_block_types=up)
+
+
+def build_models(seed: int, cross_attention: tuple = (8,)):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**embedded.VAE_CONFIG)
-    unet = UNet2DConditionModel(**embedded.UNET_CONFIG)
+    unet = UNet2DConditionModel(**unet_config(cross_attention))
     text_encoder = CLIPTextModel(CLIPTextConfig(**embedded.TEXT_ENCODER_CONFIG))
     tokenizer = embedded.clip_tokenizer()
     return vae, unet, text_encoder, tokenizer
@@ -301,14 +314,32 @@ def main() -> None:
                    help="with --init-from: first teach its frozen text encoder to carry words no caption used "
                         "(teach_new_words) for STEPS steps; --steps 0 then leaves the UNet as it was")
     p.add_argument("--export-only", action="store_true", help="write the latest checkpoint's EMA weights to --out")
+    p.add_argument("--cross-attention", default=None, metavar="SIZES",
+                   help="latent resolutions whose UNet blocks have cross-attention, e.g. 16,8 (default: 8, the "
+                        "shipped layout, or with --init-from that model's)")
+    p.add_argument("--text-encoder-from", type=Path, default=None, metavar="MODEL",
+                   help="train a new UNet from scratch with an exported model's frozen text encoder (its "
+                        "pretraining and --new-words stage kept), e.g. for another --cross-attention layout")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the UNet trains (default: cuda when there is one); text-encoder stages run on CPU")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.init_from is not None and args.text_encoder_from is not None:
+        raise SystemExit("--text-encoder-from starts a new UNet; --init-from continues one: give one of them")
+    levels = tuple(sorted({int(x) for x in args.cross_attention.split(",")}, reverse=True)) if args.cross_attention else None
+    if args.init_from is not None:
+        found = exported_cross_attention(args.init_from)
+        if levels and levels != found:
+            raise SystemExit(f"--cross-attention {args.cross_attention}: --init-from {args.init_from} has it at "
+                             f"{','.join(map(str, found))}; a continued UNet keeps its layout")
+        levels = found
+    levels = levels or (8,)
     args.work.mkdir(parents=True, exist_ok=True)
 
     from diffusers import DDPMScheduler
 
-    vae, unet, text_encoder, tokenizer = build_models(args.seed)
+    vae, unet, text_encoder, tokenizer = build_models(args.seed, levels)
     make_pixel_vae(vae)
     vae.requires_grad_(False).eval()
     scheduler = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
@@ -335,15 +366,29 @@ def main() -> None:
             raise SystemExit("--new-words continues an exported model's text encoder: give --init-from and a new --work")
         errors = teach_new_words(text_encoder, tokenizer, args.seed, steps=args.new_words)
         log.append({"step": offset, "text_encoder_new_words": {"steps": args.new_words, **errors}})
+    if args.text_encoder_from is not None and not ckpt.exists():
+        _, te_weights, te_log = load_exported(args.text_encoder_from)
+        text_encoder.load_state_dict(te_weights)
+        text_encoder.requires_grad_(False)
+        log.append({"step": 0, "text_encoder_from": str(args.text_encoder_from),
+                    "text_encoder_log": [e for e in te_log if any(k.startswith("text_encoder") for k in e)]})
     if ckpt.exists():
         from safetensors.torch import load_file
+        saved_levels = tuple(json.loads((args.work / "unet_te.json").read_text()).get("cross_attention", (8,)))
+        if saved_levels != levels:
+            raise SystemExit(f"--work {args.work}: its checkpoint has cross-attention at "
+                             f"{','.join(map(str, saved_levels))}, not {','.join(map(str, levels))}; "
+                             "give the same --cross-attention or a new --work")
         tensors = load_file(ckpt)
         text_encoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("te.")})
         text_encoder.requires_grad_(False)
-    elif args.init_from is None:
+    elif args.init_from is None and args.text_encoder_from is None:
         acc = pretrain_text_encoder(text_encoder, tokenizer, args.seed)
         log.append({"step": 0, "text_encoder_attribute_acc": acc})
     text_encoder.eval()
+    device = torch.device(args.device)
+    for model in (vae, unet, text_encoder):
+        model.to(device)
 
     params = list(unet.parameters())
     ema = [q.detach().clone() for q in params]
@@ -374,12 +419,12 @@ def main() -> None:
                                                       embedded.RESOLUTION, bare=args.bare_captions)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         with torch.no_grad():
-            latents = vae.encode(to_tensor(images)).latent_dist.sample(generator=g) * scale
-        noise = objective.sample_noise(latents.shape, g, args.offset_noise)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+            latents = vae.encode(to_tensor(images).to(device)).latent_dist.sample(generator=g) * scale
+        noise = objective.sample_noise(latents.shape, g, args.offset_noise).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
         batch = objective.make_batch(latents, noise, t, scheduler.alphas_cumprod, scheduler.config.prediction_type)
         with torch.no_grad():
-            hidden = text_encoder(tokenize(tokenizer, captions))[0]
+            hidden = text_encoder(tokenize(tokenizer, captions).to(device))[0]
         pred = unet(batch.noisy, t, hidden).sample
         loss = F.mse_loss(pred, batch.target)
         loss.backward()
@@ -415,12 +460,22 @@ def main() -> None:
             tensors.update({f"te.{k}": v for k, v in text_encoder.state_dict().items()})
             opt_t, opt_meta = checkpoint.optimizer_tensors(opt)
             tensors.update(opt_t)
-            fileio.save_tensors(ckpt, tensors)
-            fileio.write_json(args.work / "unet_te.json", {"step": done, "optimizer": opt_meta, "log": log})
+            fileio.save_tensors(ckpt, {k: v.detach().cpu() for k, v in tensors.items()})
+            fileio.write_json(args.work / "unet_te.json", {"step": done, "optimizer": opt_meta, "log": log,
+                                                           "cross_attention": list(levels)})
 
     for e, q in zip(ema, params):
         q.data.copy_(e)
+    for model in (vae, unet, text_encoder):
+        model.to("cpu")
     export(vae, unet, text_encoder, tokenizer, scheduler, args.out, log)
+
+
+def exported_cross_attention(folder: Path) -> tuple:
+    """The latent resolutions at which an exported model's UNet has cross-attention."""
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    sizes = [config["sample_size"] >> i for i in range(len(config["down_block_types"]))]
+    return tuple(r for r, kind in zip(sizes, config["down_block_types"]) if kind.startswith("CrossAttn"))
 
 
 def load_exported(folder: Path):

@@ -1,0 +1,65 @@
+"""tools/pretrain_toy_model.py can start a UNet of another layout on the shipped text encoder: the
+way to a toy model whose every block hears the prompt (README, Quality evaluation)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_core import embedded
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "pretrain_toy_model.py"
+
+pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
+                                reason="embedded model not built")
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), "--threads", "2", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def weights(folder: Path, part: str) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted((folder / part).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_new_unet_layout_trains_on_the_shipped_text_encoder(tmp_path):
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import pretrain_toy_model as tool
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    work, out = tmp_path / "work", tmp_path / "model"
+    done = run_tool("--work", str(work), "--out", str(out), "--steps", "2", "--save-every", "1",
+                    "--probe-every", "1000", "--lr", "0.4", "--cross-attention", "16,8",
+                    "--text-encoder-from", str(embedded.EMBEDDED_MODEL_DIR))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert config["up_block_types"] == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    assert tool.exported_cross_attention(out) == (16, 8)
+    assert tool.exported_cross_attention(embedded.EMBEDDED_MODEL_DIR) == (8,)
+
+    # the text encoder is the shipped one, unchanged; the UNet trained away from its initialisation
+    shipped, new = weights(embedded.EMBEDDED_MODEL_DIR, "text_encoder"), weights(out, "text_encoder")
+    assert shipped.keys() == new.keys() and all(torch.equal(shipped[k], new[k]) for k in shipped)
+    _, unet, _, _ = tool.build_models(0, (16, 8))
+    init = {k: v.half() for k, v in unet.state_dict().items()}
+    trained = weights(out, "unet")
+    assert init.keys() == trained.keys()
+    assert max((init[k].float() - trained[k].float()).abs().max().item() for k in init) > 1e-3
+    log = json.loads((out / "pretraining_log.json").read_text())
+    assert log[0]["text_encoder_from"] == str(embedded.EMBEDDED_MODEL_DIR)
+
+    # its checkpoint resumes only with the same layout
+    refused = run_tool("--work", str(work), "--out", str(tmp_path / "other"), "--steps", "3",
+                       "--cross-attention", "8")
+    assert refused.returncode != 0 and "cross-attention at 16,8" in refused.stderr, refused.stderr[-2000:]
