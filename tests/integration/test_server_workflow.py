@@ -29,7 +29,7 @@ OVERRIDES = {
     "1": {"ckpt_name": "mini_sd15.safetensors"},
     "2": {"folder": "dog", "resolution": 64},
     "4": {"count": 2, "steps": 2, "sampler_name": "euler", "scheduler": "normal", "resolution": 64},
-    "6": {"rank": 4, "steps": 4, "learning_rate": 5e-3, "save_name": LORA},
+    "6": {"rank": 4, "steps": 4, "learning_rate": 5e-3, "save_name": LORA, "caption_dropout": 0.5},
     "8": {"prompt_set": "custom", "custom_prompts": "a photo of {token} {class} on the beach", "seeds": "0",
           "steps": 2, "sampler_name": "euler", "scheduler": "normal", "resolution": 64},
     "9": {"filename_prefix": "it/grid"},
@@ -148,6 +148,8 @@ def test_workflow_trains_and_the_base_model_stays_untouched(server, workflow):
     assert Path(lora_path) == server.base / "models" / "loras" / f"{LORA}.safetensors"
     assert Path(lora_path).is_file()
     assert (server.base / "output" / "dreambooth" / LORA / "loss.png").is_file()
+    run_config = json.loads((server.base / "output" / "dreambooth" / LORA / "config.json").read_text())["config"]
+    assert run_config["caption_dropout"] == 0.5  # the optional widget reaches the trainer
     trained = saved_image(server, entry, "15")
     assert "images" in out["9"]  # the sample grid was saved
     assert np.abs(trained - base_before).mean() > 1.0, "the trained MODEL samples like the base"
