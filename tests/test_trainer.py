@@ -263,7 +263,6 @@ def test_cli_trimming_runs_once_the_encoders_are_released_and_after_every_step(t
                                            ("trim", True), ("step", 3)]
 
 
-
 @pytest.mark.parametrize("train_text_encoder", [True, False])
 def test_caption_dropout_trains_a_share_of_the_subject_with_the_empty_caption(tmp_path, train_text_encoder):
     """The dropped captions reach the text encoder (or its cache, when frozen) at about the asked

@@ -50,14 +50,22 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def level_sizes(unet_config: dict) -> list:
+    """The latent resolution of each UNet level, highest first."""
+    return [unet_config["sample_size"] >> i for i in range(len(unet_config["block_out_channels"]))]
+
+
+def joined(sizes) -> str:
+    return ",".join(map(str, sizes))
+
+
 def unet_config(cross_attention: tuple) -> dict:
     """The embedded UNet's layout with cross-attention at the given latent resolutions (the shipped
     model: 8 only; Stable Diffusion has it at every level but the lowest-resolution one)."""
-    sizes = [embedded.RESOLUTION >> i for i in range(len(embedded.UNET_CONFIG["block_out_channels"]))]
+    sizes = level_sizes(embedded.UNET_CONFIG)
     unknown = set(cross_attention) - set(sizes)
     if unknown:
-        raise SystemExit(f"--cross-attention {','.join(map(str, sorted(unknown)))}: the UNet's levels are "
-                         f"{','.join(map(str, sizes))}")
+        raise SystemExit(f"--cross-attention {joined(sorted(unknown))}: the UNet's levels are {joined(sizes)}")
     down = tuple("CrossAttnDownBlock2D" if r in cross_attention else "DownBlock2D" for r in sizes)
     up = tuple("CrossAttnUpBlock2D" if r in cross_attention else "UpBlock2D" for r in reversed(sizes))
     return dict(embedded.UNET_CONFIG, down_block_types=down, up_block_types=up)
@@ -327,12 +335,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.init_from is not None and args.text_encoder_from is not None:
         raise SystemExit("--text-encoder-from starts a new UNet; --init-from continues one: give one of them")
-    levels = tuple(sorted({int(x) for x in args.cross_attention.split(",")}, reverse=True)) if args.cross_attention else None
+    levels = None
+    if args.cross_attention:
+        levels = tuple(sorted({int(x) for x in args.cross_attention.split(",")}, reverse=True))
     if args.init_from is not None:
         found = exported_cross_attention(args.init_from)
         if levels and levels != found:
             raise SystemExit(f"--cross-attention {args.cross_attention}: --init-from {args.init_from} has it at "
-                             f"{','.join(map(str, found))}; a continued UNet keeps its layout")
+                             f"{joined(found)}; a continued UNet keeps its layout")
         levels = found
     levels = levels or (8,)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -366,23 +376,22 @@ def main() -> None:
             raise SystemExit("--new-words continues an exported model's text encoder: give --init-from and a new --work")
         errors = teach_new_words(text_encoder, tokenizer, args.seed, steps=args.new_words)
         log.append({"step": offset, "text_encoder_new_words": {"steps": args.new_words, **errors}})
-    if args.text_encoder_from is not None and not ckpt.exists():
+    if ckpt.exists():
+        from safetensors.torch import load_file
+        saved_levels = tuple(json.loads((args.work / "unet_te.json").read_text()).get("cross_attention", (8,)))
+        if saved_levels != levels:
+            raise SystemExit(f"--work {args.work}: its checkpoint has cross-attention at {joined(saved_levels)}, "
+                             f"not {joined(levels)}; give the same --cross-attention or a new --work")
+        tensors = load_file(ckpt)
+        text_encoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("te.")})
+        text_encoder.requires_grad_(False)
+    elif args.text_encoder_from is not None:
         _, te_weights, te_log = load_exported(args.text_encoder_from)
         text_encoder.load_state_dict(te_weights)
         text_encoder.requires_grad_(False)
         log.append({"step": 0, "text_encoder_from": str(args.text_encoder_from),
                     "text_encoder_log": [e for e in te_log if any(k.startswith("text_encoder") for k in e)]})
-    if ckpt.exists():
-        from safetensors.torch import load_file
-        saved_levels = tuple(json.loads((args.work / "unet_te.json").read_text()).get("cross_attention", (8,)))
-        if saved_levels != levels:
-            raise SystemExit(f"--work {args.work}: its checkpoint has cross-attention at "
-                             f"{','.join(map(str, saved_levels))}, not {','.join(map(str, levels))}; "
-                             "give the same --cross-attention or a new --work")
-        tensors = load_file(ckpt)
-        text_encoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("te.")})
-        text_encoder.requires_grad_(False)
-    elif args.init_from is None and args.text_encoder_from is None:
+    elif args.init_from is None:
         acc = pretrain_text_encoder(text_encoder, tokenizer, args.seed)
         log.append({"step": 0, "text_encoder_attribute_acc": acc})
     text_encoder.eval()
@@ -474,8 +483,7 @@ def main() -> None:
 def exported_cross_attention(folder: Path) -> tuple:
     """The latent resolutions at which an exported model's UNet has cross-attention."""
     config = json.loads((folder / "unet" / "config.json").read_text())
-    sizes = [config["sample_size"] >> i for i in range(len(config["down_block_types"]))]
-    return tuple(r for r, kind in zip(sizes, config["down_block_types"]) if kind.startswith("CrossAttn"))
+    return tuple(r for r, kind in zip(level_sizes(config), config["down_block_types"]) if kind.startswith("CrossAttn"))
 
 
 def load_exported(folder: Path):
