@@ -63,3 +63,35 @@ def test_a_new_unet_layout_trains_on_the_shipped_text_encoder(tmp_path):
     refused = run_tool("--work", str(work), "--out", str(tmp_path / "other"), "--steps", "3",
                        "--cross-attention", "8")
     assert refused.returncode != 0 and "cross-attention at 16,8" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_attention_heads_per_level_are_built_exported_and_kept_when_continued(tmp_path):
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import pretrain_toy_model as tool
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    with pytest.raises(SystemExit, match="each dividing"):
+        tool.unet_config((32, 16, 8), (3, 8, 8))
+    with pytest.raises(SystemExit, match="one count per UNet level"):
+        tool.unet_config((32, 16, 8), (1, 8))
+    assert tool.unet_config((8,)) == dict(embedded.UNET_CONFIG, down_block_types=("DownBlock2D", "DownBlock2D",
+                                          "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D",
+                                          "UpBlock2D", "UpBlock2D"))  # the shipped layout, unchanged
+
+    out = tmp_path / "model"
+    done = run_tool("--work", str(tmp_path / "work"), "--out", str(out), "--steps", "0",  # the layout, untrained
+                    "--cross-attention", "32,16,8", "--attention-heads", "1,8,8",
+                    "--text-encoder-from", str(embedded.EMBEDDED_MODEL_DIR))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tool.exported_attention_heads(out) == (1, 8, 8)
+    assert tool.exported_attention_heads(embedded.EMBEDDED_MODEL_DIR) == (8, 8, 8)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 1
+    assert unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == 8
+
+    refused = run_tool("--work", str(tmp_path / "work2"), "--out", str(tmp_path / "other"), "--steps", "1",
+                       "--init-from", str(out), "--attention-heads", "8,8,8")
+    assert refused.returncode != 0 and "has 1,8,8" in refused.stderr, refused.stderr[-2000:]
