@@ -59,11 +59,14 @@ def joined(sizes) -> str:
     return ",".join(map(str, sizes))
 
 
+def heads_of(config: dict) -> tuple:
+    """A UNet config's attention heads at each level, highest resolution first."""
+    heads = config["attention_head_dim"]  # diffusers' name for the number of heads
+    return tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(config["block_out_channels"])
+
+
 def default_heads() -> tuple:
-    """The embedded model's attention heads at each UNet level, highest resolution first."""
-    heads = embedded.UNET_CONFIG["attention_head_dim"]  # diffusers' name for the number of heads
-    n = len(embedded.UNET_CONFIG["block_out_channels"])
-    return tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
+    return heads_of(embedded.UNET_CONFIG)
 
 
 def unet_config(cross_attention: tuple, heads: tuple | None = None) -> dict:
@@ -523,8 +526,7 @@ def exported_cross_attention(folder: Path) -> tuple:
 
 def exported_attention_heads(folder: Path) -> tuple:
     """The attention heads at each level of an exported model's UNet, highest resolution first."""
-    heads = json.loads((folder / "unet" / "config.json").read_text())["attention_head_dim"]
-    return tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(default_heads())
+    return heads_of(json.loads((folder / "unet" / "config.json").read_text()))
 
 
 def load_exported(folder: Path):
