@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("eval", help="the paper's DreamBench protocol in miniature, on the toy world")
-    p.add_argument("--quick", action="store_true", help="fewer samples and steps (6-12 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="fewer samples and steps (6-14 min on 2 CPU cores)")
     p.add_argument("--output", default="eval_out", help="folder for results.json and the sample sheet")
     p.add_argument("--subjects", type=int, default=None, help="evaluate only the first N subjects")
     p.add_argument("--workers", type=int, default=None,

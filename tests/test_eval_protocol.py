@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.
                                 reason="embedded model not built")
 
 # Four sampling steps: the runs must agree, not look good (a fifth of the protocol's sampling time).
-PLAN = Plan(subjects=tw.EVAL_SUBJECTS[1:3], steps=4, seeds=(0,), class_images=2, instance_images=2, sample_steps=4)
+PLAN = Plan(subjects=tw.EVAL_SUBJECTS[1:3], steps=4, seeds=(0,), class_images=2, instance_images=2, sample_steps=4,
+            class_samples=2)
 
 
 def _flat(per_subject: dict) -> dict:
@@ -77,3 +78,31 @@ def test_cli_flags_reach_the_plan_and_a_frozen_text_encoder_gets_no_lora(tmp_pat
         tensors, _ = read_lora_file(lora)
         assert tensors and not any(k.startswith("lora_te") for k in tensors), lora
     assert len(list((tmp_path / "runs").glob("*/*.safetensors"))) == 2
+
+
+def test_pres_is_read_off_fresh_class_samples_not_the_class_images_prior_preservation_trained_on(tmp_path):
+    """A prior-preservation run is trained to reproduce its class images: PRES measured on those very
+    images (the class prompt at their seeds) would reward memorising them, not keeping the class."""
+    from PIL import Image
+
+    from dreambooth_core.backends.base import SampleSettings
+    from dreambooth_core.backends.diffusers_backend import load_backend
+    from dreambooth_core.evaluation.protocol import _sample_all, subject_prompts
+    from dreambooth_core.prior import ensure_class_images
+
+    backend = load_backend("embedded")
+    subject = PLAN.subjects[0]
+    settings = SampleSettings(width=32, height=32, steps=4, guidance=4.0)
+    for plan in (Plan(), Plan.quick()):  # PRES gets more samples than any other prompt
+        assert plan.class_samples >= 2 * len(plan.seeds)
+    class_samples = 3
+    class_set = ensure_class_images(backend, tmp_path, f"a photo of a {subject.class_noun}", 4, settings, seed=0)
+    trained_on = [np.asarray(Image.open(path).convert("RGB")) for path in class_set.paths]
+    _, identity, klass, rows = _sample_all(backend, subject, subject_prompts(subject), (0, 1), settings, class_samples)
+
+    assert len(identity) == 2 and len(klass) == class_samples and rows[-1] is klass
+    assert all(im.shape == (32, 32, 3) for im in klass)
+    for sample in klass:
+        assert all(np.abs(sample.astype(int) - image.astype(int)).max() > 8 for image in trained_on)
+    # the samples differ from one another too: each is a fresh draw of the class
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() > 8 for i, a in enumerate(klass) for b in klass[i + 1:])

@@ -30,6 +30,10 @@ TOKEN = "sks"
 TRAIN = dict(token=TOKEN, mode="lora", rank=8, lora_conv=True, learning_rate=2e-3, train_text_encoder=True, batch_size=2,
              offset_noise=0.1, prior_weight=1.0, lr_scheduler="constant")
 SAMPLING = dict(steps=20, guidance=4.0)
+# PRES is read off fresh samples of the plain class prompt: their seeds start far above those of the
+# class images that prior preservation trains on (0, 1, ...), so a model that only memorised its
+# class images does not pass for one that kept the class.
+CLASS_SAMPLE_SEED = 100_000
 
 
 @dataclass
@@ -43,10 +47,11 @@ class Plan:
     masked_loss: bool = False  # train on subject masks read off the renders (eval --masked-loss)
     caption_dropout: float = 0.0  # eval --caption-dropout
     sample_steps: int = SAMPLING["steps"]
+    class_samples: int = 16  # plain-class samples per model and subject, for PRES
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(steps=200, seeds=(0, 1), class_images=32)
+        return cls(steps=200, seeds=(0, 1), class_images=32, class_samples=8)
 
 
 def subject_masks(views: Sequence[np.ndarray]) -> List[np.ndarray]:
@@ -117,15 +122,18 @@ def _score(images_by_prompt: Dict[str, List[np.ndarray]], prompts: List[m.EvalPr
     into.div.append(float(np.mean([m.diversity(images_by_prompt[p.template]) for p in prompts] + [m.diversity(identity)])))
 
 
-def _sample_all(backend, subject, prompts, seeds, settings):
+def _sample_all(backend, subject, prompts, seeds, settings, class_samples):
+    """Every prompt and the identity prompt at the plan's seeds; the plain class prompt (for PRES) at
+    `class_samples` fresh seeds. The last row holds the class samples."""
     texts = [p.text(TOKEN, subject.class_noun) for p in prompts]
     identity = f"a photo of {TOKEN} {subject.class_noun}"
     klass = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
-    all_prompts = texts + [identity, klass]
-    flat = [t for t in all_prompts for _ in seeds]
-    images = backend.generate(flat, [s for _ in all_prompts for s in seeds], settings)
+    asked = texts + [identity]
     n = len(seeds)
-    rows = [images[i * n:(i + 1) * n] for i in range(len(all_prompts))]
+    images = backend.generate([t for t in asked for _ in seeds] + [klass] * class_samples,
+                              [s for _ in asked for s in seeds] + [CLASS_SAMPLE_SEED + k for k in range(class_samples)],
+                              settings)
+    rows = [images[i * n:(i + 1) * n] for i in range(len(asked))] + [images[len(asked) * n:]]
     by_prompt = {p.template: rows[i] for i, p in enumerate(prompts)}
     return by_prompt, rows[-2], rows[-1], rows
 
@@ -149,7 +157,7 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
     class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images, settings, seed=0)
     class_items = class_set.load(resolution=res).items
-    samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings)}
+    samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings, plan.class_samples)}
     for name, prior in (("prior", True), ("no_prior", False)):
         backend = load_backend("embedded")
         config = TrainConfig(**dict(TRAIN, train_text_encoder=plan.train_text_encoder,
@@ -158,7 +166,7 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
                              output_dir=str(output / "runs" / f"{subject.name}-{name}"),
                              save_name=f"{subject.name}-{name}")
         train(backend, config, data.items, class_items if prior else None)
-        samples[name] = _sample_all(backend, subject, prompts, plan.seeds, settings)
+        samples[name] = _sample_all(backend, subject, prompts, plan.seeds, settings, plan.class_samples)
     scores, sheet = {}, []
     for name, (by_prompt, identity, klass, rows) in samples.items():
         scores[name] = ModelScores()
@@ -225,7 +233,7 @@ def run_eval(output: Path, plan: Plan, log=print, progress=None, workers: Option
     results["plan"] = {"steps": plan.steps, "seeds": list(plan.seeds), "class_images": plan.class_images,
                        "train_text_encoder": plan.train_text_encoder, "masked_loss": plan.masked_loss,
                        "caption_dropout": plan.caption_dropout,
-                       "sample_steps": plan.sample_steps}
+                       "sample_steps": plan.sample_steps, "class_samples": plan.class_samples}
     results["workers"] = workers
     results["seconds"] = round(time.perf_counter() - t0, 1)
     cols = ["subject", "identity"] + [p.kind.replace("_", " ")[:14] for p in subject_prompts(subjects[0])] + ["class"]
