@@ -15,7 +15,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [p for p in (ROOT / "README.md", ROOT / "README.ru.md", ROOT / "bench" / "README.md",
-                       ROOT / "nodes" / "README.md", ROOT / "js" / "README.md") if p.is_file()]
+                       ROOT / "nodes" / "README.md", ROOT / "js" / "README.md",
+                       ROOT / "docs" / "eval_experiments.md", ROOT / "docs" / "eval_experiments.ru.md") if p.is_file()]
 LINK = re.compile(r"(!?)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
