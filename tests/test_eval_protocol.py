@@ -87,7 +87,7 @@ def test_pres_is_read_off_fresh_class_samples_not_the_class_images_prior_preserv
 
     from dreambooth_core.backends.base import SampleSettings
     from dreambooth_core.backends.diffusers_backend import load_backend
-    from dreambooth_core.evaluation.protocol import _sample_all, subject_prompts
+    from dreambooth_core.evaluation.protocol import _sample_all, class_prompt, subject_prompts
     from dreambooth_core.prior import ensure_class_images
 
     backend = load_backend("embedded")
@@ -96,7 +96,7 @@ def test_pres_is_read_off_fresh_class_samples_not_the_class_images_prior_preserv
     for plan in (Plan(), Plan.quick()):  # PRES gets more samples than any other prompt
         assert plan.class_samples >= 2 * len(plan.seeds)
     class_samples = 3
-    class_set = ensure_class_images(backend, tmp_path, f"a photo of a {subject.class_noun}", 4, settings, seed=0)
+    class_set = ensure_class_images(backend, tmp_path, class_prompt(subject), 4, settings, seed=0)
     trained_on = [np.asarray(Image.open(path).convert("RGB")) for path in class_set.paths]
     _, identity, klass, rows = _sample_all(backend, subject, subject_prompts(subject), (0, 1), settings, class_samples)
 

@@ -122,12 +122,17 @@ def _score(images_by_prompt: Dict[str, List[np.ndarray]], prompts: List[m.EvalPr
     into.div.append(float(np.mean([m.diversity(images_by_prompt[p.template]) for p in prompts] + [m.diversity(identity)])))
 
 
+def class_prompt(subject: tw.Subject) -> str:
+    """The plain class prompt: what the class images are drawn from and what PRES samples."""
+    return f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
+
+
 def _sample_all(backend, subject, prompts, seeds, settings, class_samples):
     """Every prompt and the identity prompt at the plan's seeds; the plain class prompt (for PRES) at
     `class_samples` fresh seeds. The last row holds the class samples."""
     texts = [p.text(TOKEN, subject.class_noun) for p in prompts]
     identity = f"a photo of {TOKEN} {subject.class_noun}"
-    klass = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
+    klass = class_prompt(subject)
     asked = texts + [identity]
     n = len(seeds)
     images = backend.generate([t for t in asked for _ in seeds] + [klass] * class_samples,
@@ -154,8 +159,8 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     views = tw.subject_views(subject, plan.instance_images, seed=1000 + i, size=res)
     data = prepare_dataset(views, token=TOKEN, class_noun=subject.class_noun, resolution=res,
                            masks=subject_masks(views) if plan.masked_loss else None)
-    class_prompt = f"a photo of {tw._article(subject.class_noun)} {subject.class_noun}"
-    class_set = ensure_class_images(base, output / "class_images", class_prompt, plan.class_images, settings, seed=0)
+    class_set = ensure_class_images(base, output / "class_images", class_prompt(subject), plan.class_images, settings,
+                                    seed=0)
     class_items = class_set.load(resolution=res).items
     samples = {"base": _sample_all(base, subject, prompts, plan.seeds, settings, plan.class_samples)}
     for name, prior in (("prior", True), ("no_prior", False)):
