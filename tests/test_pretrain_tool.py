@@ -95,3 +95,40 @@ def test_attention_heads_per_level_are_built_exported_and_kept_when_continued(tm
     refused = run_tool("--work", str(tmp_path / "work2"), "--out", str(tmp_path / "other"), "--steps", "1",
                        "--init-from", str(out), "--attention-heads", "8,8,8")
     assert refused.returncode != 0 and "has 1,8,8" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_pooled_prompt_reaches_the_res_blocks_that_have_no_attention(tmp_path):
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import pretrain_toy_model as tool
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    out = tmp_path / "model"
+    done = run_tool("--work", str(tmp_path / "work"), "--out", str(out), "--steps", "1", "--save-every", "1",
+                    "--probe-every", "1000", "--pooled-prompt", "--text-encoder-from", str(embedded.EMBEDDED_MODEL_DIR))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tool.exported_pooled_prompt(out) and not tool.exported_pooled_prompt(embedded.EMBEDDED_MODEL_DIR)
+    from diffusers import UNet2DConditionModel
+
+    def first_block(unet, context):
+        """The 32x32 down block's output: res-blocks only, no attention, in either layout."""
+        captured = {}
+
+        def keep(module, args, output) -> None:
+            captured["out"] = output[0]
+
+        hook = unet.down_blocks[0].register_forward_hook(keep)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            unet(torch.randn(1, 3, 32, 32), torch.tensor([500]), context)
+        hook.remove()
+        return captured["out"]
+
+    a, b = torch.randn(2, 1, 77, 128, generator=torch.Generator().manual_seed(1))
+    pooled = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert not (first_block(pooled, a) - first_block(pooled, b)).abs().max() < 1e-4
+    shipped = UNet2DConditionModel.from_pretrained(embedded.EMBEDDED_MODEL_DIR / "unet")
+    assert torch.equal(first_block(shipped, a), first_block(shipped, b))
+
+    refused = run_tool("--work", str(tmp_path / "work"), "--out", str(tmp_path / "other"), "--steps", "1")
+    assert refused.returncode != 0 and "--pooled-prompt" in refused.stderr, refused.stderr[-2000:]

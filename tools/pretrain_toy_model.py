@@ -69,7 +69,15 @@ def default_heads() -> tuple:
     return heads_of(embedded.UNET_CONFIG)
 
 
-def unet_config(cross_attention: tuple, heads: tuple | None = None) -> dict:
+# The pooled prompt added to the time embedding (diffusers' TextTimeEmbedding) and applied as a
+# scale and shift in every res-block: the shipped UNet's res-blocks at 32x32 and 16x16 see the
+# prompt only through what its 8x8 attention passes up, so what DreamBooth teaches them reaches
+# every prompt alike.
+POOLED_PROMPT = dict(addition_embed_type="text", addition_embed_type_num_heads=8,
+                     resnet_time_scale_shift="scale_shift")
+
+
+def unet_config(cross_attention: tuple, heads: tuple | None = None, pooled: bool = False) -> dict:
     """The embedded UNet's layout with cross-attention at the given latent resolutions (the shipped
     model: 8 only; Stable Diffusion has it at every level but the lowest-resolution one) and `heads`
     attention heads per level (default: the shipped 8 each). At 32x32 the shipped 8 heads of 32
@@ -89,16 +97,18 @@ def unet_config(cross_attention: tuple, heads: tuple | None = None) -> dict:
     config = dict(embedded.UNET_CONFIG, down_block_types=down, up_block_types=up)
     if heads != default_heads():
         config["attention_head_dim"] = heads
+    if pooled:
+        config.update(POOLED_PROMPT)
     return config
 
 
-def build_models(seed: int, cross_attention: tuple = (8,), heads: tuple | None = None):
+def build_models(seed: int, cross_attention: tuple = (8,), heads: tuple | None = None, pooled: bool = False):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**embedded.VAE_CONFIG)
-    unet = UNet2DConditionModel(**unet_config(cross_attention, heads))
+    unet = UNet2DConditionModel(**unet_config(cross_attention, heads, pooled))
     text_encoder = CLIPTextModel(CLIPTextConfig(**embedded.TEXT_ENCODER_CONFIG))
     tokenizer = embedded.clip_tokenizer()
     return vae, unet, text_encoder, tokenizer
@@ -350,6 +360,9 @@ def main() -> None:
                    help="attention heads at each UNet level, highest resolution first, e.g. 1,8,8 with "
                         "--cross-attention 32,16,8 (one head of 32 channels at 32x32 trains ~3x faster on CPU "
                         "than 8 of 4; default: 8 each, the shipped layout, or with --init-from that model's)")
+    p.add_argument("--pooled-prompt", action="store_true",
+                   help="every res-block also gets the pooled prompt as a scale and shift (POOLED_PROMPT; "
+                        "default: off, the shipped layout, or with --init-from that model's)")
     p.add_argument("--text-encoder-from", type=Path, default=None, metavar="MODEL",
                    help="train a new UNet from scratch with an exported model's frozen text encoder (its "
                         "pretraining and --new-words stage kept), e.g. for another --cross-attention layout")
@@ -375,13 +388,17 @@ def main() -> None:
             raise SystemExit(f"--attention-heads {args.attention_heads}: --init-from {args.init_from} has "
                              f"{joined(found_heads)}; a continued UNet keeps its layout")
         heads = found_heads
+        if args.pooled_prompt and not exported_pooled_prompt(args.init_from):
+            raise SystemExit(f"--pooled-prompt: --init-from {args.init_from} has no pooled-prompt path; a "
+                             "continued UNet keeps its layout")
+        args.pooled_prompt = exported_pooled_prompt(args.init_from)
     levels = levels or (8,)
     heads = heads or default_heads()
     args.work.mkdir(parents=True, exist_ok=True)
 
     from diffusers import DDPMScheduler
 
-    vae, unet, text_encoder, tokenizer = build_models(args.seed, levels, heads)
+    vae, unet, text_encoder, tokenizer = build_models(args.seed, levels, heads, args.pooled_prompt)
     make_pixel_vae(vae)
     vae.requires_grad_(False).eval()
     scheduler = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
@@ -419,6 +436,9 @@ def main() -> None:
         if saved_heads != heads:
             raise SystemExit(f"--work {args.work}: its checkpoint has {joined(saved_heads)} attention heads, "
                              f"not {joined(heads)}; give the same --attention-heads or a new --work")
+        if saved.get("pooled_prompt", False) != args.pooled_prompt:
+            raise SystemExit(f"--work {args.work}: its checkpoint was {'' if saved.get('pooled_prompt') else 'not '}"
+                             "trained with --pooled-prompt; give the same flag or a new --work")
         tensors = load_file(ckpt)
         text_encoder.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("te.")})
         text_encoder.requires_grad_(False)
@@ -509,7 +529,8 @@ def main() -> None:
             fileio.save_tensors(ckpt, {k: v.detach().cpu() for k, v in tensors.items()})
             fileio.write_json(args.work / "unet_te.json", {"step": done, "optimizer": opt_meta, "log": log,
                                                            "cross_attention": list(levels),
-                                                           "attention_heads": list(heads)})
+                                                           "attention_heads": list(heads),
+                                                           "pooled_prompt": args.pooled_prompt})
 
     for e, q in zip(ema, params):
         q.data.copy_(e)
@@ -527,6 +548,11 @@ def exported_cross_attention(folder: Path) -> tuple:
 def exported_attention_heads(folder: Path) -> tuple:
     """The attention heads at each level of an exported model's UNet, highest resolution first."""
     return heads_of(json.loads((folder / "unet" / "config.json").read_text()))
+
+
+def exported_pooled_prompt(folder: Path) -> bool:
+    """Whether an exported model's res-blocks get the pooled prompt (--pooled-prompt)."""
+    return json.loads((folder / "unet" / "config.json").read_text()).get("addition_embed_type") == "text"
 
 
 def load_exported(folder: Path):
