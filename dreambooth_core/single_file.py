@@ -481,8 +481,9 @@ def load_single_file(path, prediction_type: Optional[str] = None, torch_dtype=No
         raise CheckpointError(f"{path}: the file is valid safetensors but its name does not end in '.safetensors'; "
                               f"rename it to {path.with_suffix('.safetensors').name}.")
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from .pipelines import pipeline_classes
 
+    StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
     components: Dict[str, Any] = {}
     for sub, pad in TOKENIZERS[info.arch]:
         tok = _tokenizer(cfg, sub, pad)

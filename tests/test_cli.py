@@ -106,3 +106,18 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(works
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-3, atol=1e-4, err_msg=k)
         moved += int(k.endswith("lora_up.weight") and a[k].abs().max() > 0)
     assert moved > 0, "training must have moved the LoRA for the comparison to mean anything"
+
+
+def test_sampling_does_not_warn_about_a_missing_torchvision(tmp_path):
+    """The CLI's environment has no torchvision; transformers' image processors, loaded with the
+    pipeline classes but never used by them here, would warn that it is missing on every run."""
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed: transformers has nothing to warn about")
+    except ImportError:
+        pass
+    proc = run_cli("sample", "--prompts", "a photo of a star", "--class-noun", "star", "--seeds", "1", "--steps", "2",
+                   "--output", str(tmp_path / "grid.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "grid.png").is_file()
+    assert "torchvision" not in proc.stdout + proc.stderr

@@ -246,8 +246,9 @@ class DiffusersBackend:
 
     def pipeline(self, sampler: str = "dpmpp_2m"):
         """A diffusers pipeline over the live components (LoRA adapters included)."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from ..pipelines import pipeline_classes
 
+        StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
         self._require("vae")
         self._require("text_encoder")
         if self.arch == "sdxl":
