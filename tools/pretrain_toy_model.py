@@ -388,10 +388,11 @@ def main() -> None:
             raise SystemExit(f"--attention-heads {args.attention_heads}: --init-from {args.init_from} has "
                              f"{joined(found_heads)}; a continued UNet keeps its layout")
         heads = found_heads
-        if args.pooled_prompt and not exported_pooled_prompt(args.init_from):
+        found_pooled = exported_pooled_prompt(args.init_from)
+        if args.pooled_prompt and not found_pooled:
             raise SystemExit(f"--pooled-prompt: --init-from {args.init_from} has no pooled-prompt path; a "
                              "continued UNet keeps its layout")
-        args.pooled_prompt = exported_pooled_prompt(args.init_from)
+        args.pooled_prompt = found_pooled
     levels = levels or (8,)
     heads = heads or default_heads()
     args.work.mkdir(parents=True, exist_ok=True)
