@@ -24,6 +24,16 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def import_tool():
+    """The tool as a module, for its helpers (it lives outside the package)."""
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import pretrain_toy_model
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    return pretrain_toy_model
+
+
 def weights(folder: Path, part: str) -> dict:
     from safetensors.torch import load_file
 
@@ -31,11 +41,7 @@ def weights(folder: Path, part: str) -> dict:
 
 
 def test_a_new_unet_layout_trains_on_the_shipped_text_encoder(tmp_path):
-    sys.path.insert(0, str(TOOL.parent))
-    try:
-        import pretrain_toy_model as tool
-    finally:
-        sys.path.remove(str(TOOL.parent))
+    tool = import_tool()
     work, out = tmp_path / "work", tmp_path / "model"
     done = run_tool("--work", str(work), "--out", str(out), "--steps", "2", "--save-every", "1",
                     "--probe-every", "1000", "--lr", "0.4", "--cross-attention", "16,8",
@@ -66,11 +72,7 @@ def test_a_new_unet_layout_trains_on_the_shipped_text_encoder(tmp_path):
 
 
 def test_attention_heads_per_level_are_built_exported_and_kept_when_continued(tmp_path):
-    sys.path.insert(0, str(TOOL.parent))
-    try:
-        import pretrain_toy_model as tool
-    finally:
-        sys.path.remove(str(TOOL.parent))
+    tool = import_tool()
     with pytest.raises(SystemExit, match="each dividing"):
         tool.unet_config((32, 16, 8), (3, 8, 8))
     with pytest.raises(SystemExit, match="one count per UNet level"):
@@ -98,11 +100,7 @@ def test_attention_heads_per_level_are_built_exported_and_kept_when_continued(tm
 
 
 def test_pooled_prompt_reaches_the_res_blocks_that_have_no_attention(tmp_path):
-    sys.path.insert(0, str(TOOL.parent))
-    try:
-        import pretrain_toy_model as tool
-    finally:
-        sys.path.remove(str(TOOL.parent))
+    tool = import_tool()
     out = tmp_path / "model"
     done = run_tool("--work", str(tmp_path / "work"), "--out", str(out), "--steps", "1", "--save-every", "1",
                     "--probe-every", "1000", "--pooled-prompt", "--text-encoder-from", str(embedded.EMBEDDED_MODEL_DIR))
