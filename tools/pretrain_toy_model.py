@@ -314,8 +314,10 @@ def probe(vae, unet, text_encoder, tokenizer, scheduler_config, n: int = 24, see
     """Background colour, object colour and shape accuracy of samples on probe prompts (guidance 4,
     25 steps)."""
     from dreambooth_core.evaluation.metrics import object_shape
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from dreambooth_core.pipelines import pipeline_classes
+    from diffusers import DPMSolverMultistepScheduler
 
+    StableDiffusionPipeline, _ = pipeline_classes()
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -570,8 +572,9 @@ def load_exported(folder: Path):
 
 
 def export(vae, unet, text_encoder, tokenizer, scheduler, out: Path, log) -> None:
-    from diffusers import StableDiffusionPipeline
+    from dreambooth_core.pipelines import pipeline_classes
 
+    StableDiffusionPipeline, _ = pipeline_classes()
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
