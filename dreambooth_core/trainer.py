@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -62,6 +62,10 @@ class Callbacks:
     should_stop: Optional[Callable[[], bool]] = None
     on_preview: Optional[Callable[[int, List[np.ndarray]], None]] = None
     on_phase: Optional[Callable[[str], None]] = None  # "caching", "training", "saving"
+    #: Exceptions that mean Cancel. A host that raises its interrupt from inside the model (ComfyUI
+    #: since 0.3.65, mid forward or backward, and mid preview) names it here: the run then ends as
+    #: "cancelled" with a checkpoint of the last finished step, exactly as should_stop() ends it.
+    cancelled_by: Tuple[Type[BaseException], ...] = ()
 
 
 @dataclass
@@ -236,13 +240,18 @@ class DreamBoothTrainer:
         status = "completed"
         step = start
         t0, done_here = time.perf_counter(), 0
+        cancel = self.callbacks.cancelled_by
         try:
             for step in range(start, c.steps):
                 if self.callbacks.should_stop and self.callbacks.should_stop():
                     status = "cancelled"
                     break
-                parts = self._optimizer_step(step, inst_buckets, class_buckets, text_cache, models, params,
-                                             optimizer, scheduler, named)
+                try:
+                    parts = self._optimizer_step(step, inst_buckets, class_buckets, text_cache, models, params,
+                                                 optimizer, scheduler, named)
+                except cancel:  # raised before optimizer.step(): the weights are those of `step` steps
+                    status = "cancelled"
+                    break
                 done_here += 1
                 elapsed = time.perf_counter() - t0
                 per_step = elapsed / done_here
@@ -255,7 +264,11 @@ class DreamBoothTrainer:
                 if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
                     self._save_checkpoint(ckpt_path, step + 1, named, optimizer)
                 if c.sample_every and (step + 1) % c.sample_every == 0 and self.callbacks.on_preview:
-                    self._preview(step + 1)
+                    try:
+                        self._preview(step + 1)
+                    except cancel:  # this step is finished: keep it
+                        status, step = "cancelled", step + 1
+                        break
             else:
                 step = c.steps
         finally:

@@ -80,6 +80,70 @@ def test_cancel_then_resume_reaches_the_same_weights(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+class HostCancel(Exception):
+    """Stands for a host's interrupt raised from inside the model (ComfyUI >= 0.3.65)."""
+
+
+def _raise_at(backend, where: str, call: int) -> None:
+    """Make the backend raise HostCancel inside its `call`-th forward pass, the backward pass that
+    follows it, or its `call`-th preview sample."""
+    calls = {"predict": 0, "generate": 0}
+    real_predict, real_generate = backend.predict, backend.generate
+
+    def cancel(*_):
+        raise HostCancel()
+
+    def predict(*args, **kwargs):
+        calls["predict"] += 1
+        if where == "forward" and calls["predict"] == call:
+            cancel()
+        out = real_predict(*args, **kwargs)
+        if where == "backward" and calls["predict"] == call:
+            out.register_hook(cancel)
+        return out
+
+    def generate(*args, **kwargs):
+        calls["generate"] += 1
+        if where == "preview" and calls["generate"] == call:
+            cancel()
+        return real_generate(*args, **kwargs)
+
+    backend.predict, backend.generate = predict, generate
+
+
+@pytest.mark.parametrize("where, call, finished", [("forward", 4, 3), ("backward", 4, 3), ("preview", 2, 4)])
+def test_cancel_raised_inside_the_model_keeps_the_last_finished_step(tmp_path, where, call, finished):
+    """A host that raises its Cancel mid-step (forward, backward or a preview sample) loses nothing:
+    the checkpoint is the last finished step, and resuming from it reaches the uninterrupted weights."""
+    kw = dict(sample_every=2) if where == "preview" else {}
+    previews = Callbacks(on_preview=lambda step, images: None)
+    straight = train(make_tiny_backend(), config(tmp_path / "a", **kw), INSTANCE, CLASS, previews)
+
+    backend = make_tiny_backend()
+    _raise_at(backend, where, call)
+    first = train(backend, config(tmp_path / "b", **kw), INSTANCE, CLASS,
+                  Callbacks(on_preview=previews.on_preview, cancelled_by=(HostCancel,)))
+    assert first.status == "cancelled" and first.step == finished
+    assert [h["step"] for h in first.history] == list(range(1, finished + 1))
+    assert first.checkpoint_path == tmp_path / "b" / CHECKPOINT_NAME and first.checkpoint_path.is_file()
+    assert not (tmp_path / "b" / "dreambooth_lora.safetensors").exists()
+    assert not list((tmp_path / "b").glob("*.partial"))
+
+    resumed = train(make_tiny_backend(), config(tmp_path / "b", resume=True, **kw), INSTANCE, CLASS, previews)
+    assert resumed.status == "completed" and resumed.step == 6
+    a, b = lora_state(straight), lora_state(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_an_exception_not_named_as_cancel_is_not_taken_for_one(tmp_path):
+    backend = make_tiny_backend()
+    _raise_at(backend, "forward", 2)
+    with pytest.raises(HostCancel):
+        train(backend, config(tmp_path), INSTANCE, CLASS, Callbacks(cancelled_by=(TrainingDiverged,)))
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), INSTANCE, CLASS)
     with pytest.raises(CheckpointMismatch, match="rank"):
