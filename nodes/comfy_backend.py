@@ -431,7 +431,10 @@ class ComfyBackend:
         if enabled and self._checkpoint_mark is None:
             self._checkpoint_mark = len(self._forward_patches)
             dm = self.model.model.diffusion_model
-            blocks = list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks)
+            # The layers inside each TimestepEmbedSequential: the host's UNet runs a block by
+            # iterating its layers (forward_timestep_embed), never through the block's own forward.
+            blocks = [layer for seq in list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks)
+                      for layer in seq]
             if self.train_text_encoder:
                 blocks += list(_text_encoder_layers(self.clip.cond_stage_model))
             for block in blocks:

@@ -270,7 +270,7 @@ class DreamBoothTrain_:
     DESCRIPTION = ("Trains DreamBooth (LoRA or full fine-tune, with prior preservation) on the connected MODEL/CLIP "
                    "in ComfyUI's process. The inputs are never modified: the outputs are new MODEL/CLIP objects "
                    "carrying the trained weights. The LoRA is saved to models/loras (LoraLoader lists it); "
-                   "Cancel stops at the next step and keeps a checkpoint that 'resume' continues from.")
+                   "Cancel keeps a checkpoint of the last finished step that 'resume' continues from.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -401,8 +401,11 @@ class DreamBoothTrain_:
                 run.step(info.step, info.total, info.loss, info.instance_loss, info.prior_loss, info.lr,
                          info.seconds_per_step, info.eta_seconds)
 
+            # Cancel arrives as a flag between steps (0.3.64) or as an exception from inside the
+            # model (0.3.65 on): both end the run with a checkpoint of the last finished step.
             callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted, on_preview=run.preview,
-                                  on_phase=lambda phase: log.info("DreamBooth Train: %s", phase))
+                                  on_phase=lambda phase: log.info("DreamBooth Train: %s", phase),
+                                  cancelled_by=(mm.InterruptProcessingException,))
             log.info("DreamBooth Train: %s, %d steps, %s, device %s, compute %s -> %s", mode, steps,
                      "prior preservation" if prior else "no prior", backend.device, dtype, config.output_dir)
             # Nodes run under torch.inference_mode(); training leaves it explicitly.
@@ -413,10 +416,10 @@ class DreamBoothTrain_:
                 finally:
                     backend.release()
             if result.status == "cancelled":
-                log.info("DreamBooth Train: cancelled at step %d; checkpoint %s (queue again with resume on)",
-                         result.step, result.checkpoint_path)
-                run.finish("interrupted", message=f"stopped at step {result.step}; checkpoint "
-                                                  f"{result.checkpoint_path} (queue again with resume on)")
+                text = (f"cancelled at step {result.step}, resume to continue (queue again with resume on; "
+                        f"checkpoint {result.checkpoint_path})")
+                log.info("DreamBooth Train: %s", text)
+                run.finish("interrupted", message=text)
                 _interrupted()
 
             if mode == "lora":

@@ -12,7 +12,7 @@ one graph each draw their own run):
 - `dreambooth.train.step`   {step, total, loss, instance_loss, prior_loss, lr, seconds_per_step,
                              eta_seconds, points: [[step, loss, instance_loss, prior_loss], ...]}
 - `dreambooth.train.preview` {step, image: "data:image/png;base64,..."}
-- `dreambooth.train.done`   {status: completed|interrupted|error, step, total, lora_path, seconds,
+- `dreambooth.train.done`   {status: completed|interrupted|error, prompt_id, step, total, lora_path, seconds,
                              message, points (the whole curve, at most MAX_POINTS)}
 - `dreambooth.class_images` {count, generated, reused, done, folder}
 
@@ -144,7 +144,7 @@ class LiveRun:
         if exc_type is None:
             self.finish("completed")
         elif exc_type.__name__ == "InterruptProcessingException":
-            self.finish("interrupted", message=f"stopped at step {self.state['step']}")
+            self.finish("interrupted", message=f"cancelled at step {self.state['step']}, resume to continue")
         else:
             self.finish("error", message=f"{exc_type.__name__}: {exc}")
 
@@ -191,7 +191,8 @@ class LiveRun:
                               seconds=finished - self.state["started"])
             points = decimate(self.state["points"])
         self._pending = []
-        self._send("dreambooth.train.done", {"status": status, "step": self.state["step"],
+        self._send("dreambooth.train.done", {"status": status, "prompt_id": self.state["prompt_id"],
+                                             "step": self.state["step"],
                                              "total": self.state["total"], "lora_path": lora_path,
                                              "message": message, "seconds": self.state["seconds"],
                                              "points": points})

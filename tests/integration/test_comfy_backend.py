@@ -5,6 +5,7 @@ on a MODEL/CLIP/VAE loaded by the host's loader (so the weights are inference te
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -225,7 +226,7 @@ def test_second_run_in_same_process_other_settings_text_encoder(pack, host, load
     assert torch.equal(before, sample_latent(model, clip))
     assert not torch.equal(before, sample_latent(trained_model, trained_clip))
     dm = model.model.diffusion_model  # gradient checkpointing was undone on the shared modules
-    assert all("forward" not in vars(b) for b in list(dm.input_blocks) + list(dm.output_blocks))
+    assert all("forward" not in vars(layer) for b in list(dm.input_blocks) + list(dm.output_blocks) for layer in b)
 
 
 def test_full_fine_tune_two_steps_saves_a_checkpoint(pack, host, loaded, instance_folder):
@@ -248,6 +249,73 @@ def test_full_fine_tune_two_steps_saves_a_checkpoint(pack, host, loaded, instanc
         m2, c2 = comfy.sd.load_checkpoint_guess_config(path)[:2]
     reloaded = sample_latent(m2, c2)
     assert (reloaded - trained).abs().max() < 1e-3
+
+
+def test_cancel_inside_the_backward_pass_keeps_the_last_finished_step(pack, host, loaded, instance_folder,
+                                                                       monkeypatch):
+    """Cancel pressed while step 2's backward pass runs. ComfyUI >= 0.3.65 raises it from the
+    recomputed forward of a gradient-checkpointed layer, mid-backward: the checkpoint must be step 1's.
+    0.3.64 sees the flag before step 3: step 2's. Either way, resuming reaches the weights of an
+    uninterrupted run."""
+    import comfy.model_management as mm
+    import comfy.ops
+    import comfy.utils
+    from safetensors import safe_open
+
+    model, clip, vae = loaded
+    n = nodes(pack)
+    cb = backend_module(pack)
+    raises_inside = hasattr(comfy.ops, "run_every_op")  # the host checks Cancel in every layer's forward
+    args = dict(mode="lora", rank=4, alpha=0.0, train_text_encoder=False, steps=3, learning_rate=5e-3,
+                prior_weight=0.0, batch_size=1, seed=0, checkpoint_every=0, gradient_checkpointing=True)
+    runs = {"n": 0}  # a layer deep in the UNet: gradient checkpointing runs it again in each backward pass
+    counter = model.model.diffusion_model.output_blocks[0][0].in_layers[2].register_forward_pre_hook(
+        lambda *_: runs.__setitem__("n", runs["n"] + 1))
+    try:
+        with torch.inference_mode():
+            ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
+            straight = n["DreamBoothTrain"].train(model, clip, vae, ds, save_name="bw_straight", resume=False,
+                                                  **args)["result"][2]
+    finally:
+        counter.remove()
+    assert runs["n"] == 2 * args["steps"], "gradient checkpointing did not recompute the UNet's layers"
+
+    real_predict, calls, seen = cb.ComfyBackend.predict, {"n": 0}, {}
+
+    def predict(self, *a, **kw):
+        out = real_predict(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2: Cancel arrives once its backward pass has begun
+
+            def press_cancel(grad):
+                seen["backward"] = True
+                mm.interrupt_current_processing(True)
+
+            out.register_hook(press_cancel)
+        return out
+
+    monkeypatch.setattr(cb.ComfyBackend, "predict", predict)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            n["DreamBoothTrain"].train(model, clip, vae, ds, save_name="bw_cancel", resume=False, **args)
+    finally:
+        mm.interrupt_current_processing(False)
+        monkeypatch.undo()
+    assert seen.get("backward"), "Cancel was not pressed inside the backward pass"
+    ckpt = Path(host.get_output_directory()) / "dreambooth" / "bw_cancel" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()["dreambooth_checkpoint"])
+    assert meta["step"] == (1 if raises_inside else 2)
+    assert [h["step"] for h in meta["history"]] == list(range(1, meta["step"] + 1))
+    assert not list(ckpt.parent.glob("*.partial"))
+
+    with torch.inference_mode():
+        resumed = n["DreamBoothTrain"].train(model, clip, vae, ds, save_name="bw_cancel", resume=True,
+                                             **args)["result"][2]
+    a, b = comfy.utils.load_torch_file(straight), comfy.utils.load_torch_file(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-3)
 
 
 def test_importing_the_pack_is_light_and_self_contained(host):

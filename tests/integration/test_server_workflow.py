@@ -219,8 +219,15 @@ def test_interrupt_stops_training_keeps_a_checkpoint_and_resume_finishes(server,
     ckpt = server.base / "output" / "dreambooth" / "interrupted" / "checkpoint.safetensors"
     assert ckpt.is_file()
     with safe_open(str(ckpt), framework="pt") as f:
-        step = json.loads(f.metadata()["dreambooth_checkpoint"])["step"]
+        meta = json.loads(f.metadata()["dreambooth_checkpoint"])
+    step = meta["step"]
     assert 2 <= step < 400
+    assert [h["step"] for h in meta["history"]] == list(range(1, step + 1)), "the checkpoint is not of a finished step"
+    assert not [p.name for p in ckpt.parent.rglob("*.partial")], "a partial file was left behind"
+    done = server.wait_for_message(lambda m: m.get("type") == "dreambooth.train.done"
+                                   and m["data"].get("prompt_id") == prompt_id, timeout=30)
+    assert done["data"]["status"] == "interrupted"
+    assert f"cancelled at step {step}, resume to continue" in done["data"]["message"], done["data"]
 
     graph["6"]["inputs"].update(steps=step + 2, resume=True)
     entry = run(server, graph)
