@@ -295,9 +295,19 @@ def _class_images(job: Job, backend):
     def progress(done: int, total: int) -> None:
         job.class_done, job.class_total = done, total
 
-    image_set = ensure_class_images(backend, class_image_root(), c.resolved_class_prompt(), c.num_class_images,
-                                    settings, seed=c.seed, batch_size=1, progress=progress,
-                                    should_stop=job.should_stop)
+    try:
+        image_set = ensure_class_images(backend, class_image_root(), c.resolved_class_prompt(), c.num_class_images,
+                                        settings, seed=c.seed, batch_size=1, progress=progress,
+                                        should_stop=job.should_stop)
+    except Exception as exc:
+        if type(exc).__name__ != "NansException":  # modules.devices.NansException, raised by the WebUI's sampler
+            raise
+        raise RuntimeError(
+            f"class images: the WebUI's txt2img produced NaN for {c.resolved_class_prompt()!r} before any training "
+            f"({exc}). The class images made so far are kept. Generate one image with that prompt in txt2img to "
+            "check the checkpoint; if it fails there too, follow the WebUI's advice above, or set Settings > "
+            "Stable Diffusion > Emphasis mode to 'No norm' (the default divides by the mean of the text encoder's "
+            "output, which some merged or custom checkpoints have near zero).") from exc
     job.class_images = {"generated": image_set.generated, "reused": image_set.reused, "count": image_set.count,
                         "folder": str(image_set.folder)}
     if not image_set.complete:

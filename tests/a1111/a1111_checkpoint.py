@@ -17,7 +17,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-VERSION = "a1111-mini-sd15-v1"
+VERSION = "a1111-mini-sd15-v2"
 NAME = "mini_sd15"
 UNET = dict(model_channels=64, channel_mult=[1, 2], num_res_blocks=2, attention_resolutions=[1, 2], num_heads=4)
 VAE = dict(ch=32, ch_mult=[1, 2, 4, 4], num_res_blocks=1)
@@ -37,14 +37,19 @@ def yaml_text(a1111: Path) -> str:
 
 def _init(name: str, t, seed: int) -> None:
     """Deterministic values per tensor name: norms 1, biases 0, weights N(0, 1/fan_in). ldm zero-
-    initialises output layers; random ones make every layer (and so every LoRA) matter."""
+    initialises output layers; random ones make every layer (and so every LoRA) matter. The text
+    encoder's layer norms get a bias around 0.1: with a zero bias the mean of its output is ~1e-9, and
+    the WebUI's default prompt emphasis ("Original") divides by that mean, which gives NaN or not
+    depending on the CPU's summation order (issue 41)."""
     import torch
 
     g = torch.Generator().manual_seed((zlib.crc32(name.encode()) + seed) % (2**31))
     with torch.no_grad():
         if not t.is_floating_point():
             return
-        if name.endswith("bias"):
+        if name.endswith("bias") and name.startswith("cond_stage_model.") and "layer_norm" in name:
+            t.copy_(0.1 + 0.05 * torch.randn(t.shape, generator=g))
+        elif name.endswith("bias"):
             t.zero_()
         elif t.ndim == 1:
             t.fill_(1.0)

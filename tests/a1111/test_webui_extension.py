@@ -31,9 +31,10 @@ def _job(subject_dir, **overrides) -> dict:
 def _txt2img(webui, prompt: str, seed: int = 7) -> np.ndarray:
     from PIL import Image
 
-    # "No norm" emphasis: with random CLIP weights the default one divides by a ~1e-9 mean (A1111_NOTES).
+    # The WebUI's default emphasis ("Original"), as a user has it: the test checkpoint keeps the mean it
+    # divides by away from zero (a1111_checkpoint._init).
     r = webui.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed,
-                                          "sampler_name": "Euler", "override_settings": {"emphasis": "No norm"}})
+                                          "sampler_name": "Euler"})
     assert r.status_code == 200, r.text[:2000]
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=float)
     assert np.isfinite(image).all() and image.std() > 0, "txt2img gave a blank image"
@@ -203,3 +204,26 @@ def test_install_py_leaves_the_webui_packages_alone():
     out = subprocess.run([sys.executable, str(repo / "install.py")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "all requirements present" in out.stdout, out.stdout + out.stderr
     assert {p: version(p) for p in pins} == before
+
+
+def test_the_test_checkpoint_gives_the_default_emphasis_a_mean_far_from_zero(mini_checkpoint):
+    """The WebUI's default emphasis divides by the mean of the text encoder's output; with the random
+    CLIP's zero layer-norm biases that mean was ~1e-9 and the quotient NaN or 1 depending on the CPU
+    (issue 41). The fixture must keep it well away from zero on any CPU."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from webui_server import CLIP_CONFIG
+
+    prefix = "cond_stage_model.transformer."
+    sd = {k[len(prefix):]: v.float() for k, v in load_file(str(mini_checkpoint)).items() if k.startswith(prefix)}
+    clip = CLIPTextModel(CLIPTextConfig(**json.loads(CLIP_CONFIG.read_text())))
+    clip.load_state_dict(sd, strict=False)
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2444, 49407] + [49407] * 70])  # "a photo of a ball"
+    with torch.no_grad():
+        z = clip(input_ids=ids).last_hidden_state
+    assert torch.isfinite(z).all()
+    assert abs(z.mean().item()) > 1e-2, f"text encoder output mean {z.mean().item():.3g} is near zero"
