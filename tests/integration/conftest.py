@@ -67,6 +67,7 @@ def _host_in_process():
     sys.path.insert(0, str(COMFYUI_DIR))
     if "nodes" in sys.modules and not hasattr(sys.modules["nodes"], "NODE_CLASS_MAPPINGS"):
         del sys.modules["nodes"]
+    import utils.extra_config  # noqa: F401  (first, as main.py: later imports put comfy/utils.py on `utils`)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
