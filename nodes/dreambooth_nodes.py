@@ -336,12 +336,14 @@ class DreamBoothTrain_:
             "hidden": {"unique_id": "UNIQUE_ID"},  # which node the page's live view belongs to
         }
 
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "lora_path", "loss_curve")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "LORA_MODEL")
+    RETURN_NAMES = ("model", "clip", "lora_path", "loss_curve", "lora")
     OUTPUT_TOOLTIPS = ("The trained model (a new MODEL; the input is unchanged): connect it to a KSampler.",
                        "The CLIP to encode prompts for the trained model (trained if 'train_text_encoder').",
                        "Where the LoRA (or, in full mode, the checkpoint) was saved.",
-                       "The loss per step.")
+                       "The loss per step.",
+                       "The saved LoRA's weights, for the host's Load LoRA Model node (LoraModelLoader; its "
+                       "bypass mode suits fp8 or offloaded base weights). Empty in full mode.")
     FUNCTION = "train"
     CATEGORY = CATEGORY
 
@@ -435,7 +437,9 @@ class DreamBoothTrain_:
             text = f"{result.step} steps, loss {first:.4g} -> {last:.4g}; saved {saved}"
             log.info("DreamBooth Train: %s", text)
             run.finish("completed", lora_path=str(saved), message=text)
-            return {"ui": {"text": [text], "lora_path": [saved]}, "result": (out_model, out_clip, saved, curve)}
+            lora = comfy.utils.load_torch_file(saved) if mode == "lora" else {}
+            return {"ui": {"text": [text], "lora_path": [saved]},
+                    "result": (out_model, out_clip, saved, curve, lora)}
 
 
 def _check_overwrite(dest: str) -> None:

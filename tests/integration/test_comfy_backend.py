@@ -171,7 +171,7 @@ def test_train_lora_in_process(pack, host, loaded, instance_folder, caplog):
         assert again["ui"]["generated"] == [0] and again["ui"]["reused"] == [2]
         out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, False, 3, 5e-3, 1.0, 1, 0,
                                          "inproc", False, 0, class_images=ci["result"][0])
-    trained_model, trained_clip, lora_path, curve = out["result"]
+    trained_model, trained_clip, lora_path, curve, lora_model = out["result"]
     assert trained_model is not model and curve.shape[-1] == 3
     shared = list(model.model.parameters()) + list(clip.cond_stage_model.parameters())
     assert all(p.grad is None for p in shared), "gradients were accumulated on the shared model's weights"
@@ -193,6 +193,21 @@ def test_train_lora_in_process(pack, host, loaded, instance_folder, caplog):
     assert (via_loader - trained).abs().mean() < 0.1 * (trained - before).abs().mean()
     assert torch.equal(before, sample_latent(model, clip))
 
+    # The `lora` output in the host's own Load LoRA Model node (and its bypass mode on hosts that have it)
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    assert lora_model.keys() == lora.keys()
+    modes = [{}] + ([{"bypass": True}] if hasattr(comfy.sd, "load_bypass_lora_for_models") else [])
+    for extra in modes:
+        with torch.inference_mode():
+            if hasattr(LoraModelLoader, "execute"):  # the V3 node (0.3.65 on)
+                out_model = LoraModelLoader.execute(model, lora_model, 1.0, **extra)[0]
+            else:
+                out_model = LoraModelLoader().load_lora_model(model, lora_model, 1.0)[0]
+        via_node = sample_latent(out_model, lc)  # the text encoder is frozen here: lc is the base CLIP
+        assert (via_node - trained).abs().mean() < 0.1 * (trained - before).abs().mean(), extra
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+
 
 def test_second_run_in_same_process_other_settings_text_encoder(pack, host, loaded, instance_folder, monkeypatch):
     """Runs in a row with other settings: here the text encoder trains too, with gradient
@@ -213,7 +228,7 @@ def test_second_run_in_same_process_other_settings_text_encoder(pack, host, load
         out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 2, 1.0, True, 2, 5e-3, 0.0, 2, 1,
                                          "inproc_te", False, 0, gradient_checkpointing=True, lora_targets="attention")
     monkeypatch.undo()
-    trained_model, trained_clip, lora_path, _ = out["result"]
+    trained_model, trained_clip, lora_path, _, _ = out["result"]
     import re
 
     import comfy.utils
@@ -239,7 +254,8 @@ def test_full_fine_tune_two_steps_saves_a_checkpoint(pack, host, loaded, instanc
         ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
         out = n["DreamBoothTrain"].train(model, clip, vae, ds, "full", 4, 0.0, False, 2, 1e-3, 0.0, 1, 0,
                                          "inproc_full", False, 0)
-    trained_model, trained_clip, path, _ = out["result"]
+    trained_model, trained_clip, path, _, lora_model = out["result"]
+    assert lora_model == {}, "full mode has no LoRA to hand on"
     assert path.endswith("inproc_full.safetensors") and os.path.isfile(path)
     assert str(host.get_output_directory()) in path
     assert torch.equal(before, sample_latent(model, clip))
@@ -433,7 +449,7 @@ def test_sdxl_names_conditioning_and_training(pack, mini_sdxl, instance_folder):
         ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
         out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, True, 2, 1e-2, 0.0, 1, 0,
                                          "inproc_sdxl", False, 0)
-    trained_model, trained_clip, lora_path, _ = out["result"]
+    trained_model, trained_clip, lora_path, _, _ = out["result"]
     import comfy.utils
 
     keys = {k.split(".")[0] for k in comfy.utils.load_torch_file(lora_path)}
