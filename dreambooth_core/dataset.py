@@ -135,10 +135,12 @@ class PreparedDataset:
 
     def report_text(self) -> str:
         lines = [self.summary(), ""]
+        captions = {it.source: it.caption for it in self.items}
         for r in self.report:
             size = f" -> {r.size[0]}x{r.size[1]}" if r.size else ""
             orig = f" {r.original_size[0]}x{r.original_size[1]}" if r.original_size else ""
-            lines.append(f"[{r.status:>7}] {r.source}{orig}{size}")
+            lines.append(f"[{r.status:>7}] {r.source}{orig}{size}" +
+                         (f": {captions[r.source]!r}" if r.source in captions else ""))
             lines.extend(f"          - {n}" for n in r.notes)
         return "\n".join(lines) + "\n"
 
@@ -219,6 +221,7 @@ class _Candidate:
     name: str
     path: Optional[Path] = None
     obj: Any = None
+    caption: str = ""  # the caller's caption for this image ("": the sidecar file or the template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,6 +577,17 @@ def _decode_text(data: bytes) -> Tuple[str, Optional[str]]:
         return data.decode("latin-1"), "latin-1"
 
 
+def _attach_captions(captions: Optional[Sequence[str]], cands: Sequence[_Candidate]) -> None:
+    if captions is None:
+        return
+    if isinstance(captions, str) or len(captions) != len(cands):
+        n = "one string, not a list," if isinstance(captions, str) else f"{len(captions)} caption(s)"
+        raise DatasetError(f"captions: {n} for {len(cands)} image(s); give one caption per image, in order "
+                           "(an empty one uses the caption template)")
+    for cand, text in zip(cands, captions):
+        cand.caption = str(text or "")
+
+
 def fill_caption(text: str, token: str, class_noun: str) -> str:
     """Fill {token} and {class} (plain replacement: captions may hold other braces)."""
     return " ".join(text.replace("{token}", token).replace("{class}", class_noun).split())
@@ -587,8 +601,8 @@ def _sidecar(path: Path) -> Optional[Path]:
 
 
 def _caption(cand: _Candidate, token: str, class_noun: str, template: str, use_captions: bool, log: _Log) -> str:
-    caption = fill_caption(template, token, class_noun)
-    side = _sidecar(cand.path) if (use_captions and cand.path is not None) else None
+    caption = fill_caption(cand.caption if cand.caption.strip() else template, token, class_noun)
+    side = _sidecar(cand.path) if (use_captions and cand.path is not None and not cand.caption.strip()) else None
     if side is not None:
         try:
             text, encoding = _decode_text(side.read_bytes())
@@ -647,13 +661,16 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
                     caption_template: str = "a photo of {token} {class}", resolution: int = 512,
                     crop: str = "center", flip: bool = False, recursive: bool = False,
                     min_size: Optional[int] = None, seed: int = 0, use_captions: bool = True,
-                    max_pixels: int = MAX_PIXELS, masks: Any = None) -> PreparedDataset:
+                    max_pixels: int = MAX_PIXELS, masks: Any = None,
+                    captions: Optional[Sequence[str]] = None) -> PreparedDataset:
     """Load, validate, fix, caption and crop the subject's images; report on every file.
 
     `source`: a folder, a list of image files, or a list of in-memory images (PIL, numpy
     H×W×3 uint8 / float [0, 1], torch tensors; a whole B×H×W×3 batch is accepted too).
     `masks`: subject masks for a masked loss (see masks.py): "alpha" reads each image's alpha
     channel (cut-outs), or one mask per in-memory image (a B×H×W batch such as ComfyUI's MASK).
+    `captions`: one per image, in the order given (a host's image-text loader); an empty one falls
+    back to the sidecar file or the template; {token} and {class} are filled in.
     Raises DatasetError when no usable image remains."""
     _check_resolution(resolution)
     if crop not in CROPS:
@@ -669,6 +686,7 @@ def prepare_dataset(source: Any, *, token: str, class_noun: str,
             hint = "images were found in subfolders: pass recursive=True to use them"
     else:
         cands, where = _candidates(source)
+    _attach_captions(captions, cands)
     given_masks = _given_masks(masks, cands)
     from_alpha = masks is not None and given_masks is None
 

@@ -68,6 +68,19 @@ def _safe_progress(bar, value, total):
         mm.interrupt_current_processing(True)
 
 
+def _one(value):
+    """A node input's value: the host hands an INPUT_IS_LIST node each input as a list (of one)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _each_image(value):
+    """IMAGE (or MASK) inputs as one list of single images: a batch, or the list of batches a host's
+    folder loader sends (one per photo, sizes may differ); None stays None."""
+    if value is None:
+        return None
+    return [image for batch in (value if isinstance(value, list) else [value]) for image in batch]
+
+
 def _folder_signature(folder: str) -> str:
     h = hashlib.sha256()
     for root, dirs, files in os.walk(folder):
@@ -121,6 +134,10 @@ class DreamBoothDataset_:
                 "caption_template": ("STRING", {"default": "a photo of {token} {class}",
                                                 "tooltip": "Caption of photos without a .txt caption file; {token} and "
                                                            "{class} are filled in."}),
+                "captions": ("STRING", {"forceInput": True,
+                                        "tooltip": "One caption per image of the 'images' input, e.g. the texts of the "
+                                                   "host's Load Image-Text (from Folder) node; an empty one uses the "
+                                                   "caption template. {token} and {class} are filled in."}),
                 "subject_mask": ("MASK", {"tooltip": "Masked loss: only the subject is learned, not the photos' "
                                                      "backgrounds. One mask per image of the 'images' input, white = "
                                                      "subject (e.g. from a segmentation node; Load Image's mask is "
@@ -131,6 +148,10 @@ class DreamBoothDataset_:
             },
         }
 
+    # The host's folder loaders (Load Image (from Folder), Load Image-Text (from Folder)) send one
+    # IMAGE per photo, of different sizes, and one caption each, as lists: the node takes every input
+    # as a list (a batch or a widget value arrives as a list of one) and runs once for all of them.
+    INPUT_IS_LIST = True
     RETURN_TYPES = (DATASET, "IMAGE")
     RETURN_NAMES = ("dataset", "preview")
     OUTPUT_TOOLTIPS = ("The prepared subject images, for DreamBooth Train.",
@@ -142,16 +163,20 @@ class DreamBoothDataset_:
     def IS_CHANGED(cls, folder=None, path="", images=None, **kwargs):
         # Re-run when the files in the folder change (the inputs alone would look the same).
         try:
-            return _folder_signature(paths.resolve_dataset_folder(folder, path or ""))
+            return _folder_signature(paths.resolve_dataset_folder(_one(folder), _one(path) or ""))
         except Exception:
             return ""
 
     def prepare(self, clip, folder, token, class_noun, resolution, crop, flip, images=None, path="",
-                caption_template="a photo of {token} {class}", subject_mask=None, mask_from_alpha=False):
+                caption_template="a photo of {token} {class}", subject_mask=None, mask_from_alpha=False,
+                captions=None):
         from ..dreambooth_core.dataset import prepare_dataset
         from ..dreambooth_core.tokens import TokenError, require_single_token
         from .comfy_backend import clip_tokenizers
 
+        clip, folder, token, class_noun, resolution, crop, flip, path, caption_template, mask_from_alpha = map(
+            _one, (clip, folder, token, class_noun, resolution, crop, flip, path, caption_template, mask_from_alpha))
+        images, subject_mask = _each_image(images), _each_image(subject_mask)
         token = (token or "").strip()
         class_noun = (class_noun or "").strip()
         try:
@@ -168,9 +193,13 @@ class DreamBoothDataset_:
             source, where = images, "IMAGE input"
         else:
             source = where = paths.resolve_dataset_folder(folder, path or "")
+        if captions is not None and source is not images:
+            raise ValueError("DreamBooth Dataset: 'captions' go with the 'images' input (one per image); a folder's "
+                             "photos take their captions from .txt files beside them")
         prepared = prepare_dataset(source, token=token, class_noun=class_noun,
                                    caption_template=caption_template or "a photo of {token} {class}",
-                                   resolution=int(resolution), crop=crop, flip=bool(flip), masks=masks)
+                                   resolution=int(resolution), crop=crop, flip=bool(flip), masks=masks,
+                                   captions=captions)
         dataset = DreamBoothDataset(prepared, token, class_noun, caption_template, where, check.message)
         preview = _images_to_tensor([item.image for item in prepared.items])
         text = f"{check.message}\n{prepared.report_text()}"

@@ -654,3 +654,21 @@ def test_mask_list_with_files_is_refused_and_masks_are_saved_apart(tmp_path):
     assert Image.open(tmp_path / "out" / "masks" / "0000_a.png").size == (RES, RES)
     # the saved folder reads back as the same photos: the masks' subfolder is not taken for photos
     assert len(prep(tmp_path / "out").items) == 2
+
+
+def test_captions_one_per_in_memory_image_as_a_hosts_image_text_loader_gives_them(tmp_path):
+    images = [pattern(i, 64, 64) for i in (3, 5, 7)]
+    ds = prep(images, captions=["{token} {class} on a red chair", "", "a photo of sks dog, side view"])
+    assert [i.caption for i in ds.items] == ["sks dog on a red chair", "a photo of sks dog",
+                                            "a photo of sks dog, side view"]
+    with pytest.raises(DatasetError, match=r"captions: 2 caption\(s\) for 3 image\(s\)"):
+        prep(images, captions=["a", "b"])
+    with pytest.raises(DatasetError, match="captions: one string, not a list"):
+        prep(images, captions="a photo of sks dog")
+
+
+def test_a_given_caption_wins_over_the_sidecar_file(tmp_path):
+    pattern(3, 64, 64).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("{token} {class} from the sidecar")
+    assert prep([tmp_path / "a.png"]).items[0].caption == "sks dog from the sidecar"
+    assert prep([tmp_path / "a.png"], captions=["{token} {class} given"]).items[0].caption == "sks dog given"

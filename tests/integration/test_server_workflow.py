@@ -256,6 +256,40 @@ def test_cancel_during_class_images_keeps_what_was_made_and_tops_up(server, work
     assert entry["outputs"]["4"]["generated"] == [1] and entry["outputs"]["4"]["reused"] == [made]
 
 
+def test_dataset_takes_the_photos_and_captions_of_the_hosts_folder_loader(server, object_info):
+    """The host's own dataset loader feeds DreamBooth Dataset: on 0.33 Load Image-Text (from Folder) sends
+    one IMAGE per photo (of different sizes) and one caption each, as lists; 0.3.64's Load Image Dataset
+    from Folder sends one batch."""
+    from PIL import Image
+
+    folder = server.base / "input" / "captioned"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(2)
+    for i, (size, caption) in enumerate([((64, 64), "{token} {class} on grass"), ((96, 64), ""),
+                                         ((64, 80), "a photo of sks dog asleep")]):
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.png")
+        if caption:
+            (folder / f"p{i}.txt").write_text(caption)
+    dataset = {"class_type": "DreamBoothDataset",
+               "inputs": {"clip": ["1", 1], "folder": "[none]", "token": "sks", "class_noun": "dog", "resolution": 64,
+                          "crop": "center", "flip": False, "images": ["30", 0]}}
+    if "LoadImageTextDataSetFromFolder" in object_info:
+        loader = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "captioned"}}
+        dataset["inputs"]["captions"] = ["30", 1]
+        expected = ["'sks dog on grass'", "'a photo of sks dog'", "'a photo of sks dog asleep'"]
+    else:
+        loader = {"class_type": "LoadImageSetFromFolderNode", "inputs": {"folder": "captioned", "resize_method": "Stretch"}}
+        expected = ["'a photo of sks dog'"] * 3  # a batch of images carries no captions
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mini_sd15.safetensors"}},
+             "30": loader, "31": dataset, "32": {"class_type": "PreviewImage", "inputs": {"images": ["31", 1]}}}
+    entry = run(server, graph)
+    text = entry["outputs"]["31"]["text"][0]
+    assert "3 image(s) ready" in text, text
+    # the loader lists the folder in the file system's order: compare the captions as a set of lines
+    assert sorted(line.rsplit(": ", 1)[-1] for line in text.splitlines() if line.startswith("[")) == \
+        sorted(expected), text
+
+
 @pytest.mark.parametrize("case, changes, expected", [
     ("empty folder", {"2": {"folder": "empty_set"}}, "No usable image"),
     ("token that splits", {"2": {"token": "zxqv"}}, "splits into 4 tokens"),
