@@ -1,31 +1,77 @@
 #!/usr/bin/env bash
-# The whole test suite: core unit tests in .venv, then the ComfyUI integration tests against the
-# real host (../shared/comfyui) in .venv-comfyui. Both environments are created if missing.
-set -euo pipefail
+# The whole test suite (what CI runs, via .ci/run): the core's unit tests in .venv, then every host we
+# support, each against its own source copy in its own virtual environment (created when missing):
+#
+#   ComfyUI 0.3.64, the oldest supported   COMFYUI_DIR          (../shared/comfyui)       .venv-comfyui
+#   ComfyUI 0.33, the current one          COMFYUI_CURRENT_DIR  (../shared/comfyui-0.33)  .venv-comfyui-current
+#   Automatic1111 WebUI 1.10               A1111_DIR            (../shared/a1111)         .venv-a1111
+#     (+ its repositories/)                A1111_REPOSITORIES   ($A1111_DIR/repositories)
+#
+# Each ComfyUI gets tests/integration and tests/browser (the live view in Debian's chromium, installed
+# when missing and possible, else that test skips with the reason). A host whose copy is missing is
+# skipped with one line saying what, why and which variable enables it; under CI=true a missing host is
+# an error that names it, so CI can never pass by skipping. Point a variable at your own copy to test
+# against it, e.g. `COMFYUI_DIR=/path/to/ComfyUI bash tools/test.sh`.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup_env.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/python -m pytest -q tests --ignore=tests/integration "$@"
-if [ -f tools/setup_comfyui_env.sh ] && [ -d tests/integration ]; then
-  bash tools/setup_comfyui_env.sh
-  .venv-comfyui/bin/python -m pytest -q tests/integration "$@"
-fi
-# Live training view in a real browser (tests/browser): Debian's chromium is installed if missing
-# and possible; otherwise the browser test skips with the reason and the rest still runs.
-if [ -d tests/browser ] && [ -x .venv-comfyui/bin/python ]; then
-  bash tools/setup_browser.sh
-  .venv-comfyui/bin/python -m pytest -q tests/browser "$@"
-fi
-# Automatic1111 WebUI extension (tests/a1111) against the real WebUI (../shared/a1111) in .venv-a1111.
-# The WebUI's repositories must be in ../shared/a1111/repositories or $A1111_REPOSITORIES, else the
-# tests skip with the reason.
-if [ -f tools/setup_a1111_env.sh ] && [ -d tests/a1111 ]; then
-  repos="${A1111_REPOSITORIES:-../shared/a1111/repositories}"
-  if [ -d "$repos/stable-diffusion-stability-ai" ]; then
-    bash tools/setup_a1111_env.sh
-    .venv-a1111/bin/python -m pytest -q tests/a1111 "$@"
+shared="$(cd .. && pwd)/shared"
+failed=0
+missing_hosts=()
+
+fail() { echo "FAILED: $*" >&2; failed=1; }
+
+# host_missing WHAT WHY HOW: one line, and an error under CI.
+host_missing() {
+  if [ -n "${CI:-}" ]; then
+    echo "ERROR $1: $2 (CI must test every supported host; $3)" >&2
+    missing_hosts+=("$1")
   else
-    echo "SKIPPED tests/a1111: the WebUI cannot start without its repositories ($repos is missing;" \
-         "set A1111_REPOSITORIES to a folder holding them, see scripts/README.md)"
+    echo "SKIPPED $1: $2 ($3)"
   fi
+}
+
+bash tools/setup_env.sh || { echo "FAILED: could not set up .venv" >&2; exit 1; }
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -q tests --ignore=tests/integration --ignore=tests/browser --ignore=tests/a1111 "$@" \
+  || fail "unit tests"
+
+# comfyui_host LABEL DIR VAR VENV: integration + browser tests against the ComfyUI at DIR.
+comfyui_host() {
+  local label="$1" dir="$2" var="$3" venv="$4"
+  shift 4
+  if [ ! -f "$dir/main.py" ]; then
+    host_missing "tests/integration + tests/browser on $label" "no ComfyUI at $dir" \
+      "set $var to a ComfyUI folder to run them"
+    return
+  fi
+  echo "== ComfyUI $label: $dir ($(sed -n 's/^__version__ *= *//p' "$dir/comfyui_version.py" | tr -d "\"'"))"
+  COMFYUI_DIR="$dir" COMFYUI_VENV="$venv" bash tools/setup_comfyui_env.sh || { fail "setting up $venv for $dir"; return; }
+  COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q tests/integration "$@" || fail "tests/integration on $label"
+  bash tools/setup_browser.sh
+  COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q tests/browser "$@" || fail "tests/browser on $label"
+}
+comfyui_host "0.3.64 (oldest supported)" "${COMFYUI_DIR:-$shared/comfyui}" COMFYUI_DIR .venv-comfyui "$@"
+comfyui_host "current (0.33)" "${COMFYUI_CURRENT_DIR:-$shared/comfyui-0.33}" COMFYUI_CURRENT_DIR \
+  .venv-comfyui-current "$@"
+
+# Automatic1111 WebUI extension (tests/a1111); its setup also reads CLIP-L's config from a ComfyUI copy.
+a1111="${A1111_DIR:-$shared/a1111}"
+repos="${A1111_REPOSITORIES:-$a1111/repositories}"
+if [ ! -f "$a1111/launch.py" ]; then
+  host_missing "tests/a1111" "no Automatic1111 WebUI at $a1111" "set A1111_DIR to a WebUI 1.10 folder to run them"
+elif [ ! -d "$repos/stable-diffusion-stability-ai" ]; then
+  host_missing "tests/a1111" "the WebUI cannot start without its repositories ($repos is missing)" \
+    "set A1111_REPOSITORIES to a folder holding them, see scripts/README.md"
+elif [ ! -f "${COMFYUI_DIR:-$shared/comfyui}/comfy/sd1_clip_config.json" ]; then
+  host_missing "tests/a1111" "its offline CLIP-L config comes from a ComfyUI copy, and there is none" \
+    "set COMFYUI_DIR to a ComfyUI folder"
+else
+  A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" bash tools/setup_a1111_env.sh || fail "setting up .venv-a1111"
+  [ -x .venv-a1111/bin/python ] && { A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" \
+    .venv-a1111/bin/python -m pytest -q tests/a1111 "$@" || fail "tests/a1111"; }
 fi
+
+if [ "${#missing_hosts[@]}" -gt 0 ]; then
+  fail "missing host copies under CI: ${missing_hosts[*]}"
+fi
+exit "$failed"
