@@ -1,9 +1,12 @@
 """What each CLI subcommand does; kept apart from argument parsing so it can be called directly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -133,7 +136,31 @@ def _trim_after_unet_calls(backend, trim: Optional[Callable[[], None]]):
     return unet.register_forward_hook(lambda module, args, output: trim())
 
 
-def _train_callbacks(total: int, disable: bool):
+@contextlib.contextmanager
+def ctrl_c_stops_after_the_step(log=print):
+    """Within the block, the first Ctrl-C asks training to stop after the step it is in (a checkpoint
+    of that step is kept, `--resume` continues); a second one aborts at once. Yields the flag the
+    trainer polls. Only in the main thread of a single process: several processes could stop at
+    different steps and leave each other waiting."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed.is_set
+        return
+
+    def on_sigint(signum, frame):
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+        log("\nCtrl-C: stopping after this step and keeping a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _train_callbacks(total: int, disable: bool, should_stop=None):
     from .trainer import Callbacks
 
     bar = _bar(total, "train", disable)
@@ -146,7 +173,7 @@ def _train_callbacks(total: int, disable: bool):
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    return Callbacks(on_step=on_step), bar
+    return Callbacks(on_step=on_step, should_stop=should_stop), bar
 
 
 def run_training(config, *, force_token: bool = False, backend=None, log=print, lean: bool = False):
@@ -196,14 +223,16 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
     # Only now: sampling class images with mmap off costs ~0.7 GB more peak RSS (SD1.5, 256 px,
     # batch 8) than the default allocator, more than the training steps need.
     libc = tune_cpu_malloc() if lean and accelerator.device.type == "cpu" else None
-    callbacks, bar = _train_callbacks(config.steps, disable=not main)
-    if libc is not None:
-        callbacks = _trimming(callbacks, malloc_trimmer(libc))
-    try:
-        result = train(backend, config, data.items, class_items, callbacks, accelerator=accelerator, flip=data.flip,
-                       release_frozen=lean)
-    finally:
-        bar.close()
+    stopper = ctrl_c_stops_after_the_step(log) if accelerator.num_processes == 1 else contextlib.nullcontext()
+    with stopper as should_stop:
+        callbacks, bar = _train_callbacks(config.steps, disable=not main, should_stop=should_stop)
+        if libc is not None:
+            callbacks = _trimming(callbacks, malloc_trimmer(libc))
+        try:
+            result = train(backend, config, data.items, class_items, callbacks, accelerator=accelerator,
+                           flip=data.flip, release_frozen=lean)
+        finally:
+            bar.close()
     return result, backend
 
 

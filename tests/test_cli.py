@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,34 @@ def test_sampling_does_not_warn_about_a_missing_torchvision(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "grid.png").is_file()
     assert "torchvision" not in proc.stdout + proc.stderr
+
+
+def test_ctrl_c_stops_after_the_step_keeps_a_checkpoint_and_resume_finishes(workspace):
+    import json
+    import signal
+    import time
+
+    from safetensors import safe_open
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = common(workspace, "ctrl_c", "--steps", "5000", "--rank", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "dreambooth_core", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, deadline = "", time.monotonic() + 120
+    while not any(int(n) >= 1 for n in re.findall(r"\| (\d+)/5000 \[", seen)):  # the bar shows a finished step
+        assert proc.poll() is None and time.monotonic() < deadline, seen[-2000:]
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err[-2000:])
+    assert "stopping after this step" in out
+    step = int(out.split("cancelled at step ")[1].split(";")[0])
+    assert 1 <= step < 5000
+    ckpt = workspace / "ctrl_c" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        assert json.loads(f.metadata()["dreambooth_checkpoint"])["step"] == step
+    assert not list(ckpt.parent.glob("*.partial"))
+
+    done = run_cli(*common(workspace, "ctrl_c", "--steps", str(step + 2), "--rank", "2", "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (workspace / "ctrl_c" / "dreambooth_lora.safetensors").is_file()
