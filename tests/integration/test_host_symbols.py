@@ -2,18 +2,9 @@
 call the pack makes to one still binds to its signature (tools/host_symbols.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def import_tool():
-    spec = importlib.util.spec_from_file_location("host_symbols", REPO / "tools" / "host_symbols.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_host_symbols import import_tool  # tests/test_host_symbols.py: the unit side of the same list
 
 
 def test_every_host_symbol_the_pack_uses_resolves_and_every_call_binds(host):
