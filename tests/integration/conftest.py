@@ -1,4 +1,5 @@
-"""Integration tests against the real host (ComfyUI 0.3.64, read-only at ../shared/comfyui).
+"""Integration tests against the real host: the ComfyUI at COMFYUI_DIR (default ../shared/comfyui, 0.3.64;
+tools/test.sh runs them on ../shared/comfyui-0.33 too), read-only.
 
 They need the host's Python (tools/setup_comfyui_env.sh makes .venv-comfyui):
 
