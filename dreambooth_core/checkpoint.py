@@ -1,7 +1,7 @@
-"""Optimizer and RNG state as safetensors + JSON, so a run resumes exactly without pickle."""
+"""Optimizer state as safetensors + JSON, so a run resumes exactly without pickle (the trainer draws
+every step's samples and noise from a generator seeded by (seed, step): no RNG state to keep)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -33,15 +33,3 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
         state.setdefault(int(idx), {}).update(rest)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
-
-def rng_state() -> dict[str, torch.Tensor]:
-    return {"rng.torch": torch.get_rng_state()}
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-
-
-def dumps(meta: dict) -> str:
-    return json.dumps(meta, sort_keys=True)

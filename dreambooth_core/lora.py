@@ -113,14 +113,6 @@ class LoRANetwork:
         for adapter in self.adapters.values():
             adapter.multiplier = value
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapters into the base weights and detach them."""
-        for name, adapter in self.adapters.items():
-            weight = self.targets[name].weight
-            weight += adapter.weight_delta().to(weight.dtype)
-        self.detach()
-
     def state_dict(self, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         for name, adapter in self.adapters.items():

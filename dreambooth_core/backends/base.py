@@ -22,11 +22,6 @@ def cat_conds(conds: Sequence[Cond]) -> Cond:
     return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
 
 
-def index_cond(cond: Cond, index: torch.Tensor | Sequence[int]) -> Cond:
-    idx = torch.as_tensor(index, dtype=torch.long)
-    return {key: value[idx.to(value.device)] for key, value in cond.items()}
-
-
 @dataclass(frozen=True)
 class SampleSettings:
     """How images are sampled; every field is part of the class-image cache key."""
