@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
-from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .config import (CROPS, GRADIENT_CHECKPOINTING, LORA_TARGETS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError,
-                     TrainConfig, read_config_file)
+from .config import CROPS, GRADIENT_CHECKPOINTING, LORA_TARGETS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError
 
 S = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
@@ -84,13 +81,6 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action=BOOL, default=S, help="continue from output-dir/checkpoint.safetensors")
     g.add_argument("--sample-every", type=int, default=S)
     g.add_argument("--sample-prompts", nargs="+", default=S)
-
-
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    data = read_config_file(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in fields(TrainConfig)}
-    data.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig.from_mapping(data, source=getattr(args, "config", None) or "flags").validate()
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,57 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
-DEFAULT_CACHE = Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth")) / "class_images"
-
-
-def _bar(total: int, desc: str, disable: bool = False, unit: Optional[str] = None):
-    from tqdm.auto import tqdm
-
-    unit = unit or ("step" if "train" in desc else "img")
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable,
-                dynamic_ncols=True, file=sys.stderr)
-
-
-def _progress(bar):
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return update
-
-
-def resolve_class_images(backend, config, resolution: int, *, disable_bars: bool = False, should_stop=None):
-    """User class images if --class-dir holds images, else generated ones from the cache."""
-    from .backends.base import SampleSettings
-    from .dataset import IMAGE_EXTS
-    from .prior import ensure_class_images, load_class_folder
-
-    prompt = config.resolved_class_prompt()
-    folder = Path(config.class_dir) if config.class_dir else None
-    if folder and folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()):
-        data = load_class_folder(folder, resolution=resolution, class_prompt=prompt)
-        return data.items, f"{len(data.items)} class images from {folder}"
-    settings = SampleSettings(steps=config.class_steps, guidance=config.class_guidance, sampler=config.class_sampler,
-                              negative_prompt=config.negative_prompt, width=resolution, height=resolution)
-    bar = _bar(config.num_class_images, "class images", disable_bars)
-    try:
-        result = ensure_class_images(backend, folder or DEFAULT_CACHE, prompt, config.num_class_images, settings,
-                                     seed=config.seed, progress=_progress(bar), should_stop=should_stop)
-    finally:
-        bar.close()
-    if not result.complete:
-        raise RuntimeError(f"class-image generation stopped after {len(result.paths)} of {result.count}")
-    note = f"{len(result.paths)} class images for '{prompt}' ({result.reused} cached, {result.generated} new) in {result.folder}"
-    return result.load(resolution=resolution).items, note
-
+from . import console
 
 def tune_cpu_malloc() -> Optional[object]:
     """Keep glibc's malloc from handing large blocks back to the kernel (CLI processes on CPU).
@@ -136,46 +90,6 @@ def _trim_after_unet_calls(backend, trim: Optional[Callable[[], None]]):
     return unet.register_forward_hook(lambda module, args, output: trim())
 
 
-@contextlib.contextmanager
-def ctrl_c_stops_after_the_step(log=print):
-    """Within the block, the first Ctrl-C asks training to stop after the step it is in (a checkpoint
-    of that step is kept, `--resume` continues); a second one aborts at once. Yields the flag the
-    trainer polls. Only in the main thread of a single process: several processes could stop at
-    different steps and leave each other waiting."""
-    pressed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield pressed.is_set
-        return
-
-    def on_sigint(signum, frame):
-        if pressed.is_set():
-            raise KeyboardInterrupt
-        pressed.set()
-        log("\nCtrl-C: stopping after this step and keeping a checkpoint (Ctrl-C again to abort)")
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield pressed.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _train_callbacks(total: int, disable: bool, should_stop=None):
-    from .trainer import Callbacks
-
-    bar = _bar(total, "train", disable)
-
-    def on_step(info) -> None:
-        bar.n = info.step
-        post = {"loss": f"{info.loss:.4f}"}
-        if info.prior_loss is not None:
-            post["prior"] = f"{info.prior_loss:.4f}"
-        bar.set_postfix(post, refresh=False)
-        bar.refresh()
-
-    return Callbacks(on_step=on_step, should_stop=should_stop), bar
-
-
 def run_training(config, *, force_token: bool = False, backend=None, log=print, lean: bool = False):
     """The whole `train` job: load, check the token, prepare data and class images, train.
 
@@ -217,15 +131,15 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
     class_items = None
     if config.prior:
         with accelerator.main_process_first():
-            class_items, note = resolve_class_images(backend, config, resolution, disable_bars=not main)
+            class_items, note = console.resolve_class_images(backend, config, resolution, disable_bars=not main)
         if main:
             log(note)
     # Only now: sampling class images with mmap off costs ~0.7 GB more peak RSS (SD1.5, 256 px,
     # batch 8) than the default allocator, more than the training steps need.
     libc = tune_cpu_malloc() if lean and accelerator.device.type == "cpu" else None
-    stopper = ctrl_c_stops_after_the_step(log) if accelerator.num_processes == 1 else contextlib.nullcontext()
+    stopper = console.ctrl_c_stops_after_the_step(log) if accelerator.num_processes == 1 else contextlib.nullcontext()
     with stopper as should_stop:
-        callbacks, bar = _train_callbacks(config.steps, disable=not main, should_stop=should_stop)
+        callbacks, bar = console.train_callbacks(config.steps, disable=not main, should_stop=should_stop)
         if libc is not None:
             callbacks = _trimming(callbacks, malloc_trimmer(libc))
         try:
@@ -237,7 +151,7 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
 
 
 def cmd_train(args) -> int:
-    from .cli import build_config
+    from .config import build_config
     from .trainer import TrainingDiverged
 
     config = build_config(args)
@@ -287,9 +201,9 @@ def cmd_sample(args) -> int:
     res = args.resolution or backend.native_resolution
     settings = SampleSettings(steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                               negative_prompt=args.negative_prompt, width=res, height=res)
-    bar = _bar(len(prompts) * len(args.seeds), "sample")
+    bar = console.progress_bar(len(prompts) * len(args.seeds), "sample")
     grid, _ = sample_grid(backend, prompts, args.seeds, settings, scale=max(1, 256 // res),
-                          progress=_progress(bar))
+                          progress=console.progress_callback(bar))
     bar.close()
     save_image(args.output, grid)
     print(f"grid: {args.output}")
@@ -329,7 +243,7 @@ def cmd_class_images(args) -> int:
                          num_class_images=args.count, class_dir=args.class_dir, class_steps=args.steps,
                          class_guidance=args.guidance, class_sampler=args.sampler,
                          negative_prompt=args.negative_prompt, seed=args.seed)
-    _, note = resolve_class_images(backend, config, args.resolution or backend.native_resolution)
+    _, note = console.resolve_class_images(backend, config, args.resolution or backend.native_resolution)
     print(note)
     return 0
 
@@ -371,8 +285,8 @@ def cmd_eval(args) -> int:
         plan = replace(plan, masked_loss=True)
     if args.caption_dropout:
         plan = replace(plan, caption_dropout=args.caption_dropout)
-    bar = _bar(len(plan.subjects), "subjects", unit="subject")
-    results = run_eval(Path(args.output), plan, log=bar.write, progress=_progress(bar), workers=args.workers)
+    bar = console.progress_bar(len(plan.subjects), "subjects", unit="subject")
+    results = run_eval(Path(args.output), plan, log=bar.write, progress=console.progress_callback(bar), workers=args.workers)
     bar.close()
     print(format_tables(results))
     print(f"samples: {Path(args.output) / 'samples.png'}; results: {Path(args.output) / 'results.json'}")

@@ -187,3 +187,11 @@ def read_config_file(path: str | Path) -> dict:
     if isinstance(data.get("train"), dict):
         data = data["train"]
     return data
+
+
+def build_config(args: Any) -> TrainConfig:
+    """The config of a `train` command line: its --config file (if any), overridden by its flags."""
+    data = read_config_file(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in fields(TrainConfig)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_mapping(data, source=getattr(args, "config", None) or "flags").validate()

@@ -51,7 +51,7 @@ def demo_config(output: Path, steps: Optional[int] = None) -> TrainConfig:
 
 def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
     from .backends.diffusers_backend import load_backend
-    from .commands import _bar, _train_callbacks, resolve_class_images
+    from .console import progress_bar, resolve_class_images, train_callbacks
     from .dataset import prepare_dataset
     from .sampling import TOY_PROMPT_SETS, fill
     from .tokens import require_single_token
@@ -77,11 +77,11 @@ def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
     settings = SampleSettings(width=res, height=res, **SAMPLE)
     seeds = [s for _ in prompts for s in DEMO_SEEDS]
     flat = [p for p in prompts for _ in DEMO_SEEDS]
-    bar = _bar(len(flat) * 2, "sample before/after")
+    bar = progress_bar(len(flat) * 2, "sample before/after")
     before = backend.generate(flat, seeds, settings)
     bar.update(len(flat))
 
-    callbacks, train_bar = _train_callbacks(config.steps, disable=False)
+    callbacks, train_bar = train_callbacks(config.steps, disable=False)
     try:
         result = train(backend, config, data.items, class_items, callbacks)
     finally:

@@ -13,7 +13,8 @@ import torch
 
 from conftest import diffusers_prediction, make_tiny_backend
 from dreambooth_core import lora
-from dreambooth_core.cli import build_config, parser
+from dreambooth_core.cli import parser
+from dreambooth_core.config import build_config
 from dreambooth_core.config import ConfigError, TrainConfig
 from dreambooth_core.trainer import CheckpointMismatch, select_lora_targets, train
 from test_trainer import CLASS, INSTANCE, config, lora_state
