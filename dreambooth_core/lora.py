@@ -141,6 +141,24 @@ class LoRANetwork:
         return Path(path)
 
 
+def check_replaceable(dest: str | Path) -> None:
+    """A host publishes a LoRA under the user's save name: it may replace an earlier DreamBooth
+    LoRA of that name (the file's metadata says so), never a file from elsewhere."""
+    from safetensors import safe_open
+
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    try:
+        with safe_open(str(dest), framework="pt") as f:
+            ours = "dreambooth_version" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all: certainly not ours
+        ours = False
+    if not ours:
+        raise LoRAError(f"save_name: {dest} exists and was not made by DreamBooth; choose another save_name so "
+                        "it is not overwritten")
+
+
 def read_lora_file(path: str | Path) -> tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file

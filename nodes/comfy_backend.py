@@ -26,13 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..dreambooth_core.backends.base import UnsupportedModel
 from .adapters import FRESH_COPY, DiffWeight, LoRAWeight, comfy_op_modules, text_targets, unet_targets
 
 log = logging.getLogger("dreambooth")
-
-
-class UnsupportedModel(ValueError):
-    pass
 
 
 def clip_tokenizers(clip) -> list:

@@ -387,6 +387,7 @@ class DreamBoothTrain_:
         from ..dreambooth_core import fileio
         from ..dreambooth_core.config import TrainConfig
         from ..dreambooth_core.accel import fresh_accelerator
+        from ..dreambooth_core.lora import LoRAError, check_replaceable
         from ..dreambooth_core.plots import loss_curve_image
         from ..dreambooth_core.trainer import Callbacks, safe_name
         from ..dreambooth_core.trainer import train as run_training
@@ -400,7 +401,10 @@ class DreamBoothTrain_:
             raise ValueError("DreamBooth Train: 'dataset' must come from a DreamBooth Dataset node")
         lora_dest = os.path.join(paths.lora_dir(), stem + ".safetensors")
         if mode == "lora":
-            _check_overwrite(lora_dest)
+            try:
+                check_replaceable(lora_dest)
+            except LoRAError as exc:
+                raise ValueError(f"DreamBooth Train: {exc}") from None
         prior = class_images is not None and prior_weight > 0
         class_items = None
         if prior:
@@ -469,22 +473,6 @@ class DreamBoothTrain_:
             lora = comfy.utils.load_torch_file(saved) if mode == "lora" else {}
             return {"ui": {"text": [text], "lora_path": [saved]},
                     "result": (out_model, out_clip, saved, curve, lora)}
-
-
-def _check_overwrite(dest: str) -> None:
-    """Replace an earlier DreamBooth LoRA of the same name, never a LoRA from elsewhere."""
-    if not os.path.exists(dest):
-        return
-    try:
-        from safetensors import safe_open
-
-        with safe_open(dest, framework="pt") as f:
-            ours = "dreambooth_version" in (f.metadata() or {})
-    except Exception:
-        ours = False
-    if not ours:
-        raise ValueError(f"DreamBooth Train: {dest} exists and was not made by DreamBooth Train; choose another "
-                         "save_name so it is not overwritten")
 
 
 class DreamBoothSampleGrid_:

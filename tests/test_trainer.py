@@ -354,3 +354,16 @@ def test_caption_dropout_trains_a_share_of_the_subject_with_the_empty_caption(tm
     assert max((plain[k] - dropped[k]).abs().max().item() for k in plain) > 1e-4
     with pytest.raises(Exception, match="caption_dropout"):
         config(tmp_path, caption_dropout=1.0).validate()
+
+
+def test_a_lora_of_the_same_name_is_replaced_only_if_dreambooth_made_it(tmp_path):
+    from safetensors.torch import save_file
+
+    lora.check_replaceable(tmp_path / "none_yet.safetensors")  # nothing there: fine
+    ours = train(make_tiny_backend(), config(tmp_path / "run", steps=1), INSTANCE, CLASS).lora_path
+    lora.check_replaceable(ours)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "theirs.safetensors"), metadata={"ss_network_dim": "8"})
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    for name in ("theirs.safetensors", "broken.safetensors"):
+        with pytest.raises(lora.LoRAError, match="save_name: .* was not made by DreamBooth; choose another save_name"):
+            lora.check_replaceable(tmp_path / name)

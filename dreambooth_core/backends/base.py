@@ -13,6 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
+class UnsupportedModel(ValueError):
+    """The loaded model is of a kind a backend cannot train (its message names the kind); hosts
+    refuse it before any work."""
+
+
 # Conditioning for one batch: tensors keyed by role, batch first ("context" always; SDXL adds
 # "pooled" and "time_ids"). Concatenating two conds along dim 0 concatenates their batches.
 Cond = Dict[str, torch.Tensor]

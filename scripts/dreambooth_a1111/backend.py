@@ -24,16 +24,13 @@ import torch
 from torch import nn
 
 from dreambooth_core import fileio
+from dreambooth_core.backends.base import UnsupportedModel
 from dreambooth_core.lora import ADAPTER_ATTR
 
 from .names import clip_lora_targets, unet_lora_targets
 
 log = logging.getLogger("dreambooth")
 DEFAULT_SAMPLER = "DPM++ 2M"
-
-
-class UnsupportedModel(ValueError):
-    pass
 
 
 class Interrupted(Exception):

@@ -148,24 +148,11 @@ def _config(request: Dict[str, Any]):
     return config
 
 
-def _check_lora_overwrite(dest: Path) -> None:
-    """Replace an earlier DreamBooth LoRA of the same name, never a LoRA from elsewhere."""
-    if not dest.exists():
-        return
-    from dreambooth_core.lora import read_lora_file
-
-    try:
-        ours = "dreambooth_version" in read_lora_file(dest)[1]
-    except Exception:
-        ours = False
-    if not ours:
-        raise ValueError(f"save_name: {dest} exists and was not made by DreamBooth; choose another save_name")
-
-
 def start(request: Dict[str, Any]) -> Job:
     """Check a training request and start it in the background; ValueError names the bad input."""
     global _current
     from dreambooth_core.dataset import prepare_dataset
+    from dreambooth_core.lora import check_replaceable
     from dreambooth_core.tokens import TokenError, require_single_token
     from modules import sd_samplers
 
@@ -191,7 +178,7 @@ def start(request: Dict[str, Any]) -> Job:
         config.model = backend.describe()
         config.validate()
         if config.mode == "lora":
-            _check_lora_overwrite(lora_dir() / f"{config.save_name}.safetensors")
+            check_replaceable(lora_dir() / f"{config.save_name}.safetensors")
         source = _decode_images(images) if images else config.instance_dir
         data = prepare_dataset(source, token=config.token, class_noun=config.class_noun,
                                caption_template=config.instance_prompt or "a photo of {token} {class}",
