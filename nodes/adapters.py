@@ -9,8 +9,9 @@ much memory they hold (`passive_memory_usage`) and moves them with the model (`m
 
 Also here: the kohya-style LoRA names of ComfyUI's modules, in diffusers layout
 (`lora_unet_down_blocks_0_attentions_0_…`, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`,
-`lora_te1_`/`lora_te2_` for SDXL), computed with the host's own ldm→diffusers map, so a LoRA from
-these nodes is interchangeable with one from the standalone diffusers backend.
+`lora_te1_`/`lora_te2_` for SDXL), computed with the host's own ldm→diffusers map and the core's
+kohya rules (dreambooth_core.lora_names), so a LoRA from these nodes is interchangeable with one from
+the standalone diffusers backend and the WebUI.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Dict, Tuple
 
 import torch
 from torch import nn
+
+from ..dreambooth_core.lora_names import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name
 
 
 def _nbytes(params) -> int:
@@ -84,8 +87,6 @@ def comfy_op_modules(root: nn.Module):
 
 # -- kohya names ----------------------------------------------------------------------------------
 
-TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                "mlp.fc1", "mlp.fc2")
 TEXT_ENCODER_NAMES = ("clip_l", "clip_h", "clip_g")
 
 
@@ -105,11 +106,8 @@ def unet_targets(base_model, conv: bool = False) -> Dict[str, Tuple[str, nn.Modu
         dpath = ldm_to_diffusers.get(path)
         if dpath is None:  # no diffusers name (and so no kohya name stock loaders map): skip
             continue
-        marked = f".{dpath}."
-        attention = ".attentions." in marked
-        convolution = any(p in marked for p in (".resnets.", ".downsamplers.", ".upsamplers."))
-        if attention or (conv and convolution):
-            out["lora_unet_" + dpath.replace(".", "_")] = (f"diffusion_model.{path}.weight", module)
+        if is_unet_target(dpath, conv):
+            out[kohya_name("lora_unet", dpath)] = (f"diffusion_model.{path}.weight", module)
     return out
 
 
@@ -129,6 +127,5 @@ def text_targets(cond_stage_model) -> Dict[str, Tuple[str, nn.Module]]:
                 continue
             index, _, rest = path[len(layers_path) + 1:].partition(".")
             if rest in TEXT_TARGETS:
-                name = f"{prefix}_text_model_encoder_layers_{index}_{rest.replace('.', '_')}"
-                out[name] = (f"{path}.weight", module)
+                out[text_layer_name(prefix, int(index), rest)] = (f"{path}.weight", module)
     return out

@@ -1,25 +1,13 @@
-"""The WebUI backend's LoRA names: its ldm → diffusers map must invert the test fixtures' own
+"""The ldm → diffusers LoRA names (dreambooth_core.lora_names, used by the WebUI backend) must invert the test fixtures' own
 diffusers → ldm layout (written independently, from the original repositories' key layout), for
 SD1.5's block structure and for the reduced one the WebUI tests use. Same names ⇒ the LoRA file
 is the one the ComfyUI nodes and the standalone backend write."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from dreambooth_a1111.names import unet_diffusers_path  # noqa: E402
-from fixtures_ldm import UNET, unet_to_ldm  # noqa: E402
-
-
-class SpatialTransformer:  # what _is_attention recognises, by class name
-    pass
-
-
-class Upsample:
-    pass
+from dreambooth_core.lora_names import unet_diffusers_path
+from fixtures_ldm import UNET, unet_to_ldm
 
 
 SD15 = dict(layers_per_block=2, block_out_channels=(32, 32, 64, 64),
@@ -44,11 +32,9 @@ def test_ldm_paths_map_back_to_the_diffusers_names(layout):
             continue
         ldm = next(iter(unet_to_ldm({key: tensor}, config)))[len(UNET):-len(".weight")]
         parts = ldm.split(".")
-        block = None
-        if parts[0] == "output_blocks":
-            b = int(parts[1]) // per
-            block = [None, SpatialTransformer() if up_attn[b] else Upsample(), Upsample()]
+        # an output block's sub-module 1 is a transformer on a cross-attention level, else the upsampler
+        attention = parts[0] == "output_blocks" and parts[2] == "1" and up_attn[int(parts[1]) // per]
         expected = None if key.startswith(("conv_in", "conv_out", "time_embedding")) else key[:-len(".weight")]
-        assert unet_diffusers_path(ldm, per, block) == expected, (key, ldm)
+        assert unet_diffusers_path(ldm, per, attention) == expected, (key, ldm)
         checked += expected is not None
     assert checked > 20

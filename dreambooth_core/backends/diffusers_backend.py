@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import embedded
+from ..lora_names import kohya_name
 from .base import Cond, SampleSettings
 
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim")
@@ -52,7 +53,7 @@ def _kohya_targets(root: nn.Module, prefix: str, block_classes: Sequence[str],
         for child_name, child in module.named_modules():
             if isinstance(child, (nn.Linear, nn.Conv2d)) and child_name:
                 full = f"{name}.{child_name}" if name else child_name
-                targets[f"{prefix}_{full.replace('.', '_')}"] = child
+                targets[kohya_name(prefix, full)] = child
     return targets
 
 

@@ -1,0 +1,82 @@
+"""kohya LoRA keys: which modules of a Stable Diffusion model carry a LoRA, and the key each one has
+in the file. One place for every backend: the diffusers backend names diffusers modules directly; the
+ComfyUI and WebUI backends hold the original (ldm) layout and map its module paths to diffusers
+paths first (`unet_diffusers_path`, or the host's own map), so all three write the same file, which
+ComfyUI's LoraLoader, the WebUI's Lora support and diffusers read.
+
+ldm → diffusers, for a UNet with N res blocks per level (N + 1 input blocks per level):
+  input_blocks.{1 + b(N+1) + j}.0 / .1 → down_blocks.{b}.resnets.{j} / attentions.{j};
+  input_blocks.{(b+1)(N+1)}.0.op → down_blocks.{b}.downsamplers.0.conv;
+  middle_block.0 / 1 / 2 → mid_block.resnets.0 / attentions.0 / resnets.1;
+  output_blocks.{b(N+1) + j}.0 / .1 → up_blocks.{b}.resnets.{j} / attentions.{j};
+  the last module of output_blocks.{b(N+1) + N} with a `conv` → up_blocks.{b}.upsamplers.0.conv.
+Inside a transformer the names are the same in both layouts (`transformer_blocks.0.attn1.to_q`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+# The Linears of a CLIP text encoder layer that carry LoRA (attention and MLP), by path in the layer.
+TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "mlp.fc1", "mlp.fc2")
+# ldm resnet part → diffusers resnet part
+_RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+           "emb_layers.1": "time_emb_proj"}
+
+
+def kohya_name(prefix: str, diffusers_path: str) -> str:
+    """`lora_unet` + `down_blocks.0.attentions.0.proj_in` → `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    return f"{prefix}_{diffusers_path.replace('.', '_')}"
+
+
+def text_layer_name(prefix: str, index: int, rest: str) -> str:
+    """The key of TEXT_TARGETS entry `rest` in text-encoder layer `index` (`lora_te`, or `lora_te1`/`lora_te2`
+    for SDXL's two encoders)."""
+    return kohya_name(prefix, f"text_model.encoder.layers.{index}.{rest}")
+
+
+def is_unet_target(diffusers_path: str, conv: bool) -> bool:
+    """Whether kohya's LoRA puts an adapter on this UNet module: everything inside the transformer
+    blocks, and with `conv` (LoCon) the res-block, down- and up-sampler convolutions too."""
+    marked = f".{diffusers_path}."
+    if ".attentions." in marked:
+        return True
+    return conv and any(p in marked for p in (".resnets.", ".downsamplers.", ".upsamplers."))
+
+
+def _resnet(rest: str) -> Optional[str]:
+    return _RESNET.get(rest)
+
+
+def unet_diffusers_path(path: str, per_level: int, output_is_attention: Optional[bool] = None) -> Optional[str]:
+    """The diffusers path of the ldm UNet module `path` (relative to `diffusion_model`), or None
+    where diffusers has no such module. `per_level` is N + 1; `output_is_attention` says whether the
+    output block's sub-module `path` lies in is a transformer (else an upsampler is assumed)."""
+    parts = path.split(".")
+    head = parts[0]
+    if head == "middle_block" and len(parts) > 2:
+        idx, rest = int(parts[1]), ".".join(parts[2:])
+        if idx == 1:
+            return f"mid_block.attentions.0.{rest}"
+        res = _resnet(rest)
+        return f"mid_block.resnets.{idx // 2}.{res}" if res else None
+    if head not in ("input_blocks", "output_blocks") or len(parts) < 4:
+        return None
+    i, sub, rest = int(parts[1]), int(parts[2]), ".".join(parts[3:])
+    if head == "input_blocks":
+        if i == 0:
+            return None
+        b, j = divmod(i - 1, per_level)
+        if j == per_level - 1:  # the downsampler of level b
+            return f"down_blocks.{b}.downsamplers.0.conv" if rest == "op" else None
+        if sub == 1:
+            return f"down_blocks.{b}.attentions.{j}.{rest}"
+        res = _resnet(rest)
+        return f"down_blocks.{b}.resnets.{j}.{res}" if res else None
+    b, j = divmod(i, per_level)
+    if sub == 0:
+        res = _resnet(rest)
+        return f"up_blocks.{b}.resnets.{j}.{res}" if res else None
+    if output_is_attention:
+        return f"up_blocks.{b}.attentions.{j}.{rest}"
+    return f"up_blocks.{b}.upsamplers.0.conv" if rest == "conv" else None
