@@ -272,7 +272,7 @@ class DreamBoothTrainer:
             else:
                 step = c.steps
         finally:
-            backend.unwrap() if hasattr(backend, "unwrap") else None
+            backend.unwrap()
             if c.gradient_checkpointing != "off":
                 backend.set_gradient_checkpointing(False)
             for m in models:
@@ -298,12 +298,11 @@ class DreamBoothTrainer:
         encoders while they are frozen: let the backend drop them (their weights are most of
         what is resident besides the UNet). Only on request, and only where the backend can."""
         c = self.config
-        release = getattr(self.backend, "release_encoders", None)
-        if not (self.release_frozen and release and c.mode == "lora"):
+        if not (self.release_frozen and c.mode == "lora"):
             return
         if c.sample_every and self.callbacks.on_preview:
             return
-        release(vae=True, text_encoders=not train_te)
+        self.backend.release_encoders(vae=True, text_encoders=not train_te)
 
     def _trainable(self, train_te: bool) -> List[tuple]:
         c = self.config
@@ -312,9 +311,8 @@ class DreamBoothTrainer:
                                           c.lora_targets)
             self.network = LoRANetwork(targets, rank=c.rank, alpha=c.alpha)
             # A host may inject adapters its own way (ComfyUI: weight wrappers on a cloned patcher,
-            # so the MODEL other nodes share is never touched); otherwise wrap module forwards.
-            attach = getattr(self.backend, "attach_lora", None)
-            attach(self.network) if attach else self.network.attach()
+            # so the MODEL other nodes share is never touched); by default module forwards are wrapped.
+            self.backend.attach_lora(self.network)
             named = []
             for name, adapter in self.network.adapters.items():
                 named += [(f"{name}.lora_down.weight", adapter.lora_down.weight),

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..dreambooth_core.backends.base import UnsupportedModel
+from ..dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 from .adapters import FRESH_COPY, DiffWeight, LoRAWeight, comfy_op_modules, text_targets, unet_targets
 
 log = logging.getLogger("dreambooth")
@@ -165,7 +165,7 @@ class _DiffSet(nn.Module):
         return zip(self.keys, self.diffs)
 
 
-class ComfyBackend:
+class ComfyBackend(BackendDefaults):
     """A MODEL/CLIP/VAE triple from a ComfyUI graph, as dreambooth_core sees a model."""
 
     def __init__(self, model, clip=None, vae=None, *, mode: str = "lora", train_text_encoder: bool = False):
@@ -405,10 +405,6 @@ class ComfyBackend:
                 return []
         out = [self._containers[0]] if unet else []
         return out + (list(self._containers[1:]) if text_encoder else [])
-
-    def use_wrapped(self, models: List[nn.Module]) -> None:
-        """Forwards go through ComfyUI's modules; the adapters are read by the weight wrappers, so
-        a DDP wrapper around the containers has nothing to redirect (one process per host)."""
 
     def _patch_forward(self, module: nn.Module, forward) -> None:
         self._forward_patches.append((module, vars(module).get("forward")))

@@ -367,3 +367,26 @@ def test_a_lora_of_the_same_name_is_replaced_only_if_dreambooth_made_it(tmp_path
     for name in ("theirs.safetensors", "broken.safetensors"):
         with pytest.raises(lora.LoRAError, match="save_name: .* was not made by DreamBooth; choose another save_name"):
             lora.check_replaceable(tmp_path / name)
+
+
+def test_the_backend_protocol_states_every_method_the_trainer_calls():
+    """The trainer reaches a backend only through the protocol (no hasattr/getattr probing), and every
+    backend inherits the defaults for the optional parts."""
+    import ast
+    import inspect
+
+    from dreambooth_core import trainer as trainer_module
+    from dreambooth_core.backends.base import Backend, BackendDefaults
+
+    used = set()
+    for node in ast.walk(ast.parse(inspect.getsource(trainer_module))):
+        if isinstance(node, ast.Attribute):
+            owner = node.value
+            if (isinstance(owner, ast.Name) and owner.id == "backend") or (
+                    isinstance(owner, ast.Attribute) and owner.attr == "backend"):
+                used.add(node.attr)
+    assert {"predict", "encode_images", "attach_lora", "unwrap", "release_encoders"} <= used
+    stated = {name for name in dir(Backend) if not name.startswith("_")} | set(Backend.__annotations__)
+    assert used <= stated, f"the trainer calls {sorted(used - stated)} outside the Backend protocol"
+    backend = make_tiny_backend()
+    assert isinstance(backend, BackendDefaults) and isinstance(backend, Backend)

@@ -39,6 +39,23 @@ class SampleSettings:
     height: int = 512
 
 
+class BackendDefaults:
+    """What a backend does where it has nothing of its own to do; every backend inherits it, so the
+    trainer calls each method of the protocol without asking whether it exists."""
+
+    def attach_lora(self, network) -> None:
+        network.attach()
+
+    def use_wrapped(self, models: List[nn.Module]) -> None:
+        pass
+
+    def unwrap(self) -> None:
+        pass
+
+    def release_encoders(self, *, vae: bool = True, text_encoders: bool = True) -> None:
+        pass
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A loaded text-to-image diffusion model, as the core sees it."""
@@ -80,14 +97,24 @@ class Backend(Protocol):
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         """Modules a LoRA may attach to, keyed by their kohya-style LoRA name
         (`lora_unet_…`, `lora_te_…`, `lora_te1_…`/`lora_te2_…` for SDXL); `conv` adds the
-        UNet's convolutions (LoCon). Optional: a backend may also define
-        `attach_lora(network)` to inject adapters its own way."""
+        UNet's convolutions (LoCon)."""
+
+    def attach_lora(self, network) -> None:
+        """Inject a LoRANetwork's adapters into the model (BackendDefaults: wrap the target
+        modules' forwards; a host may use its own mechanism, e.g. ComfyUI's weight wrappers)."""
 
     def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
         """The nn.Modules that train (for full fine-tuning, DDP/FSDP wrapping, grad mode)."""
 
     def use_wrapped(self, models: List[nn.Module]) -> None:
         """Run forwards through these (e.g. DDP-wrapped) versions of `trainable_models()`."""
+
+    def unwrap(self) -> None:
+        """Run forwards through the plain modules again (after training)."""
+
+    def release_encoders(self, *, vae: bool = True, text_encoders: bool = True) -> None:
+        """Free the VAE and/or the frozen text encoders once their outputs are cached; the backend
+        can then no longer encode or sample (BackendDefaults: keep them)."""
 
     def set_gradient_checkpointing(self, enabled: "bool | str") -> None:
         """True/False, or a scope of config.GRADIENT_CHECKPOINTING other than "off" (e.g.

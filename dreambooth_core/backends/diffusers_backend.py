@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import embedded
 from ..lora_names import kohya_name
-from .base import Cond, SampleSettings
+from .base import BackendDefaults, Cond, SampleSettings
 
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim")
 # Module classes whose Linear/Conv children carry LoRA (kohya's choice of targets).
@@ -72,7 +72,7 @@ def _transformer_blocks_by_level(unet: nn.Module) -> Dict[int, List[nn.Module]]:
     return levels
 
 
-class DiffusersBackend:
+class DiffusersBackend(BackendDefaults):
     """SD1.x / SD2.x / SDXL-family models as diffusers components."""
 
     def __init__(self, *, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,

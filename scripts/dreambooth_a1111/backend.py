@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dreambooth_core import fileio
-from dreambooth_core.backends.base import UnsupportedModel
+from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 from dreambooth_core.lora import ADAPTER_ATTR
 
 from .names import clip_lora_targets, unet_lora_targets
@@ -69,7 +69,7 @@ def loaded_model():
     return model
 
 
-class A1111Backend:
+class A1111Backend(BackendDefaults):
     """The WebUI's loaded checkpoint, as dreambooth_core sees a model."""
 
     def __init__(self, sd_model=None, *, mode: str = "lora", train_text_encoder: bool = False):
@@ -207,9 +207,6 @@ class A1111Backend:
         if self.mode == "full":
             return ([self._containers[0]] if unet else []) + (self._containers[1:] if text_encoder else [])
         return list(self._containers) if unet else []
-
-    def use_wrapped(self, models: List[nn.Module]) -> None:
-        """One process per WebUI: nothing to redirect."""
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """The WebUI's own switch (the one its embedding/hypernetwork training uses)."""
