@@ -451,8 +451,7 @@ class DreamBoothTrain_:
                 finally:
                     backend.release()
             if result.status == "cancelled":
-                text = (f"cancelled at step {result.step}, resume to continue (queue again with resume on; "
-                        f"checkpoint {result.checkpoint_path})")
+                text = live.cancelled_text(result.step, result.checkpoint_path)
                 log.info("DreamBooth Train: %s", text)
                 run.finish("interrupted", message=text)
                 _interrupted()

@@ -144,7 +144,7 @@ class LiveRun:
         if exc_type is None:
             self.finish("completed")
         elif exc_type.__name__ == "InterruptProcessingException":
-            self.finish("interrupted", message=f"cancelled at step {self.state['step']}, resume to continue")
+            self.finish("interrupted", message=cancelled_text(self.state["step"]))
         else:
             self.finish("error", message=f"{exc_type.__name__}: {exc}")
 
@@ -196,6 +196,12 @@ class LiveRun:
                                              "total": self.state["total"], "lora_path": lora_path,
                                              "message": message, "seconds": self.state["seconds"],
                                              "points": points})
+
+
+def cancelled_text(step: int, checkpoint=None) -> str:
+    """What the Train node says after Cancel, however the host delivered it."""
+    where = f" (queue again with resume on; checkpoint {checkpoint})" if checkpoint else ""
+    return f"cancelled at step {step}, resume to continue{where}"
 
 
 def report_class_images(node_id: str, count: int, generated: int, reused: int, done: int, folder: str = "") -> None:
