@@ -163,8 +163,9 @@ class DreamBoothTrainer:
             if flip:
                 mirrored = pixels.flip(-1)
                 flipped = torch.cat([self.backend.encode_images(mirrored[i:i + 8]) for i in range(0, len(items), 8)])
+            masks = self._latent_masks(items, latents.shape[-2:])
             buckets.append(_Bucket(latents, flipped, [ex.caption for ex in items], size,
-                                   self._latent_masks(items, latents.shape[-2:])))
+                                   None if masks is None else masks.to(latents.device)))
         return buckets
 
     @staticmethod
@@ -336,15 +337,14 @@ class DreamBoothTrainer:
         bucket = inst[int(torch.multinomial(sizes, 1, generator=g))]
         idx = torch.randint(len(bucket.captions), (total,), generator=g)
         flips = torch.randint(2, (total,), generator=g) if bucket.flipped is not None else torch.zeros(total, dtype=torch.long)
-        lat = torch.where(flips.bool().view(-1, 1, 1, 1), (bucket.flipped if bucket.flipped is not None
-                                                           else bucket.latents)[idx], bucket.latents[idx])
+        lat = _pick(flips, (bucket.flipped if bucket.flipped is not None else bucket.latents)[idx], bucket.latents[idx])
         noise = objective.sample_noise(lat.shape, g, c.offset_noise)
         t = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
         mine = slice(rank * b, (rank + 1) * b)
         parts = [(lat[mine], noise[mine], t[mine], [bucket.captions[i] for i in idx[mine].tolist()], bucket.size)]
         weight = None
         if bucket.masks is not None:
-            masks = torch.where(flips.bool().view(-1, 1, 1, 1), bucket.masks.flip(-1)[idx], bucket.masks[idx])[mine]
+            masks = _pick(flips, bucket.masks.flip(-1)[idx], bucket.masks[idx])[mine]
             floor = c.mask_background_weight
             weight = (floor + (1 - floor) * masks).expand(-1, lat.shape[1], -1, -1)
         if cls:
@@ -474,6 +474,13 @@ class DreamBoothTrainer:
                                                 "version": __version__, "steps_done": result.step})
         fileio.write_json(out / "loss.json", self.history)
         plots.save_loss_curve(self.history, out / "loss.png")
+
+
+def _pick(choose_first: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per sample, `first` where `choose_first` (drawn on the CPU generator) is set, else `second`. The
+    choice moves to the samples' device: backends cache latents on theirs (CUDA), and torch.where
+    refuses a CPU condition against CUDA tensors."""
+    return torch.where(choose_first.bool().view(-1, *(1,) * (first.ndim - 1)).to(first.device), first, second)
 
 
 def _has_masks(items: Sequence[Example]) -> bool:
