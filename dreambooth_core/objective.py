@@ -6,6 +6,7 @@ class-specific prior-preservation loss L = L_instance + λ·L_class (Ruiz et al.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,24 @@ def dreambooth_loss(pred: torch.Tensor, batch: NoisedBatch, n_instance: int,
         weight = torch.ones(pred.shape[0], batch.target[0].numel(), device=pred.device)
         weight[:n_instance] = instance_weight.flatten(1)
     losses = per_sample_mse(pred, batch.target, weight) * batch.weight
-    instance = losses[:n_instance].mean()
-    if n_instance == losses.shape[0]:
+    return _combine(losses[:n_instance], losses[n_instance:] if n_instance < losses.shape[0] else None,
+                    prior_weight)
+
+
+def dreambooth_loss_by_part(preds: Sequence[torch.Tensor], batches: Sequence[NoisedBatch], prior_weight: float,
+                            instance_weight: torch.Tensor | None = None) -> LossParts:
+    """`dreambooth_loss` of an instance part and (optionally) a class part predicted apart: a non-square
+    bucket's latents have another size than the square class images' and cannot share a batch.
+    Each sample's loss depends only on its own part, so for equal sizes this is the merged loss."""
+    instance = per_sample_mse(preds[0], batches[0].target, instance_weight) * batches[0].weight
+    prior = per_sample_mse(preds[1], batches[1].target) * batches[1].weight if len(preds) > 1 else None
+    return _combine(instance, prior, prior_weight)
+
+
+def _combine(instance_losses: torch.Tensor, class_losses: torch.Tensor | None, prior_weight: float) -> LossParts:
+    """L = mean instance loss + λ · mean class loss (eq. 2), from per-sample losses."""
+    instance = instance_losses.mean()
+    if class_losses is None:
         return LossParts(instance, instance.detach(), None)
-    prior = losses[n_instance:].mean()
+    prior = class_losses.mean()
     return LossParts(instance + prior_weight * prior, instance.detach(), prior.detach())

@@ -373,16 +373,19 @@ class DreamBoothTrainer:
                                         backend.prediction_type, c.min_snr_gamma) for lat, noise, t, _, _ in parts]
         conds = [self._cond(caps, size, text_cache) for _, _, _, caps, size in parts]
         n_inst = parts[0][0].shape[0]
+        weight = instance_weight.to(dev) if instance_weight is not None else None
+        # The instance bucket and the class images may differ in size (crop="bucket"): then a forward
+        # pass and a loss for each part, as their latents cannot share a batch.
+        apart = len(parts) > 1 and parts[0][0].shape[1:] != parts[1][0].shape[1:]
         with self.accelerator.autocast():
-            if len(parts) == 1 or parts[0][0].shape[1:] == parts[1][0].shape[1:]:
+            if apart:
+                preds = [backend.predict(b.noisy, b.timesteps, cd) for b, cd in zip(batches, conds)]
+            else:
                 merged = objective.NoisedBatch(*(torch.cat([getattr(b, f) for b in batches])
                                                  for f in ("noisy", "timesteps", "target", "weight")))
                 pred = backend.predict(merged.noisy, merged.timesteps, cat_conds(conds))
-            else:  # instance bucket and class images differ in size: two forward passes
-                pred = torch.cat([backend.predict(b.noisy, b.timesteps, cd).flatten(1) for b, cd in zip(batches, conds)])
-                merged = objective.NoisedBatch(None, None, torch.cat([b.target.flatten(1) for b in batches]),
-                                               torch.cat([b.weight for b in batches]))
-        weight = instance_weight.to(dev) if instance_weight is not None else None
+        if apart:
+            return objective.dreambooth_loss_by_part(preds, batches, c.prior_weight, weight)
         return objective.dreambooth_loss(pred, merged, n_inst, c.prior_weight, weight)
 
     def _optimizer_step(self, step, inst, cls, text_cache, models, params, optimizer, scheduler, named):

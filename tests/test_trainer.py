@@ -390,3 +390,38 @@ def test_the_backend_protocol_states_every_method_the_trainer_calls():
     assert used <= stated, f"the trainer calls {sorted(used - stated)} outside the Backend protocol"
     backend = make_tiny_backend()
     assert isinstance(backend, BackendDefaults) and isinstance(backend, Backend)
+
+
+def test_a_non_square_bucket_trains_beside_square_class_images(tmp_path):
+    """crop="bucket" gives the subject's photos another size than the class images: two forward
+    passes, each part's loss over its own latents (they cannot be concatenated)."""
+    rng = np.random.default_rng(2)
+    wide = [Ex(Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)), "a photo of sks star")
+            for _ in range(3)]
+    result = train(make_tiny_backend(), config(tmp_path, steps=2, crop="bucket"), wide, CLASS)
+    assert result.status == "completed" and result.step == 2
+    for h in result.history:
+        assert np.isfinite(h["loss"]) and h["prior_loss"] is not None
+        assert h["loss"] == pytest.approx(h["instance_loss"] + 1.0 * h["prior_loss"])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_loss_by_part_is_the_merged_loss_for_equal_sizes(masked):
+    """Instance and class parts scored apart give the loss of one batch (min-SNR weights, λ, a
+    masked instance loss alike)."""
+    gen = torch.Generator().manual_seed(0)
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    parts = [objective.make_batch(torch.randn(n, 4, 4, 4, generator=gen), torch.randn(n, 4, 4, 4, generator=gen),
+                                  torch.randint(0, 1000, (n,), generator=gen), alphas, "epsilon", min_snr_gamma=5.0)
+             for n in (2, 3)]
+    preds = [torch.randn(b.target.shape, generator=gen) for b in parts]
+    weight = torch.rand(2, 4, 4, 4, generator=gen) if masked else None
+    merged = objective.NoisedBatch(None, None, torch.cat([b.target for b in parts]),
+                                   torch.cat([b.weight for b in parts]))
+    whole = objective.dreambooth_loss(torch.cat(preds), merged, 2, 0.7, weight)
+    apart = objective.dreambooth_loss_by_part(preds, parts, 0.7, weight)
+    for a, b in ((whole.total, apart.total), (whole.instance, apart.instance), (whole.prior, apart.prior)):
+        torch.testing.assert_close(a, b)
+    alone = objective.dreambooth_loss_by_part(preds[:1], parts[:1], 0.7, weight)
+    torch.testing.assert_close(alone.total, objective.dreambooth_loss(preds[0], parts[0], 2, 0.7, weight).total)
+    assert alone.prior is None
