@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -151,18 +152,35 @@ class DiffusersBackend(BackendDefaults):
             raise RuntimeError(f"the {'VAE' if part == 'vae' else 'text encoder'} of {self.name} was released after "
                                "caching (release_encoders); load the model again to encode, sample or save it")
 
+    @contextmanager
+    def _vae_precision(self) -> Iterator[torch.dtype]:
+        """The VAE in the dtype it can run in, for one encode or decode. A VAE whose config says
+        `force_upcast` (SDXL's) overflows in fp16: NaN latents, and a run that stops as diverged.
+        Like diffusers' SDXL pipelines, such a VAE runs in fp32 for the call and is fp16 again
+        after it (the round trip is exact), so the rest of the run keeps the fp16 memory use."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if upcast:
+            _cast_quietly(vae, torch.float32)
+        try:
+            yield vae.dtype
+        finally:
+            if upcast:
+                _cast_quietly(vae, torch.float16)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         self._require("vae")
-        pixels = pixels.to(self._device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        with self._vae_precision() as dtype:
+            latents = self.vae.encode(pixels.to(self._device, dtype)).latent_dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         self._require("vae")
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self._device, self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
+        with self._vae_precision() as dtype:
+            z = latents.to(self._device, dtype) / self.vae.config.scaling_factor + shift
+            return self.vae.decode(z).sample.float().clamp(-1, 1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         kwargs = {}
@@ -304,6 +322,20 @@ class DiffusersBackend(BackendDefaults):
         pipe.scheduler = DDPMScheduler.from_config(self.scheduler_config)
         pipe.save_pretrained(path, safe_serialization=True)
         return sorted(str(p) for p in Path(path).rglob("*.safetensors"))
+
+
+def _cast_quietly(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` without diffusers' warning about modules to keep in fp32, which diffusers
+    0.42 logs on every cast even when there are none (its list is empty): the per-call upcast would
+    print it for every batch of images encoded. diffusers' verbosity is restored."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model.to(dtype=dtype)
+    finally:
+        logging.set_verbosity(level)
 
 
 def _resolution_of(unet, latent_factor: int, default: int) -> int:
