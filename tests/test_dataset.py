@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_core import dataset as ds_mod
 from dreambooth_core.dataset import DatasetError, bucket_sizes, prepare_dataset
+from dreambooth_core.dataset import prepare as ds_prepare  # opens the files
 
 RES = 64
 
@@ -121,7 +121,7 @@ def test_unreadable_file_permission_error(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(ds_mod, "open", fake_open, raising=False)
+    monkeypatch.setattr(ds_prepare, "open", fake_open, raising=False)
     ds = prep(tmp_path)
     assert report(ds, "locked.png").status == "skipped"
     assert "permission denied" in notes(ds, "locked.png")

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import masks as mk
-from .fileio import save_image, write_bytes, write_json
+from ..fileio import save_image, write_bytes, write_json
 
 CROPS = ("center", "random", "bucket")
 #: Most pixels decoded at full size (~200 MB as RGB). Bigger JPEGs are decoded at a reduced
