@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_core.dataset import DatasetError, bucket_sizes, prepare_dataset
-from dreambooth_core.dataset import prepare as ds_prepare  # opens the files
+from dreambooth_core.dataset import decode as ds_decode  # opens the files
 
 RES = 64
 
@@ -121,7 +121,7 @@ def test_unreadable_file_permission_error(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(ds_prepare, "open", fake_open, raising=False)
+    monkeypatch.setattr(ds_decode, "open", fake_open, raising=False)
     ds = prep(tmp_path)
     assert report(ds, "locked.png").status == "skipped"
     assert "permission denied" in notes(ds, "locked.png")

@@ -8,10 +8,14 @@ exactly like their images, and are kept as 8-bit "L" images (255: the subject).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .report import DatasetError, _Log, _Skip
+from .sources import _Candidate
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -65,3 +69,52 @@ def to_mask(obj: Any, what: str) -> Image.Image:
 def coverage(mask: Image.Image) -> float:
     """Share of the image that the mask marks as subject (0-1)."""
     return float(np.asarray(mask, np.float32).mean() / 255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# one mask per training image
+
+
+def _given_masks(masks: Any, cands: Sequence[_Candidate]) -> Optional[list]:
+    """The caller's own masks, one per in-memory image (None for "alpha" or no masks)."""
+    if masks is None or (isinstance(masks, str) and masks == "alpha"):
+        return None
+    if isinstance(masks, (str, os.PathLike)):
+        raise DatasetError(f"masks: {str(masks)!r} is not understood; give \"alpha\" (each image's alpha channel) "
+                           "or one mask per image")
+    if any(c.path is not None for c in cands):
+        raise DatasetError("masks: a list of masks goes with in-memory images; for files use masks=\"alpha\" "
+                           "(cut-outs with a transparent background)")
+    shape = getattr(masks, "shape", None)
+    given = masks
+    if shape is not None and len(shape) in (2, 3):  # one H×W mask, or a B×H×W batch (ComfyUI's MASK)
+        given = [masks] if len(shape) == 2 else list(masks)
+    if not isinstance(given, (list, tuple)) or len(given) != len(cands):
+        n = len(given) if isinstance(given, (list, tuple)) else "not a list of"
+        raise DatasetError(f"masks: {n} mask(s) for {len(cands)} image(s); give one mask per image")
+    return list(given)
+
+
+def _subject_mask(masks: Any, given: Optional[list], index: int, alpha: Optional[Image.Image],
+                  size: Tuple[int, int], log: _Log) -> Optional[Image.Image]:
+    """This image's mask at its own size, or None (no masks asked for, or "alpha" without one)."""
+    if masks is None:
+        return None
+    if given is None:
+        if alpha is None:
+            log.warn("no transparency to read a subject mask from: the whole image is learned")
+            return None
+        mask = alpha
+    else:
+        try:
+            mask = to_mask(given[index], f"masks[{index}]")
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
+    if mask.size != size:
+        if abs(mask.width / mask.height - size[0] / size[1]) > 0.01:
+            raise DatasetError(f"masks[{index}]: {mask.width}x{mask.height} does not have the shape of its image "
+                               f"({size[0]}x{size[1]}); give each image a mask of its own aspect ratio")
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    if coverage(mask) < 1e-3:
+        raise _Skip("its subject mask is empty (marks nothing to learn); fix the mask or leave the image out")
+    return mask
