@@ -90,25 +90,34 @@ def _trim_after_unet_calls(backend, trim: Optional[Callable[[], None]]):
     return unet.register_forward_hook(lambda module, args, output: trim())
 
 
+class _TrainHost(console.TerminalHost):
+    """`train`'s host; `lean` on CPU tunes glibc's malloc once training starts (`tune_cpu_malloc`)
+    and trims it after every step. Only then: sampling class images with mmap off costs ~0.7 GB more
+    peak RSS (SD1.5, 256 px, batch 8) than the default allocator, more than the training steps need."""
+
+    def __init__(self, steps: int, *, lean: bool, **kwargs):
+        super().__init__(steps, **kwargs)
+        self.lean = lean
+
+    def callbacks(self):
+        callbacks = super().callbacks()
+        libc = tune_cpu_malloc() if self.lean and self._accelerator.device.type == "cpu" else None
+        return _trimming(callbacks, malloc_trimmer(libc)) if libc is not None else callbacks
+
+
 def run_training(config, *, force_token: bool = False, backend=None, log=print, lean: bool = False):
-    """The whole `train` job: load, check the token, prepare data and class images, train.
+    """The whole `train` job: load, check, prepare the photos, then the core job (class images, train).
 
     `lean` (what `train` on the command line uses): free the VAE and frozen text encoders once
     their outputs are cached (the returned backend then cannot sample), and on CPU tune glibc's
-    malloc for this process (`tune_cpu_malloc`) and trim it after every step."""
+    malloc for this process and trim it after every step. Returns (job.JobResult, backend)."""
     import torch
-    from accelerate import Accelerator
 
+    from .accel import make_accelerator
     from .backends.diffusers_backend import load_backend
-    from .dataset import prepare_dataset
-    from .tokens import require_single_token
-    from .trainer import train
+    from .job import check_job, prepare_instance_images, run_job
 
-    # cpu=True on machines without an accelerator lets `accelerate launch --multi_gpu` run
-    # data-parallel CPU processes (gloo); a single process is unaffected.
-    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
-                              mixed_precision=config.mixed_precision, cpu=no_accelerator)
+    accelerator = make_accelerator(config)
     main = accelerator.is_main_process
     if backend is None:
         frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -116,37 +125,21 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
             frozen_dtype = torch.float32
         backend = load_backend(config.model, device=accelerator.device, weight_dtype=frozen_dtype,
                                prediction_type=config.prediction_type)
-    check = require_single_token(backend.tokenizers(), config.token, force=force_token)
-    if main and not check.single:
-        log(f"warning: {check.message}")
-    if not config.instance_dir:
-        raise ValueError("--instance-dir: give the folder with 3-30 photos of your subject")
-    resolution = config.resolution or backend.native_resolution
-    template = config.instance_prompt or "a photo of {token} {class}"
-    data = prepare_dataset(config.instance_dir, token=config.token, class_noun=config.class_noun,
-                           caption_template=template, resolution=resolution, crop=config.crop, flip=config.flip,
-                           seed=config.seed, masks="alpha" if config.masked_loss else None)
-    if main:
-        log(data.summary())
-    class_items = None
-    if config.prior:
-        with accelerator.main_process_first():
-            class_items, note = console.resolve_class_images(backend, config, resolution, disable_bars=not main)
-        if main:
-            log(note)
-    # Only now: sampling class images with mmap off costs ~0.7 GB more peak RSS (SD1.5, 256 px,
-    # batch 8) than the default allocator, more than the training steps need.
-    libc = tune_cpu_malloc() if lean and accelerator.device.type == "cpu" else None
+    # One process only: several could stop at different steps and leave each other waiting.
     stopper = console.ctrl_c_stops_after_the_step(log) if accelerator.num_processes == 1 else contextlib.nullcontext()
     with stopper as should_stop:
-        callbacks, bar = console.train_callbacks(config.steps, disable=not main, should_stop=should_stop)
-        if libc is not None:
-            callbacks = _trimming(callbacks, malloc_trimmer(libc))
+        host = _TrainHost(config.steps, lean=lean, accelerator=accelerator, show=main, stop=should_stop)
+        check = check_job(config, host, tokenizers=backend.tokenizers(), native_resolution=backend.native_resolution,
+                          force_token=force_token)
+        if main and not check.single:
+            log(f"warning: {check.message}")
+        data = prepare_instance_images(config)
+        if main:
+            log(data.summary())
         try:
-            result = train(backend, config, data.items, class_items, callbacks, accelerator=accelerator,
-                           flip=data.flip, release_frozen=lean)
+            result = run_job(backend, config, data, host, release_frozen=lean, log=log)
         finally:
-            bar.close()
+            host.close()
     return result, backend
 
 
@@ -160,6 +153,9 @@ def cmd_train(args) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    if result.status == "cancelled" and result.phase == "class_images":
+        print(f"cancelled while making class images; {result.class_note}")
+        return 130
     if result.status == "cancelled":
         print(f"cancelled at step {result.step}; resume with --resume (checkpoint: {result.checkpoint_path})")
         return 130
@@ -230,6 +226,7 @@ def cmd_prepare(args) -> int:
 def cmd_class_images(args) -> int:
     from .backends.diffusers_backend import load_backend
     from .config import TrainConfig
+    from .job import class_images
 
     if not (args.class_prompt or args.class_noun):
         raise ValueError("--class-noun or --class-prompt: say which class to generate (e.g. --class-noun dog)")
@@ -243,7 +240,11 @@ def cmd_class_images(args) -> int:
                          num_class_images=args.count, class_dir=args.class_dir, class_steps=args.steps,
                          class_guidance=args.guidance, class_sampler=args.sampler,
                          negative_prompt=args.negative_prompt, seed=args.seed)
-    _, note = console.resolve_class_images(backend, config, args.resolution or backend.native_resolution)
+    host = console.TerminalHost(0)
+    try:
+        _, note, _ = class_images(backend, config, host, args.resolution or backend.native_resolution)
+    finally:
+        host.close()
     print(note)
     return 0
 

@@ -1,16 +1,15 @@
-"""The terminal side of the CLI and the demo: progress bars, training callbacks, Ctrl-C, and where
-their class images come from."""
+"""The terminal side of the CLI and the demo: progress bars, training callbacks, Ctrl-C, and the
+command line as a job's host."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-DEFAULT_CACHE = Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth")) / "class_images"
+from .job import Host
+
 
 
 def progress_bar(total: int, desc: str, disable: bool = False, unit: Optional[str] = None):
@@ -29,29 +28,44 @@ def progress_callback(bar):
     return update
 
 
-def resolve_class_images(backend, config, resolution: int, *, disable_bars: bool = False, should_stop=None):
-    """User class images if --class-dir holds images, else generated ones from the cache."""
-    from .backends.base import SampleSettings
-    from .dataset import IMAGE_EXTS
-    from .prior import ensure_class_images, load_class_folder
+class TerminalHost(Host):
+    """The command line as a job's host: progress bars on stderr, a stop flag (Ctrl-C), class images
+    in --class-dir or the user's cache, the LoRA left in the run folder. `accelerator`: the one the
+    command made to load its model (None: one is made for the run). `show`: False in the other
+    processes of a multi-process launch."""
 
-    prompt = config.resolved_class_prompt()
-    folder = Path(config.class_dir) if config.class_dir else None
-    if folder and folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()):
-        data = load_class_folder(folder, resolution=resolution, class_prompt=prompt)
-        return data.items, f"{len(data.items)} class images from {folder}"
-    settings = SampleSettings(steps=config.class_steps, guidance=config.class_guidance, sampler=config.class_sampler,
-                              negative_prompt=config.negative_prompt, width=resolution, height=resolution)
-    bar = progress_bar(config.num_class_images, "class images", disable_bars)
-    try:
-        result = ensure_class_images(backend, folder or DEFAULT_CACHE, prompt, config.num_class_images, settings,
-                                     seed=config.seed, progress=progress_callback(bar), should_stop=should_stop)
-    finally:
-        bar.close()
-    if not result.complete:
-        raise RuntimeError(f"class-image generation stopped after {len(result.paths)} of {result.count}")
-    note = f"{len(result.paths)} class images for '{prompt}' ({result.reused} cached, {result.generated} new) in {result.folder}"
-    return result.load(resolution=resolution).items, note
+    def __init__(self, steps: int, *, accelerator=None, show: bool = True,
+                 stop: Optional[Callable[[], bool]] = None):
+        self.steps, self.show, self._stop, self._accelerator = steps, show, stop, accelerator
+        self._class_bar = self._train_bar = None
+
+    def accelerator(self, config, device):
+        if self._accelerator is not None:
+            return self._accelerator
+        from .accel import make_accelerator
+
+        return make_accelerator(config, device)
+
+    def should_stop(self) -> bool:
+        return bool(self._stop and self._stop())
+
+    def class_progress(self, done: int, total: int) -> None:
+        if self._class_bar is None:
+            self._class_bar = progress_bar(total, "class images", not self.show)
+        progress_callback(self._class_bar)(done, total)
+
+    def phase(self, name: str) -> None:
+        if name != "class_images" and self._class_bar is not None:
+            self._class_bar.close()
+
+    def callbacks(self):
+        callbacks, self._train_bar = train_callbacks(self.steps, disable=not self.show, should_stop=self.should_stop)
+        return callbacks
+
+    def close(self) -> None:
+        for bar in (self._class_bar, self._train_bar):
+            if bar is not None:
+                bar.close()
 
 
 @contextlib.contextmanager

@@ -51,8 +51,9 @@ def demo_config(output: Path, steps: Optional[int] = None) -> TrainConfig:
 
 def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
     from .backends.diffusers_backend import load_backend
-    from .console import progress_bar, resolve_class_images, train_callbacks
+    from .console import TerminalHost, progress_bar, train_callbacks
     from .dataset import prepare_dataset
+    from .job import class_images
     from .sampling import TOY_PROMPT_SETS, fill
     from .tokens import require_single_token
     from .trainer import train
@@ -70,7 +71,11 @@ def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
     fileio.save_image(output / "instance_images.png", grid_image([views], scale=4, title="instance images"))
     log(f"subject: {subject.thing} — {len(data.items)} instance images, caption '{data.items[0].caption}'")
 
-    class_items, note = resolve_class_images(backend, config, res)
+    host = TerminalHost(config.steps)
+    try:
+        class_items, note, _ = class_images(backend, config, host, res)
+    finally:
+        host.close()
     log(note)
 
     prompts = [fill(t, config.token, config.class_noun) for ts in TOY_PROMPT_SETS.values() for t in ts]

@@ -56,18 +56,6 @@ def _interrupted():
     raise mm.InterruptProcessingException()
 
 
-def _safe_progress(bar, value, total):
-    """Update a ComfyUI progress bar without letting its Cancel check escape: the host's hook
-    raises InterruptProcessingException (and clears the flag) when Cancel was pressed; the flag is
-    put back so the caller's should_stop() sees it at a point where it can save its state."""
-    import comfy.model_management as mm
-
-    try:
-        bar.update_absolute(value, total)
-    except mm.InterruptProcessingException:
-        mm.interrupt_current_processing(True)
-
-
 def _one(value):
     """A node input's value: the host hands an INPUT_IS_LIST node each input as a list (of one)."""
     return value[0] if isinstance(value, list) and len(value) == 1 else value
@@ -380,31 +368,18 @@ class DreamBoothTrain_:
               prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
               gradient_checkpointing=False, training_dtype="auto", lora_targets="transformer", preview_every=0,
               caption_dropout=0.0, unique_id=None):
-        import comfy.model_management as mm
         import comfy.utils
         import torch
 
-        from ..dreambooth_core import fileio
         from ..dreambooth_core.config import TrainConfig
-        from ..dreambooth_core.accel import fresh_accelerator
-        from ..dreambooth_core.lora import LoRAError, check_replaceable
+        from ..dreambooth_core.job import check_job, run_job
+        from ..dreambooth_core.lora import LoRAError
         from ..dreambooth_core.plots import loss_curve_image
-        from ..dreambooth_core.trainer import Callbacks, safe_name
-        from ..dreambooth_core.trainer import train as run_training
         from .comfy_backend import ComfyBackend
+        from .train_host import TrainHost
 
-        try:
-            stem = safe_name(save_name.strip())
-        except ValueError as exc:
-            raise ValueError(f"DreamBooth Train: {exc}") from None
         if not isinstance(dataset, DreamBoothDataset):
             raise ValueError("DreamBooth Train: 'dataset' must come from a DreamBooth Dataset node")
-        lora_dest = os.path.join(paths.lora_dir(), stem + ".safetensors")
-        if mode == "lora":
-            try:
-                check_replaceable(lora_dest)
-            except LoRAError as exc:
-                raise ValueError(f"DreamBooth Train: {exc}") from None
         prior = class_images is not None and prior_weight > 0
         class_items = None
         if prior:
@@ -420,55 +395,44 @@ class DreamBoothTrain_:
             train_text_encoder=bool(train_text_encoder),
             steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
             gradient_checkpointing=bool(gradient_checkpointing), mixed_precision="no",
-            output_dir=paths.run_dir(stem), save_name=stem, checkpoint_every=int(checkpoint_every),
-            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui").validate()
+            save_name=save_name.strip(), checkpoint_every=int(checkpoint_every),
+            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui")
+        host = TrainHost()
+        try:
+            check_job(config, host)
+        except (LoRAError, ValueError) as exc:
+            raise ValueError(f"DreamBooth Train: {exc}") from None
+        stem = config.save_name
+        config.output_dir = paths.run_dir(stem)
 
         backend = ComfyBackend(model, clip, vae, mode=mode, train_text_encoder=bool(train_text_encoder))
         config.model = backend.describe()
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(training_dtype) or backend.default_training_dtype()
         backend.set_training_dtype(dtype)
-        bar = comfy.utils.ProgressBar(int(steps))
         prompt_id, node_id = live.executing_ids(unique_id)
         with live.LiveRun(node_id, int(steps), prompt_id, label=stem) as run:
-
-            def on_step(info):
-                _safe_progress(bar, info.step, info.total)
-                run.step(info.step, info.total, info.loss, info.instance_loss, info.prior_loss, info.lr,
-                         info.seconds_per_step, info.eta_seconds)
-
-            # Cancel arrives as a flag between steps (0.3.64) or as an exception from inside the
-            # model (0.3.65 on): both end the run with a checkpoint of the last finished step.
-            callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted, on_preview=run.preview,
-                                  on_phase=lambda phase: log.info("DreamBooth Train: %s", phase),
-                                  cancelled_by=(mm.InterruptProcessingException,))
+            host.run, host.bar = run, comfy.utils.ProgressBar(int(steps))
             log.info("DreamBooth Train: %s, %d steps, %s, device %s, compute %s -> %s", mode, steps,
                      "prior preservation" if prior else "no prior", backend.device, dtype, config.output_dir)
-            # Nodes run under torch.inference_mode(); training leaves it explicitly.
-            with torch.inference_mode(False), torch.enable_grad():
-                try:
-                    result = run_training(backend, config, dataset.prepared.items, class_items, callbacks,
-                                          accelerator=fresh_accelerator(backend.device), flip=dataset.flip)
-                finally:
-                    backend.release()
+            try:
+                result = run_job(backend, config, dataset.prepared, host, class_items=class_items)
+            finally:
+                backend.release()
             if result.status == "cancelled":
                 text = live.cancelled_text(result.step, result.checkpoint_path)
                 log.info("DreamBooth Train: %s", text)
                 run.finish("interrupted", message=text)
                 _interrupted()
 
-            if mode == "lora":
-                with fileio.atomic_path(lora_dest) as tmp:
-                    tmp.write_bytes(result.lora_path.read_bytes())
-                saved = lora_dest
-            else:
-                saved = result.full_paths[0] if result.full_paths else str(config.output_dir)
+            saved = str(result.lora_path) if mode == "lora" else (result.full_paths[0] if result.full_paths
+                                                                   else str(config.output_dir))
             out_model, out_clip = backend.result()
             curve = _images_to_tensor([loss_curve_image(result.history)])
             first = result.history[0]["loss"] if result.history else float("nan")
             last = result.history[-1]["loss"] if result.history else float("nan")
             text = f"{result.step} steps, loss {first:.4g} -> {last:.4g}; saved {saved}"
             log.info("DreamBooth Train: %s", text)
-            run.finish("completed", lora_path=str(saved), message=text)
+            run.finish("completed", lora_path=saved, message=text)
             lora = comfy.utils.load_torch_file(saved) if mode == "lora" else {}
             return {"ui": {"text": [text], "lora_path": [saved]},
                     "result": (out_model, out_clip, saved, curve, lora)}

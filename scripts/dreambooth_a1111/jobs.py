@@ -3,8 +3,9 @@
 A request is checked before the job starts (so bad input is an immediate error: an empty or
 unreadable dataset, an identifier that splits, a save name with folders); the job then runs in a
 thread holding the WebUI's queue lock (txt2img waits while the shared model carries training
-adapters; the server keeps answering), generates/reuses the class images through the core's
-cache, trains with dreambooth_core, and copies the LoRA into the WebUI's Lora folder.
+adapters; the server keeps answering) and runs the core's job (dreambooth_core.job: class images
+through the core's cache, training, the LoRA copied into the WebUI's Lora folder) with the WebUI
+as its host (`_JobHost`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
+
+from .backend import Interrupted, clear_active_loras
 
 log = logging.getLogger("dreambooth")
 #: request keys that are not TrainConfig fields
@@ -151,9 +156,7 @@ def _config(request: Dict[str, Any]):
 def start(request: Dict[str, Any]) -> Job:
     """Check a training request and start it in the background; ValueError names the bad input."""
     global _current
-    from dreambooth_core.dataset import prepare_dataset
-    from dreambooth_core.lora import check_replaceable
-    from dreambooth_core.tokens import TokenError, require_single_token
+    from dreambooth_core.tokens import TokenError
     from modules import sd_samplers
 
     from .backend import A1111Backend
@@ -170,25 +173,20 @@ def start(request: Dict[str, Any]) -> Job:
         if _current is not None and _current.running:
             raise RuntimeError(f"a DreamBooth job is already running ({_current.id}); cancel it or wait for it")
         backend = A1111Backend(mode=config.mode, train_text_encoder=config.train_text_encoder)
+        config.model = backend.describe()
+        host = _JobHost()
         try:
-            check = require_single_token(backend.tokenizers(), config.token, force=bool(request.get("force_token")))
+            check = check_job(config, host, tokenizers=backend.tokenizers(),
+                              native_resolution=backend.native_resolution, force_token=bool(request.get("force_token")))
         except TokenError as exc:
             raise ValueError(f"token: {exc}") from None
-        config.resolution = config.resolution or backend.native_resolution
-        config.model = backend.describe()
-        config.validate()
-        if config.mode == "lora":
-            check_replaceable(lora_dir() / f"{config.save_name}.safetensors")
-        source = _decode_images(images) if images else config.instance_dir
-        data = prepare_dataset(source, token=config.token, class_noun=config.class_noun,
-                               caption_template=config.instance_prompt or "a photo of {token} {class}",
-                               resolution=config.resolution, crop=config.crop, flip=config.flip, seed=config.seed,
-                               masks="alpha" if config.masked_loss else None)
+        data = prepare_instance_images(config, _decode_images(images) if images else None)
         job = Job(id=uuid.uuid4().hex[:12], config=config, total=config.steps,
                   message=f"{check.message} {data.summary()}")
+        host.job = job
         _jobs[job.id] = job
         _current = job
-    threading.Thread(target=_run, args=(job, backend, data), name=f"dreambooth-{job.id}", daemon=True).start()
+    threading.Thread(target=_run, args=(job, host, backend, data), name=f"dreambooth-{job.id}", daemon=True).start()
     return job
 
 
@@ -212,17 +210,10 @@ def cancel(job_id: Optional[str] = None) -> Job:
     return job
 
 
-def _run(job: Job, backend, data) -> None:
-    import torch
+def _run(job: Job, host, backend, data) -> None:
     from modules import sd_hijack, shared
     from modules.call_queue import queue_lock
 
-    from dreambooth_core.accel import fresh_accelerator
-    from dreambooth_core.trainer import Callbacks, train
-
-    from .backend import Interrupted, clear_active_loras
-
-    c = job.config
     with queue_lock:
         shared.state.begin(job="dreambooth")
         optimized = bool(getattr(shared.opts, "training_xattention_optimizations", False))
@@ -233,28 +224,26 @@ def _run(job: Job, backend, data) -> None:
             clear_active_loras()
             if not optimized:  # as the WebUI's own training: plain attention unless the user opted in
                 sd_hijack.undo_optimizations()
-            with torch.inference_mode(False), torch.enable_grad():
-                class_items = _class_images(job, backend) if c.prior else None
-                if class_items is None and c.prior:
-                    job.state, job.message = "cancelled", "cancelled while generating class images (kept in the cache)"
-                    return
-                job.state = "training"
-                callbacks = Callbacks(on_step=lambda info: _on_step(job, info), should_stop=job.should_stop,
-                                      on_preview=lambda step, images: _on_preview(job, step, images),
-                                      on_phase=lambda phase: log.info("DreamBooth %s: %s", job.id, phase))
-                result = train(backend, c, data.items, class_items, callbacks,
-                               accelerator=fresh_accelerator(backend.device), flip=data.flip)
-            job.history = list(result.history)
-            if result.status == "cancelled":
+            try:
+                result = run_job(backend, job.config, data, host)
+            except Exception as exc:
+                if job.state == "class_images" and type(exc).__name__ == "NansException":
+                    raise _class_images_nan(job.config, exc) from exc  # modules.devices.NansException
+                raise
+            job.history = result.history
+            if result.class_images is not None:
+                made = result.class_images
+                job.class_images = {"generated": made.generated, "reused": made.reused, "count": made.count,
+                                    "folder": str(made.folder)}
+            if result.status == "cancelled" and result.phase == "class_images":
+                job.state, job.message = "cancelled", "cancelled while generating class images (kept in the cache)"
+            elif result.status == "cancelled":
                 job.state = "cancelled"
                 job.checkpoint_path = str(result.checkpoint_path) if result.checkpoint_path else None
                 job.message = f"cancelled at step {result.step}; start again with resume on to continue"
-                return
-            job.state = "saving"
-            _publish(job, result)
-            job.state = "completed"
-        except Interrupted:
-            job.state, job.message = "cancelled", "cancelled while generating class images (kept in the cache)"
+            else:
+                _report(job, result)
+                job.state = "completed"
         except Exception as exc:  # reported through the status route
             log.exception("DreamBooth job %s failed", job.id)
             job.state, job.error = "error", f"{type(exc).__name__}: {exc}"
@@ -269,37 +258,68 @@ def _run(job: Job, backend, data) -> None:
     log.info("DreamBooth job %s: %s %s", job.id, job.state, job.error or job.message)
 
 
-def _class_images(job: Job, backend):
-    """The class images through the core's cache: made by the WebUI's txt2img, reused next time."""
-    from dreambooth_core.backends.base import SampleSettings
-    from dreambooth_core.prior import ensure_class_images
+def _class_images_nan(config, exc: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"class images: the WebUI's txt2img produced NaN for {config.resolved_class_prompt()!r} before any training "
+        f"({exc}). The class images made so far are kept. Generate one image with that prompt in txt2img to "
+        "check the checkpoint; if it fails there too, follow the WebUI's advice above, or set Settings > "
+        "Stable Diffusion > Emphasis mode to 'No norm' (the default divides by the mean of the text encoder's "
+        "output, which some merged or custom checkpoints have near zero).")
 
+
+class _JobHost(Host):
+    """The WebUI as the host of a core job (dreambooth_core.job): class images in its outputs folder
+    through its txt2img (one at a time), the LoRA in its Lora folder (its LoRA support lists it and
+    `<lora:NAME:1>` works), a full fine-tune in its checkpoint folder with the loaded model's .yaml;
+    progress and Cancel through the Job and the WebUI's shared state."""
+
+    class_batch_size = 1
+    cancelled_by = (Interrupted,)
+    job: Optional[Job] = None
+
+    def class_image_root(self) -> Path:
+        return class_image_root()
+
+    def lora_destination(self, save_name: str) -> Path:
+        return lora_dir() / f"{save_name}.safetensors"
+
+    def checkpoint_destination(self, source: Path) -> Path:
+        return checkpoint_dir() / source.name
+
+    def published(self, path: Path, kind: str) -> None:
+        if kind == "checkpoint":
+            _copy_model_yaml(path)
+
+    def should_stop(self) -> bool:
+        return self.job.should_stop()
+
+    def phase(self, name: str) -> None:
+        self.job.state = {"publishing": "saving"}.get(name, name)
+        if name == "class_images":
+            self.job.class_total = self.job.config.num_class_images
+
+    def class_progress(self, done: int, total: int) -> None:
+        self.job.class_done, self.job.class_total = done, total
+
+    def callbacks(self):
+        callbacks = super().callbacks()
+        callbacks.on_step = lambda info: _on_step(self.job, info)
+        callbacks.on_preview = lambda step, images: _on_preview(self.job, step, images)
+        callbacks.on_phase = lambda phase: log.info("DreamBooth %s: %s", self.job.id, phase)
+        return callbacks
+
+
+def _report(job: Job, result) -> None:
+    """What the finished job says and where its files are."""
     c = job.config
-    job.state, job.class_total = "class_images", c.num_class_images
-    settings = SampleSettings(steps=c.class_steps, guidance=c.class_guidance, sampler=c.class_sampler,
-                              negative_prompt=c.negative_prompt, width=c.resolution, height=c.resolution)
-
-    def progress(done: int, total: int) -> None:
-        job.class_done, job.class_total = done, total
-
-    try:
-        image_set = ensure_class_images(backend, class_image_root(), c.resolved_class_prompt(), c.num_class_images,
-                                        settings, seed=c.seed, batch_size=1, progress=progress,
-                                        should_stop=job.should_stop)
-    except Exception as exc:
-        if type(exc).__name__ != "NansException":  # modules.devices.NansException, raised by the WebUI's sampler
-            raise
-        raise RuntimeError(
-            f"class images: the WebUI's txt2img produced NaN for {c.resolved_class_prompt()!r} before any training "
-            f"({exc}). The class images made so far are kept. Generate one image with that prompt in txt2img to "
-            "check the checkpoint; if it fails there too, follow the WebUI's advice above, or set Settings > "
-            "Stable Diffusion > Emphasis mode to 'No norm' (the default divides by the mean of the text encoder's "
-            "output, which some merged or custom checkpoints have near zero).") from exc
-    job.class_images = {"generated": image_set.generated, "reused": image_set.reused, "count": image_set.count,
-                        "folder": str(image_set.folder)}
-    if not image_set.complete:
-        return None
-    return image_set.load(resolution=c.resolution).items
+    if c.mode == "lora" and result.lora_path:
+        job.lora_path = str(result.lora_path)
+        job.message = f"{result.step} steps; LoRA saved: use <lora:{c.save_name}:1> in a prompt"
+    job.full_paths = list(result.full_paths)
+    if job.full_paths:
+        job.message = f"{result.step} steps; checkpoint saved as {Path(job.full_paths[-1]).name} (refresh the checkpoint list)"
+    if c.checkpoint_every and result.checkpoint_path:
+        job.checkpoint_path = str(result.checkpoint_path)
 
 
 def _on_step(job: Job, info) -> None:
@@ -321,30 +341,6 @@ def _on_preview(job: Job, step: int, images) -> None:
         save_image(path, image)
         paths.append(str(path))
     job.previews = paths
-
-
-def _publish(job: Job, result) -> None:
-    """LoRA → the WebUI's Lora folder (its LoRA support lists it and `<lora:NAME:1>` works);
-    a full fine-tune → the checkpoint folder (with the loaded model's .yaml, if it has one)."""
-    from dreambooth_core import fileio
-
-    c = job.config
-    if result.lora_path:
-        dest = lora_dir() / f"{c.save_name}.safetensors"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with fileio.atomic_path(dest) as tmp:
-            shutil.copyfile(result.lora_path, tmp)
-        job.lora_path = str(dest)
-        job.message = f"{result.step} steps; LoRA saved: use <lora:{c.save_name}:1> in a prompt"
-    for path in result.full_paths:
-        dest = checkpoint_dir() / Path(path).name
-        with fileio.atomic_path(dest) as tmp:
-            shutil.copyfile(path, tmp)
-        job.full_paths.append(str(dest))
-        _copy_model_yaml(dest)
-        job.message = f"{result.step} steps; checkpoint saved as {dest.name} (refresh the checkpoint list)"
-    if c.checkpoint_every and result.checkpoint_path:
-        job.checkpoint_path = str(result.checkpoint_path)
 
 
 def _copy_model_yaml(dest: Path) -> None:
