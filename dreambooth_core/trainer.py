@@ -23,7 +23,7 @@ import torch
 from . import __version__, checkpoint, fileio, objective
 from .backends.base import Backend, Cond, cat_conds
 from .config import TrainConfig
-from .lora import LoRANetwork
+from .adapters import LoRANetwork, save_lora
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
@@ -61,7 +61,9 @@ class Callbacks:
     on_step: Optional[Callable[[StepInfo], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
     on_preview: Optional[Callable[[int, List[np.ndarray]], None]] = None
-    on_phase: Optional[Callable[[str], None]] = None  # "caching", "training", "saving"
+    # "caching", "training", "saving"; and a line starting "resuming" when a resumed run takes settings
+    # that differ from its checkpoint's (a new learning rate, more steps)
+    on_phase: Optional[Callable[[str], None]] = None
     #: Exceptions that mean Cancel. A host that raises its interrupt from inside the model (ComfyUI
     #: since 0.3.65, mid forward or backward, and mid preview) names it here: the run then ends as
     #: "cancelled" with a checkpoint of the last finished step, exactly as should_stop() ends it.
@@ -189,12 +191,16 @@ class DreamBoothTrainer:
         return cache
 
     def _signature(self, n_trainable: int) -> dict:
+        """What a checkpoint must share with the run that resumes it: the trained parameters, the
+        model, and what each step draws and how its loss is made (objective_settings)."""
         c = self.config
+        masked = _has_masks(self.instance)
         return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
                 "lora_targets": c.lora_targets,
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
-                "masked_loss": _has_masks(self.instance),
-                "n_trainable": n_trainable, "model": self.backend.fingerprint()}
+                "masked_loss": masked,
+                "n_trainable": n_trainable, "model": self.backend.fingerprint(), "flip": bool(self.flip),
+                **objective_settings(c.to_dict(), masked, self.accelerator.num_processes)}
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -443,24 +449,65 @@ class DreamBoothTrainer:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        c = self.config
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("dreambooth_checkpoint", "{}"))
+        saved = meta.get("config") or {}
         expected = self._signature(len(named))
-        got = meta.get("signature", {})
+        got = dict(meta.get("signature", {}))
         got.setdefault("lora_targets", "transformer")  # checkpoints from before the option had only that set
         got.setdefault("masked_loss", False)  # ... and from before masks
+        if saved:  # ... and from before the objective's settings: their config tells them (same processes)
+            for k, v in objective_settings(saved, got["masked_loss"], self.accelerator.num_processes).items():
+                got.setdefault(k, v)
+        for k in ("flip", *OBJECTIVE_SETTINGS):  # where nothing tells, taken as unchanged
+            got.setdefault(k, expected[k])
         diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+        fresh_run = "start a fresh run (resume off, or another save name / output folder)"
         if diff:
+            listed = "; ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
             raise CheckpointMismatch(
-                f"{path}: was saved with other settings ({', '.join(f'{k}: {a} vs now {b}' for k, (a, b) in diff.items())}); "
-                "use the same settings to resume, or delete the checkpoint / turn resume off to start over")
+                f"{path} was saved with other settings ({listed}). They decide what is trained, so a resumed "
+                f"run cannot change them: set {'it' if len(diff) == 1 else 'them'} back to resume, or {fresh_run}")
+        start = int(meta["step"])
+        if start > c.steps:
+            raise CheckpointMismatch(f"{path} has trained {start} steps, more than steps={c.steps}: set steps to "
+                                     f"{start} or more to continue from it, or {fresh_run}")
         tensors = load_file(str(path))
         with torch.no_grad():
             for n, p in named:
                 p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+        fresh = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
         checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
+        self._take_current_rates(optimizer, fresh, saved, start)
         self.history = list(meta.get("history", []))
-        return int(meta["step"])
+        return start
+
+    def _take_current_rates(self, optimizer, fresh: List[tuple], saved: dict, start: int) -> None:
+        """The restored optimizer holds the checkpoint run's learning rates and weight decay; the
+        resumed run trains with the ones set now (a lower rate is the advice after a divergence), on
+        the schedule of its own `steps` (LambdaLR scales each group's `initial_lr`). A changed value
+        is said in a "resuming" phase line, with the learning rate it gives the next step."""
+        c = self.config
+        changes = [f"{k} {saved[k]} -> {getattr(c, k)}" for k in ("steps", "lr_scheduler", "lr_warmup_steps")
+                   if k in saved and saved[k] != getattr(c, k)]
+        factor = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, c.steps)(start)
+        was = optimizer.param_groups[0]["lr"]  # what the checkpoint's run would have used next
+        first = None  # the UNet group's (old, new) base rate; the text encoders' group follows it by default
+        for name, group, (lr, decay) in zip(("learning_rate", "text_encoder_lr"), optimizer.param_groups, fresh):
+            rate = (group.get("initial_lr", group["lr"]), lr)
+            if rate[0] != lr and rate != first:
+                changes.append(f"{name} {rate[0]:g} -> {lr:g}")
+            if group["weight_decay"] != decay and first is None:
+                changes.append(f"weight_decay {group['weight_decay']:g} -> {decay:g}")
+            first = first or rate
+            group.update(initial_lr=lr, lr=lr * factor, weight_decay=decay)
+        if changes:
+            now = optimizer.param_groups[0]["lr"]
+            next_rate = f"learning rate at step {start + 1}: {now:g}" + (
+                f"; the checkpoint's run would have used {was:g}" if not math.isclose(was, now) else "")
+            self._phase(f"resuming at step {start} of {c.steps} with settings changed since the checkpoint, which "
+                        f"apply from step {start + 1}: {', '.join(changes)} ({next_rate})")
 
     def _save_outputs(self, result: TrainResult) -> None:
         from . import plots
@@ -469,14 +516,35 @@ class DreamBoothTrainer:
         out = self.output_dir
         if c.mode == "lora" and self.network is not None:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[c.save_precision]
-            result.lora_path = self.network.save(out / f"{safe_name(c.save_name)}.safetensors",
-                                                 lora_metadata(c, self.backend, result.step), dtype)
+            result.lora_path = save_lora(self.network, out / f"{safe_name(c.save_name)}.safetensors",
+                                         lora_metadata(c, self.backend, result.step), dtype)
         else:
             result.full_paths = self.backend.save_full(str(out / safe_name(c.save_name)))
         fileio.write_json(out / "config.json", {"config": c.to_dict(), "base_model": self.backend.describe(),
                                                 "version": __version__, "steps_done": result.step})
         fileio.write_json(out / "loss.json", self.history)
         plots.save_loss_curve(self.history, out / "loss.png")
+
+
+# What each step draws and how its loss is made, beyond the signature's first fields: a resumed run
+# with another value would continue a different training than its checkpoint's.
+OBJECTIVE_SETTINGS = ("batch_size", "gradient_accumulation", "prior_weight", "min_snr_gamma", "offset_noise",
+                      "caption_dropout", "mask_background_weight")
+
+
+def objective_settings(config: dict, masked: bool, processes: int = 1) -> Dict[str, object]:
+    """OBJECTIVE_SETTINGS of a config (TrainConfig.to_dict(), or a checkpoint's saved one, where a
+    setting it predates has its default), in one form per meaning: a setting that is off or unused
+    (λ without prior, a background weight without masks) is None. The batch counts all processes':
+    their global batch is what each step draws."""
+    c = {**TrainConfig().to_dict(), **config}
+    return {"batch_size": int(c["batch_size"]) * processes,
+            "gradient_accumulation": int(c["gradient_accumulation"]),
+            "prior_weight": float(c["prior_weight"]) if c["prior"] else None,
+            "min_snr_gamma": float(c["min_snr_gamma"]) if c["min_snr_gamma"] else None,
+            "offset_noise": float(c["offset_noise"]),
+            "caption_dropout": float(c["caption_dropout"]),
+            "mask_background_weight": float(c["mask_background_weight"]) if masked else None}
 
 
 def _pick(choose_first: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Trainer mechanics on a tiny random model: resume, cancel, NaN guard, LoRA round trip."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import diffusers_prediction, make_tiny_backend
-from dreambooth_core import lora, objective
+from dreambooth_core import adapters, objective
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.trainer import CHECKPOINT_NAME, Callbacks, CheckpointMismatch, TrainingDiverged, train
 
@@ -177,7 +178,7 @@ def test_lora_file_round_trip_gives_identical_outputs(tmp_path):
     trained_backend = make_tiny_backend()
     result = train(trained_backend, config(tmp_path), INSTANCE, CLASS)
     fresh = make_tiny_backend()
-    lora.load_lora(fresh.lora_targets(True, True), result.lora_path)
+    adapters.load_lora(fresh.lora_targets(True, True), result.lora_path)
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=gen)
@@ -195,7 +196,7 @@ def test_lora_file_round_trip_gives_identical_outputs(tmp_path):
 
 def test_lora_keys_are_kohya_style_with_metadata(tmp_path):
     result = train(make_tiny_backend(), config(tmp_path, steps=1), INSTANCE, CLASS)
-    state, meta = lora.read_lora_file(result.lora_path)
+    state, meta = adapters.read_lora_file(result.lora_path)
     assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.") for k in state)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in state)
     assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in state} == \
@@ -359,14 +360,14 @@ def test_caption_dropout_trains_a_share_of_the_subject_with_the_empty_caption(tm
 def test_a_lora_of_the_same_name_is_replaced_only_if_dreambooth_made_it(tmp_path):
     from safetensors.torch import save_file
 
-    lora.check_replaceable(tmp_path / "none_yet.safetensors")  # nothing there: fine
+    adapters.check_replaceable(tmp_path / "none_yet.safetensors")  # nothing there: fine
     ours = train(make_tiny_backend(), config(tmp_path / "run", steps=1), INSTANCE, CLASS).lora_path
-    lora.check_replaceable(ours)
+    adapters.check_replaceable(ours)
     save_file({"w": torch.zeros(1)}, str(tmp_path / "theirs.safetensors"), metadata={"ss_network_dim": "8"})
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     for name in ("theirs.safetensors", "broken.safetensors"):
-        with pytest.raises(lora.LoRAError, match="save_name: .* was not made by DreamBooth; choose another save_name"):
-            lora.check_replaceable(tmp_path / name)
+        with pytest.raises(adapters.LoRAError, match="save_name: .* was not made by DreamBooth; choose another save_name"):
+            adapters.check_replaceable(tmp_path / name)
 
 
 def test_the_backend_protocol_states_every_method_the_trainer_calls():
@@ -425,3 +426,72 @@ def test_the_loss_by_part_is_the_merged_loss_for_equal_sizes(masked):
     alone = objective.dreambooth_loss_by_part(preds[:1], parts[:1], 0.7, weight)
     torch.testing.assert_close(alone.total, objective.dreambooth_loss(preds[0], parts[0], 2, 0.7, weight).total)
     assert alone.prior is None
+
+
+def _phases() -> tuple:
+    said = []
+    return said, Callbacks(on_phase=said.append)
+
+
+def test_resume_refuses_a_change_of_what_the_run_trains(tmp_path):
+    """Batch, accumulation, λ, min-SNR, offset noise, caption dropout and flipping define the samples
+    and the loss: a resumed run with another value would not continue the checkpoint's training.
+    The refusal names each setting with both values and says what to do."""
+    train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), INSTANCE, CLASS)
+    changes = {"batch_size": (2, 1), "gradient_accumulation": (1, 2), "prior_weight": (1.0, 0.5),
+               "min_snr_gamma": (None, 5.0), "offset_noise": (0.0, 0.1), "caption_dropout": (0.0, 0.1),
+               "flip": (True, False)}
+    for name, (old, new) in changes.items():
+        with pytest.raises(CheckpointMismatch) as info:
+            train(make_tiny_backend(), config(tmp_path, steps=4, resume=True, **{name: new}), INSTANCE, CLASS)
+        message = str(info.value)
+        assert f"{name}: {old} in the checkpoint, {new} now" in message, message
+        assert "set it back" in message and "fresh run" in message
+    with pytest.raises(CheckpointMismatch, match="min_snr_gamma: None in the checkpoint, 5.0 now; offset_noise"):
+        train(make_tiny_backend(), config(tmp_path, steps=4, resume=True, min_snr_gamma=5.0, offset_noise=0.1),
+              INSTANCE, CLASS)
+
+
+def test_resume_takes_the_new_learning_rate_and_more_steps(tmp_path):
+    """A lower learning rate is what the divergence message advises before resuming, and more steps
+    is how one trains longer: both apply, the restored optimizer does not keep the old rate, and the
+    run says so."""
+    from safetensors import safe_open
+
+    train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), INSTANCE, CLASS)
+    said, callbacks = _phases()
+    resumed = train(make_tiny_backend(), config(tmp_path, steps=4, checkpoint_every=1, learning_rate=5e-3,
+                                                resume=True), INSTANCE, CLASS, callbacks)
+    assert resumed.status == "completed" and resumed.step == 4
+    assert [h["lr"] for h in resumed.history] == [1e-2, 1e-2, 5e-3, 5e-3]
+    with safe_open(str(tmp_path / CHECKPOINT_NAME), framework="pt") as f:
+        groups = json.loads(f.metadata()["dreambooth_checkpoint"])["optimizer"]["param_groups"]
+    assert len(groups) == 2 and all(g["lr"] == g["initial_lr"] == 5e-3 for g in groups)
+    note = next(s for s in said if s.startswith("resuming"))
+    assert "learning_rate 0.01 -> 0.005" in note and "steps 2 -> 4" in note, note
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_has_trained(tmp_path):
+    train(make_tiny_backend(), config(tmp_path, steps=3, checkpoint_every=1), INSTANCE, CLASS)
+    with pytest.raises(CheckpointMismatch, match="trained 3 steps, more than steps=2"):
+        train(make_tiny_backend(), config(tmp_path, steps=2, resume=True), INSTANCE, CLASS)
+
+
+def test_a_checkpoint_from_before_the_new_checks_still_resumes(tmp_path):
+    """Checkpoints whose signature lacks the objective's settings resume; their saved config still
+    tells a changed setting apart."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    train(make_tiny_backend(), config(tmp_path, steps=2, checkpoint_every=1), INSTANCE, CLASS)
+    path = tmp_path / CHECKPOINT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["dreambooth_checkpoint"])
+    old = ("mode", "rank", "alpha", "lora_conv", "lora_targets", "train_text_encoder", "seed", "prior",
+           "masked_loss", "n_trainable", "model")
+    meta["signature"] = {k: meta["signature"][k] for k in old}
+    save_file(load_file(str(path)), str(path), metadata={"dreambooth_checkpoint": json.dumps(meta)})
+    with pytest.raises(CheckpointMismatch, match="batch_size: 2 in the checkpoint, 1 now"):
+        train(make_tiny_backend(), config(tmp_path, steps=4, resume=True, batch_size=1), INSTANCE, CLASS)
+    resumed = train(make_tiny_backend(), config(tmp_path, steps=3, resume=True), INSTANCE, CLASS)
+    assert resumed.status == "completed" and [h["step"] for h in resumed.history] == [1, 2, 3]
