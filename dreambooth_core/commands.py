@@ -178,7 +178,7 @@ def cmd_sample(args) -> int:
     from .backends.base import SampleSettings
     from .backends.diffusers_backend import load_backend
     from .fileio import save_image
-    from .lora import load_lora, read_lora_file
+    from .adapters import load_lora, read_lora_file
     from .sampling import fill, prompt_set, sample_grid
 
     backend = load_backend(args.model)

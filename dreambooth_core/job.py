@@ -90,7 +90,7 @@ def check_job(config: TrainConfig, host: Host, *, tokenizers=None, native_resolu
     published LoRA that a run of another name would overwrite, an identifier that the tokenizer
     splits (unless forced). Fills the resolution in from the model's. Returns the token check
     (None without tokenizers)."""
-    from .lora import check_replaceable
+    from .adapters import check_replaceable
     from .tokens import require_single_token
     from .trainer import safe_name
 

@@ -10,7 +10,7 @@ much memory they hold (`passive_memory_usage`) and moves them with the model (`m
 Also here: the kohya-style LoRA names of ComfyUI's modules, in diffusers layout
 (`lora_unet_down_blocks_0_attentions_0_…`, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`,
 `lora_te1_`/`lora_te2_` for SDXL), computed with the host's own ldm→diffusers map and the core's
-kohya rules (dreambooth_core.lora_names), so a LoRA from these nodes is interchangeable with one from
+kohya rules (dreambooth_core.adapters.kohya), so a LoRA from these nodes is interchangeable with one from
 the standalone diffusers backend and the WebUI.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ..dreambooth_core.lora_names import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name
+from ..dreambooth_core.adapters.kohya import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name
 
 
 def _nbytes(params) -> int:

@@ -373,7 +373,7 @@ class DreamBoothTrain_:
 
         from ..dreambooth_core.config import TrainConfig
         from ..dreambooth_core.job import check_job, run_job
-        from ..dreambooth_core.lora import LoRAError
+        from ..dreambooth_core.adapters import LoRAError
         from ..dreambooth_core.plots import loss_curve_image
         from .comfy_backend import ComfyBackend
         from .train_host import TrainHost

@@ -1,4 +1,4 @@
-"""The ldm → diffusers LoRA names (dreambooth_core.lora_names, used by the WebUI backend) must invert the test fixtures' own
+"""The ldm → diffusers LoRA names (dreambooth_core.adapters.kohya, used by the WebUI backend) must invert the test fixtures' own
 diffusers → ldm layout (written independently, from the original repositories' key layout), for
 SD1.5's block structure and for the reduced one the WebUI tests use. Same names ⇒ the LoRA file
 is the one the ComfyUI nodes and the standalone backend write."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_core.lora_names import unet_diffusers_path
+from dreambooth_core.adapters.kohya import unet_diffusers_path
 from fixtures_ldm import UNET, unet_to_ldm
 
 

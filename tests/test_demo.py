@@ -12,7 +12,7 @@ from conftest import subject_share
 from dreambooth_core import embedded, toyworld
 from dreambooth_core.cli import main
 from dreambooth_core.demo import DEMO_SEEDS, DEMO_SETTINGS, run_demo
-from dreambooth_core.lora import read_lora_file
+from dreambooth_core.adapters import read_lora_file
 
 pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
                                 reason="embedded model not built")

@@ -55,7 +55,7 @@ def test_cli_flags_reach_the_plan_and_a_frozen_text_encoder_gets_no_lora(tmp_pat
 
     from dreambooth_core.cli import main
     from dreambooth_core.evaluation import protocol
-    from dreambooth_core.lora import read_lora_file
+    from dreambooth_core.adapters import read_lora_file
 
     plans = []
     real = protocol.run_eval

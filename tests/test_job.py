@@ -14,7 +14,7 @@ from conftest import make_tiny_backend
 from dreambooth_core.accel import make_accelerator
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
-from dreambooth_core.lora import LoRAError
+from dreambooth_core.adapters import LoRAError
 from dreambooth_core.tokens import TokenError
 from dreambooth_core.trainer import train
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import diffusers_prediction, make_tiny_backend
-from dreambooth_core import lora
+from dreambooth_core import adapters
 from dreambooth_core.cli import parser
 from dreambooth_core.config import build_config
 from dreambooth_core.config import ConfigError, TrainConfig
@@ -55,7 +55,7 @@ def test_attention_lora_trains_saves_only_those_keys_and_loads_in_diffusers(tmp_
         before = ours.predict(x, t, ours.encode_text(["a photo of sks star"], size=(16, 16)))
     result = train(ours, config(tmp_path, steps=3, lora_targets="attention"), INSTANCE, CLASS)
 
-    state, meta = lora.read_lora_file(result.lora_path)
+    state, meta = adapters.read_lora_file(result.lora_path)
     names = kohya_names(state)
     assert names == set(result.network.adapters)
     assert all(UNET_ATTENTION.match(n) or TE_ATTENTION.match(n) for n in names)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import embedded
-from ..lora_names import kohya_name
+from ..adapters.kohya import kohya_name
 from .base import BackendDefaults, Cond, SampleSettings
 
 SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim")

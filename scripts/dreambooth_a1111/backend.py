@@ -25,7 +25,7 @@ from torch import nn
 
 from dreambooth_core import fileio
 from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
-from dreambooth_core.lora import ADAPTER_ATTR
+from dreambooth_core.adapters import ADAPTER_ATTR
 
 from .names import clip_lora_targets, unet_lora_targets
 

@@ -2,7 +2,7 @@
 
 The WebUI's own model is the original CompVis/Stability UNet (`input_blocks.{i}.{0|1}`,
 `middle_block.{0,1,2}`, `output_blocks.{i}.{0|1|2}`) and, for SD1, the transformers CLIP text
-model. The names come from dreambooth_core.lora_names (the ldm → diffusers map is there), so the
+model. The names come from dreambooth_core.adapters.kohya (the ldm → diffusers map is there), so the
 LoRA file is the same as one trained in ComfyUI or standalone.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Dict
 
 from torch import nn
 
-from dreambooth_core.lora_names import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name, unet_diffusers_path
+from dreambooth_core.adapters.kohya import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name, unet_diffusers_path
 
 
 def unet_lora_targets(diffusion_model: nn.Module, conv: bool = False) -> Dict[str, nn.Module]:

@@ -465,7 +465,7 @@ def test_text_encoder_gradients_are_the_same_with_gradient_checkpointing(pack, l
 
     model, clip, vae = loaded
     cb = backend_module(pack)
-    lora = importlib.import_module(pack.__name__ + ".dreambooth_core.lora")
+    lora = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters")
     with torch.inference_mode(False), torch.enable_grad():
         backend = cb.ComfyBackend(model, clip, vae, train_text_encoder=True)
         torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""kohya LoRA keys: which modules of a Stable Diffusion model carry a LoRA, and the key each one has
-in the file. One place for every backend: the diffusers backend names diffusers modules directly; the
+"""The LoRA file format, kohya's: which modules of a Stable Diffusion model carry a LoRA, the key each
+one has in the file, writing and reading the file, and its metadata. One place for every backend: the diffusers backend names diffusers modules directly; the
 ComfyUI and WebUI backends hold the original (ldm) layout and map its module paths to diffusers
 paths first (`unet_diffusers_path`, or the host's own map), so all three write the same file, which
 ComfyUI's LoraLoader, the WebUI's Lora support and diffusers read.
@@ -14,7 +14,15 @@ Inside a transformer the names are the same in both layouts (`transformer_blocks
 """
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .. import fileio
+from .base import LoRAError
+from .network import LoRANetwork
 
 # The Linears of a CLIP text encoder layer that carry LoRA (attention and MLP), by path in the layer.
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -80,3 +88,74 @@ def unet_diffusers_path(path: str, per_level: int, output_is_attention: Optional
     if output_is_attention:
         return f"up_blocks.{b}.attentions.{j}.{rest}"
     return f"up_blocks.{b}.upsamplers.0.conv" if rest == "conv" else None
+
+
+# -- the file ------------------------------------------------------------------------------------
+
+def save_lora(network: LoRANetwork, path: str | Path, metadata: Optional[Mapping[str, str]] = None,
+              dtype: torch.dtype = torch.float16) -> Path:
+    """Write the network's adapters with kohya's network metadata, then `metadata`."""
+    meta = {"ss_network_module": "networks.lora", "format": "pt"}
+    ranks = {a.rank for a in network.adapters.values()}
+    alphas = {a.alpha for a in network.adapters.values()}
+    if len(ranks) == 1:
+        meta["ss_network_dim"] = str(ranks.pop())
+    if len(alphas) == 1:
+        meta["ss_network_alpha"] = f"{alphas.pop():g}"
+    meta.update(metadata or {})
+    fileio.save_tensors(path, network.state_dict(dtype), meta)
+    return Path(path)
+
+
+def check_replaceable(dest: str | Path) -> None:
+    """A host publishes a LoRA under the user's save name: it may replace an earlier DreamBooth
+    LoRA of that name (the file's metadata says so), never a file from elsewhere."""
+    from safetensors import safe_open
+
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    try:
+        with safe_open(str(dest), framework="pt") as f:
+            ours = "dreambooth_version" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all: certainly not ours
+        ours = False
+    if not ours:
+        raise LoRAError(f"save_name: {dest} exists and was not made by DreamBooth; choose another save_name so "
+                        "it is not overwritten")
+
+
+def read_lora_file(path: str | Path) -> tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LoRAError(f"{path}: only .safetensors LoRA files are loaded (pickle files can run code)")
+    if not path.is_file():
+        raise LoRAError(f"{path}: no such LoRA file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as exc:  # safetensors raises several types for a broken file
+        raise LoRAError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def load_lora(targets: Mapping[str, nn.Module], source: str | Path | Mapping[str, torch.Tensor],
+              multiplier: float = 1.0) -> LoRANetwork:
+    """Attach the adapters stored in a kohya-style file (or state dict) to matching targets."""
+    state = read_lora_file(source)[0] if isinstance(source, (str, Path)) else dict(source)
+    names = sorted({k.rsplit(".lora_down.weight", 1)[0] for k in state if k.endswith(".lora_down.weight")})
+    if not names:
+        raise LoRAError(f"{source}: no '<name>.lora_down.weight' keys; is this a kohya-style LoRA file?")
+    unknown = [n for n in names if n not in targets]
+    if unknown:
+        raise LoRAError(f"{len(unknown)} LoRA modules do not exist in this model (e.g. {unknown[:3]}); "
+                        "was the LoRA trained on another base model?")
+    ranks = {n: state[f"{n}.lora_down.weight"].shape[0] for n in names}
+    alphas = {n: float(state[f"{n}.alpha"]) if f"{n}.alpha" in state else float(ranks[n]) for n in names}
+    network = LoRANetwork({n: targets[n] for n in names}, rank=1, ranks=ranks, alphas=alphas)
+    network.load_state_dict(state)
+    network.set_multiplier(multiplier)
+    return network.attach()
