@@ -67,3 +67,13 @@ def save_image(path: str | os.PathLike, image: "Any") -> None:
     final = Path(path)
     with atomic_path(final) as tmp:
         image.save(tmp, format=(final.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+
+
+def safe_name(name: str) -> str:
+    """A file stem that cannot leave the output folder."""
+    stem = Path(name.replace("\\", "/")).name
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if stem in ("", ".", "..") or stem != name.replace(".safetensors", "") or stem.startswith("."):
+        raise ValueError(f"save name {name!r}: use a plain file name without folders (e.g. 'my_dog')")
+    return stem

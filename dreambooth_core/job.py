@@ -92,7 +92,7 @@ def check_job(config: TrainConfig, host: Host, *, tokenizers=None, native_resolu
     (None without tokenizers)."""
     from .adapters import check_replaceable
     from .tokens import require_single_token
-    from .trainer import safe_name
+    from .fileio import safe_name
 
     config.save_name = safe_name(str(config.save_name).strip())
     if config.resolution is None and native_resolution:

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, fileio, objective
+from .fileio import safe_name
 from .backends.base import Backend, Cond, cat_conds
 from .config import TrainConfig
 from .adapters import LoRANetwork, save_lora
+from .adapters.kohya import lora_metadata
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
@@ -142,11 +144,9 @@ class DreamBoothTrainer:
 
     # -- setup -------------------------------------------------------------------------------
     def _make_accelerator(self):
-        from accelerate import Accelerator
+        from .accel import make_accelerator
 
-        return Accelerator(gradient_accumulation_steps=self.config.gradient_accumulation,
-                           mixed_precision=self.config.mixed_precision,
-                           cpu=self.backend.device.type == "cpu", device_placement=False)
+        return make_accelerator(self.config, self.backend.device)
 
     def _phase(self, name: str) -> None:
         if self.callbacks.on_phase:
@@ -571,36 +571,6 @@ def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict
     in_transformer = re.compile(r"_attentions_\d+_|^lora_te\d?_")
     return {name: module for name, module in targets.items()
             if not in_transformer.search(name) or ATTENTION_PROJECTION.search(name)}
-
-
-def safe_name(name: str) -> str:
-    """A file stem that cannot leave the output folder."""
-    stem = Path(name.replace("\\", "/")).name
-    if stem.endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if stem in ("", ".", "..") or stem != name.replace(".safetensors", "") or stem.startswith("."):
-        raise ValueError(f"save name {name!r}: use a plain file name without folders (e.g. 'my_dog')")
-    return stem
-
-
-def lora_metadata(config: TrainConfig, backend: Backend, steps: int) -> Dict[str, str]:
-    return {
-        "ss_output_name": safe_name(config.save_name),
-        "ss_training_comment": f"DreamBooth: {config.resolved_instance_prompt()}",
-        "ss_steps": str(steps),
-        "ss_learning_rate": f"{config.resolved_lr():g}",
-        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
-        "ss_sd_model_name": backend.describe(),
-        "dreambooth_token": config.token,
-        "dreambooth_class_noun": config.class_noun,
-        "dreambooth_instance_prompt": config.resolved_instance_prompt(),
-        "dreambooth_base_model": backend.describe(),
-        "dreambooth_base_fingerprint": backend.fingerprint(),
-        "dreambooth_steps": str(steps),
-        "dreambooth_prior_preservation": str(config.prior).lower(),
-        "dreambooth_lora_targets": config.lora_targets,
-        "dreambooth_version": __version__,
-    }
 
 
 def train(backend: Backend, config: TrainConfig, instance: Sequence[Example],

@@ -20,7 +20,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .. import fileio
+from .. import __version__, fileio
+from ..fileio import safe_name
 from .base import LoRAError
 from .network import LoRANetwork
 
@@ -105,6 +106,27 @@ def save_lora(network: LoRANetwork, path: str | Path, metadata: Optional[Mapping
     meta.update(metadata or {})
     fileio.save_tensors(path, network.state_dict(dtype), meta)
     return Path(path)
+
+
+def lora_metadata(config, backend, steps: int) -> Dict[str, str]:
+    """What the file says about its run: kohya's `ss_*` keys (which the WebUI's cards read) and ours."""
+    return {
+        "ss_output_name": safe_name(config.save_name),
+        "ss_training_comment": f"DreamBooth: {config.resolved_instance_prompt()}",
+        "ss_steps": str(steps),
+        "ss_learning_rate": f"{config.resolved_lr():g}",
+        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
+        "ss_sd_model_name": backend.describe(),
+        "dreambooth_token": config.token,
+        "dreambooth_class_noun": config.class_noun,
+        "dreambooth_instance_prompt": config.resolved_instance_prompt(),
+        "dreambooth_base_model": backend.describe(),
+        "dreambooth_base_fingerprint": backend.fingerprint(),
+        "dreambooth_steps": str(steps),
+        "dreambooth_prior_preservation": str(config.prior).lower(),
+        "dreambooth_lora_targets": config.lora_targets,
+        "dreambooth_version": __version__,
+    }
 
 
 def check_replaceable(dest: str | Path) -> None:

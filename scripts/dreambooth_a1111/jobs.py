@@ -133,7 +133,7 @@ def _decode_images(items: List[Any]) -> list:
 
 def _config(request: Dict[str, Any]):
     from dreambooth_core.config import ConfigError, TrainConfig
-    from dreambooth_core.trainer import safe_name
+    from dreambooth_core.fileio import safe_name
 
     from .backend import DEFAULT_SAMPLER
 
