@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import make_tiny_backend
-from dreambooth_core.accel import make_accelerator
+from dreambooth_core.accel import _reset_state, make_accelerator
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
 from dreambooth_core.adapters import LoRAError
@@ -140,8 +140,10 @@ def test_a_host_run_takes_gradient_accumulation_as_the_command_line_does(tmp_pat
 
 def test_a_host_run_takes_the_run_s_mixed_precision(tmp_path):
     config = job_config(tmp_path, mixed_precision="bf16")
-    acc = Host().accelerator(config, torch.device("cpu"))
-    assert acc.mixed_precision == "bf16"
+    try:
+        assert Host().accelerator(config, torch.device("cpu")).mixed_precision == "bf16"
+    finally:  # accelerate's state is process-wide: leave none behind for the next test's Accelerator
+        _reset_state()
 
 
 def test_the_job_refuses_before_any_work(tmp_path):
