@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt))[:3]
 
     from bench.data import subject
-    from dreambooth_core import toyworld
+    from dreambooth_core.embedded import toyworld
 
     folder = base / "input" / "subject"
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 def subject():
     """The subject that the bench's prompts name ('a photo of sks star'): a pink star with cyan
     diagonal stripes. Imported on call: the orchestrator runs on the standard library alone."""
-    from dreambooth_core import toyworld
+    from dreambooth_core.embedded import toyworld
 
     return toyworld.EVAL_SUBJECTS[0]
 
@@ -29,7 +29,7 @@ def instance_folder(root: Path, resolution: int, count: int, seed: int = 7) -> P
     lies beside the folder, not in it: the reference script reads every entry of the folder."""
     from PIL import Image
 
-    from dreambooth_core import toyworld
+    from dreambooth_core.embedded import toyworld
 
     folder = root / f"instance_{resolution}px_{count}"
     marker = root / f".instance_{resolution}px_{count}.complete"

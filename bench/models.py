@@ -46,7 +46,7 @@ def _key(arch: str, seed: int) -> str:
     h = hashlib.sha256()
     h.update(f"{VERSION}:{arch}:{seed}:{torch.__version__}".encode())
     if arch == "tiny":  # the embedded model's architecture, as the package defines it now
-        from dreambooth_core import embedded
+        from dreambooth_core.embedded import model as embedded
 
         h.update(repr([embedded.UNET_CONFIG, embedded.VAE_CONFIG, embedded.TEXT_ENCODER_CONFIG,
                        embedded.SCHEDULER_CONFIG]).encode())
@@ -89,7 +89,7 @@ def build_pipeline(arch: str, seed: int = 0):
                            EulerDiscreteScheduler, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_core.embedded import clip_tokenizer
+    from dreambooth_core.embedded.model import clip_tokenizer
 
     if arch == "tiny":
         return _tiny_pipeline(seed)
@@ -119,7 +119,7 @@ def _tiny_pipeline(seed: int):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth_core import embedded
+    from dreambooth_core.embedded import model as embedded
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -138,7 +138,7 @@ def _tiny_sdxl_pipeline(seed: int):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_core.embedded import clip_tokenizer
+    from dreambooth_core.embedded.model import clip_tokenizer
 
     te = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)

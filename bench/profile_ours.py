@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from dreambooth_core import commands, trainer
+    from dreambooth_core.cli import commands
+    from dreambooth_core.training import trainer
     from dreambooth_core.config import TrainConfig
 
     print(f"start: {_mem()}", flush=True)

@@ -48,7 +48,7 @@ class Host:
 
     def accelerator(self, config: TrainConfig, device):
         """The run's Accelerator; hosts are long-lived processes, so accelerate's state is reset."""
-        from .accel import make_accelerator
+        from .training.accel import make_accelerator
 
         return make_accelerator(config, device, reset=True)
 
@@ -65,7 +65,7 @@ class Host:
     def callbacks(self):
         """The training callbacks; asked for once, when training starts. Override to add progress and
         previews; keep `should_stop` and `cancelled_by` the host's."""
-        from .trainer import Callbacks
+        from .training.trainer import Callbacks
 
         return Callbacks(should_stop=self.should_stop, cancelled_by=tuple(self.cancelled_by))
 
@@ -91,7 +91,7 @@ def check_job(config: TrainConfig, host: Host, *, tokenizers=None, native_resolu
     splits (unless forced). Fills the resolution in from the model's. Returns the token check
     (None without tokenizers)."""
     from .adapters import check_replaceable
-    from .tokens import require_single_token
+    from .dataset.tokens import require_single_token
     from .fileio import safe_name
 
     config.save_name = safe_name(str(config.save_name).strip())
@@ -127,7 +127,7 @@ def class_images(backend, config: TrainConfig, host: Host, resolution: int, shou
     a one-line note, the generated set or None)."""
     from .backends.base import SampleSettings
     from .dataset import IMAGE_EXTS
-    from .prior import ensure_class_images, load_class_folder
+    from .class_images.cache import ensure_class_images, load_class_folder
 
     prompt = config.resolved_class_prompt()
     folder = Path(config.class_dir) if config.class_dir else None
@@ -155,7 +155,7 @@ def run_job(backend, config: TrainConfig, data, host: Host, *, class_items: Opti
     checkpoint of its last finished step."""
     import torch
 
-    from .trainer import train
+    from .training.trainer import train
 
     resolution = config.resolution or backend.native_resolution
     accelerator = host.accelerator(config, backend.device)

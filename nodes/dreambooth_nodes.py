@@ -159,7 +159,7 @@ class DreamBoothDataset_:
                 caption_template="a photo of {token} {class}", subject_mask=None, mask_from_alpha=False,
                 captions=None):
         from ..dreambooth_core.dataset import prepare_dataset
-        from ..dreambooth_core.tokens import TokenError, require_single_token
+        from ..dreambooth_core.dataset.tokens import TokenError, require_single_token
         from .comfy_backend import clip_tokenizers
 
         clip, folder, token, class_noun, resolution, crop, flip, path, caption_template, mask_from_alpha = map(
@@ -246,7 +246,7 @@ class DreamBoothClassImages_:
         from PIL import Image
 
         from ..dreambooth_core.backends.base import SampleSettings
-        from ..dreambooth_core.prior import ensure_class_images
+        from ..dreambooth_core.class_images.cache import ensure_class_images
         from .comfy_backend import ComfyBackend
 
         backend = ComfyBackend(model, clip, vae)
@@ -445,7 +445,7 @@ class DreamBoothSampleGrid_:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..dreambooth_core.sampling import PROMPT_SETS
+        from ..dreambooth_core.sampling.prompts import PROMPT_SETS
 
         samplers, schedulers = _samplers()
         return {
@@ -487,7 +487,7 @@ class DreamBoothSampleGrid_:
         import comfy.utils
 
         from ..dreambooth_core.backends.base import SampleSettings
-        from ..dreambooth_core.sampling import fill, prompt_set as named_set, sample_grid
+        from ..dreambooth_core.sampling.prompts import fill, prompt_set as named_set, sample_grid
         from .comfy_backend import ComfyBackend
 
         token, noun = identifier.strip(), class_noun.strip()

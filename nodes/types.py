@@ -37,7 +37,7 @@ class DreamBoothDataset:
 
 @dataclass
 class DreamBoothClassImages:
-    """A cached class-image set (dreambooth_core.prior.ClassImageSet) for prior preservation."""
+    """A cached class-image set (dreambooth_core.class_images.cache.ClassImageSet) for prior preservation."""
 
     image_set: Any  # ClassImageSet
     resolution: int

@@ -16,7 +16,7 @@ def make_tiny_backend(seed: int = 0, prediction_type: str = "epsilon"):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dreambooth_core.backends.diffusers_backend import DiffusersBackend
-    from dreambooth_core.embedded import clip_tokenizer
+    from dreambooth_core.embedded.model import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -57,7 +57,7 @@ def subject_share(images, subject, min_pixels: int = 1) -> float:
     image with fewer than `min_pixels` object pixels counts as 0."""
     import numpy as np
 
-    from dreambooth_core import toyworld
+    from dreambooth_core.embedded import toyworld
 
     colours = (subject.thing.colour, subject.thing.colour2)
     shares = []

@@ -27,7 +27,7 @@ from typing import Dict, Iterable, Mapping
 
 import torch
 
-from dreambooth_core.single_file import CONFIGS_DIR
+from dreambooth_core.backends.single_file import CONFIGS_DIR
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."

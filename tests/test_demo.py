@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import subject_share
-from dreambooth_core import embedded, toyworld
-from dreambooth_core.cli import main
-from dreambooth_core.demo import DEMO_SEEDS, DEMO_SETTINGS, run_demo
+from dreambooth_core.embedded import model as embedded, toyworld
+from dreambooth_core.cli.main import main
+from dreambooth_core.cli.demo import DEMO_SEEDS, DEMO_SETTINGS, run_demo
 from dreambooth_core.adapters import read_lora_file
 
 pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
@@ -21,7 +21,7 @@ STEPS = DEMO_SETTINGS["steps"]  # the demo's own: at half of it the subject is n
 
 
 def test_cli_demo_writes_its_outputs(tmp_path, monkeypatch):
-    import dreambooth_core.demo as demo
+    import dreambooth_core.cli.demo as demo
 
     calls = {}
 

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import conftest
-from dreambooth_core import embedded, objective, toyworld
+from dreambooth_core.embedded import model as embedded, toyworld
+from dreambooth_core.training import objective
 from dreambooth_core.backends.base import SampleSettings
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.dataset import prepare_dataset
 from dreambooth_core.evaluation import metrics
-from dreambooth_core.prior import ensure_class_images
-from dreambooth_core.trainer import train
+from dreambooth_core.class_images.cache import ensure_class_images
+from dreambooth_core.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
                                 reason="embedded model not built")

@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 
-from dreambooth_core import toyworld as tw
+from dreambooth_core.embedded import toyworld as tw
 from dreambooth_core.evaluation import metrics as m
 from dreambooth_core.evaluation.protocol import subject_prompts
 

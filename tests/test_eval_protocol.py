@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_core import embedded
-from dreambooth_core import toyworld as tw
+from dreambooth_core.embedded import model as embedded
+from dreambooth_core.embedded import toyworld as tw
 from dreambooth_core.evaluation.protocol import Plan, run_eval
 
 pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
@@ -53,7 +53,7 @@ def test_parallel_subjects_give_the_serial_results_in_the_plan_order(tmp_path):
 def test_cli_flags_reach_the_plan_and_a_frozen_text_encoder_gets_no_lora(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from dreambooth_core.cli import main
+    from dreambooth_core.cli.main import main
     from dreambooth_core.evaluation import protocol
     from dreambooth_core.adapters import read_lora_file
 
@@ -88,7 +88,7 @@ def test_pres_is_read_off_fresh_class_samples_not_the_class_images_prior_preserv
     from dreambooth_core.backends.base import SampleSettings
     from dreambooth_core.backends.diffusers_backend import load_backend
     from dreambooth_core.evaluation.protocol import _sample_all, class_prompt, subject_prompts
-    from dreambooth_core.prior import ensure_class_images
+    from dreambooth_core.class_images.cache import ensure_class_images
 
     backend = load_backend("embedded")
     subject = PLAN.subjects[0]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_backend
 from dreambooth_core.config import TrainConfig
-from dreambooth_core.trainer import DreamBoothTrainer, _Bucket, step_generator
+from dreambooth_core.training.trainer import DreamBoothTrainer, _Bucket, step_generator
 from test_trainer import CLASS, INSTANCE
 
 

@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import make_tiny_backend
-from dreambooth_core.accel import _reset_state, make_accelerator
+from dreambooth_core.training.accel import _reset_state, make_accelerator
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
 from dreambooth_core.adapters import LoRAError
-from dreambooth_core.tokens import TokenError
-from dreambooth_core.trainer import train
+from dreambooth_core.dataset.tokens import TokenError
+from dreambooth_core.training.trainer import train
 
 
 class FolderHost(Host):

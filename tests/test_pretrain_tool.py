@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_core import embedded
+from dreambooth_core.embedded import model as embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "pretrain_toy_model.py"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_core import prior
+from dreambooth_core.class_images import cache as prior
 from dreambooth_core.backends.base import SampleSettings
-from dreambooth_core.prior import (LOCK, MANIFEST, FileLock, ensure_class_images, load_class_folder)
+from dreambooth_core.class_images.cache import LOCK, MANIFEST, FileLock, ensure_class_images, load_class_folder
 
 SETTINGS = SampleSettings(steps=5, guidance=4.0, width=32, height=32)
 PROMPT = "a photo of a dog"

@@ -68,7 +68,7 @@ def test_links_and_images_resolve(readme: Path):
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_commands_parse_with_the_real_cli(readme: Path):
     from bench.run import build_parser as bench_parser
-    from dreambooth_core.cli import parser as core_parser
+    from dreambooth_core.cli.main import parser as core_parser
 
     for words in commands(readme.read_text(encoding="utf-8")):
         for module, make in (("dreambooth_core", core_parser), ("bench", bench_parser)):
@@ -95,7 +95,7 @@ def test_the_main_readme_gives_the_two_ci_commands():
 
 def test_the_parser_catches_a_wrong_flag():
     """Guard for the test itself: a misspelt flag must fail to parse."""
-    from dreambooth_core.cli import parser
+    from dreambooth_core.cli.main import parser
 
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "--stepz", "3"])

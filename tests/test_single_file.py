@@ -23,8 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_ldm as F  # noqa: E402
 
-from dreambooth_core.single_file import (  # noqa: E402
-    CONFIGS_DIR, CheckpointError, CheckpointInfo, detect_checkpoint, load_single_file)
+from dreambooth_core.backends.single_file import (
+    CONFIGS_DIR,
+    CheckpointError,
+    CheckpointInfo,
+    detect_checkpoint,
+    load_single_file,
+)
 
 slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="full-size model; set RUN_SLOW=1")
 

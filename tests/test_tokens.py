@@ -5,9 +5,15 @@ import re
 
 import pytest
 
-from dreambooth_core.embedded import clip_tokenizer
-from dreambooth_core.tokens import (COMMON_MAX_ID, RARE_MIN_ID, TokenError, check_token, require_single_token,
-                                    suggest_tokens)
+from dreambooth_core.embedded.model import clip_tokenizer
+from dreambooth_core.dataset.tokens import (
+    COMMON_MAX_ID,
+    RARE_MIN_ID,
+    TokenError,
+    check_token,
+    require_single_token,
+    suggest_tokens,
+)
 
 
 @pytest.fixture(scope="module")

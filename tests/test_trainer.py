@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from conftest import diffusers_prediction, make_tiny_backend
-from dreambooth_core import adapters, objective
+from dreambooth_core import adapters
+from dreambooth_core.training import objective
 from dreambooth_core.config import TrainConfig
-from dreambooth_core.trainer import CHECKPOINT_NAME, Callbacks, CheckpointMismatch, TrainingDiverged, train
+from dreambooth_core.training.trainer import CHECKPOINT_NAME, Callbacks, CheckpointMismatch, TrainingDiverged, train
 
 
 @dataclass
@@ -309,7 +310,7 @@ def test_releasing_frozen_encoders_frees_them_and_changes_no_weight(tmp_path):
 def test_cli_trimming_runs_once_the_encoders_are_released_and_after_every_step(tmp_path):
     """The CLI's malloc trims: one when training starts (after caching, once the encoders are
     gone), one after each step, with the progress callbacks still called in between."""
-    from dreambooth_core.commands import _trimming
+    from dreambooth_core.cli.memory import trimming
 
     events = []
     backend = make_tiny_backend()
@@ -319,7 +320,7 @@ def test_cli_trimming_runs_once_the_encoders_are_released_and_after_every_step(t
 
     inner = Callbacks(on_step=lambda info: events.append(("step", info.step)),
                       on_phase=lambda name: events.append(("phase", name)))
-    train(backend, config(tmp_path, steps=3, train_text_encoder=False), INSTANCE, CLASS, _trimming(inner, trim),
+    train(backend, config(tmp_path, steps=3, train_text_encoder=False), INSTANCE, CLASS, trimming(inner, trim),
           release_frozen=True)
     start = events.index(("phase", "training"))
     assert ("trim", False) not in events, "no trim while the VAE is still in use (caching)"
@@ -376,7 +377,7 @@ def test_the_backend_protocol_states_every_method_the_trainer_calls():
     import ast
     import inspect
 
-    from dreambooth_core import trainer as trainer_module
+    from dreambooth_core.training import trainer as trainer_module
     from dreambooth_core.backends.base import Backend, BackendDefaults
 
     used = set()

@@ -43,7 +43,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreambooth_core import checkpoint, embedded, fileio, objective, toyworld  # noqa: E402
+from dreambooth_core.training import checkpoint, objective
+from dreambooth_core.embedded import model as embedded, toyworld
+from dreambooth_core import fileio  # noqa: E402
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -314,7 +316,7 @@ def probe(vae, unet, text_encoder, tokenizer, scheduler_config, n: int = 24, see
     """Background colour, object colour and shape accuracy of samples on probe prompts (guidance 4,
     25 steps)."""
     from dreambooth_core.evaluation.metrics import object_shape
-    from dreambooth_core.pipelines import pipeline_classes
+    from dreambooth_core.backends.pipelines import pipeline_classes
     from diffusers import DPMSolverMultistepScheduler
 
     StableDiffusionPipeline, _ = pipeline_classes()
@@ -572,7 +574,7 @@ def load_exported(folder: Path):
 
 
 def export(vae, unet, text_encoder, tokenizer, scheduler, out: Path, log) -> None:
-    from dreambooth_core.pipelines import pipeline_classes
+    from dreambooth_core.backends.pipelines import pipeline_classes
 
     StableDiffusionPipeline, _ = pipeline_classes()
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,

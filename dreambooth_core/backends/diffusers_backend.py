@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import embedded
+from ..embedded import model as embedded
 from ..adapters.kohya import kohya_name
 from .base import BackendDefaults, Cond, SampleSettings
 
@@ -265,7 +265,7 @@ class DiffusersBackend(BackendDefaults):
 
     def pipeline(self, sampler: str = "dpmpp_2m"):
         """A diffusers pipeline over the live components (LoRA adapters included)."""
-        from ..pipelines import pipeline_classes
+        from .pipelines import pipeline_classes
 
         StableDiffusionPipeline, StableDiffusionXLPipeline = pipeline_classes()
         self._require("vae")
@@ -360,7 +360,7 @@ def load_backend(model: Optional[str] = None, *, device: Optional[torch.device] 
                                  "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
         return _from_folder(p, p.name, device, weight_dtype, prediction_type)
     if p.is_file() or p.suffix:
-        from .. import single_file
+        from . import single_file
 
         try:
             pipe, info = single_file.load_single_file(p, prediction_type=prediction_type)
@@ -416,7 +416,7 @@ def load_tokenizers(model: Optional[str] = None) -> list:
         if not names:
             raise ModelLoadError(f"--model {model}: no tokenizer/ folder; is it a diffusers model folder?")
         return [AutoTokenizer.from_pretrained(p, subfolder=n, local_files_only=True) for n in names]
-    from .. import single_file
+    from . import single_file
 
     try:
         info = single_file.detect_checkpoint(p)

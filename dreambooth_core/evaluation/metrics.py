@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .. import toyworld as tw
+from ..embedded import toyworld as tw
 
 _TONES = [(name, np.array(tw.rgb_of(name), np.float32)) for name in tw.PALETTE]
 _TONES += [(name, np.array(tw.shade_of(name), np.float32)) for name in tw.PALETTE]

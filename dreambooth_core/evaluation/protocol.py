@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import fileio
-from .. import toyworld as tw
+from ..embedded import toyworld as tw
 from ..backends.base import SampleSettings
 from ..config import TrainConfig
 from . import metrics as m
@@ -148,8 +148,8 @@ def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> 
     samples of all three models, their scores and the subject's rows of the sample sheet."""
     from ..backends.diffusers_backend import load_backend
     from ..dataset import prepare_dataset
-    from ..prior import ensure_class_images
-    from ..trainer import train
+    from ..class_images.cache import ensure_class_images
+    from ..training.trainer import train
 
     base = load_backend("embedded")
     res = base.native_resolution

@@ -40,7 +40,7 @@ def add_routes(app) -> None:
             raise HTTPException(status_code=404, detail=exc.args[0]) from None
 
     def token(request: Dict[str, Any] = Body(...)) -> dict:
-        from dreambooth_core.tokens import check_token
+        from dreambooth_core.dataset.tokens import check_token
 
         from .backend import A1111Backend
 

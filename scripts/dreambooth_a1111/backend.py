@@ -38,7 +38,7 @@ class Interrupted(Exception):
 
 
 class OpenClipTokenizer:
-    """SD2's open_clip tokenizer with the transformers-style methods dreambooth_core.tokens uses."""
+    """SD2's open_clip tokenizer with the transformers-style methods dreambooth_core.dataset.tokens uses."""
 
     def __init__(self, tokenizer):
         self._tok = tokenizer

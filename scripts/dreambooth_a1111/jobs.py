@@ -156,7 +156,7 @@ def _config(request: Dict[str, Any]):
 def start(request: Dict[str, Any]) -> Job:
     """Check a training request and start it in the background; ValueError names the bad input."""
     global _current
-    from dreambooth_core.tokens import TokenError
+    from dreambooth_core.dataset.tokens import TokenError
     from modules import sd_samplers
 
     from .backend import A1111Backend

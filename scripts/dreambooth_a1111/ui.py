@@ -37,7 +37,7 @@ def _poll():
 
 
 def _check_token(token: str) -> str:
-    from dreambooth_core.tokens import check_token
+    from dreambooth_core.dataset.tokens import check_token
 
     from .backend import A1111Backend
 

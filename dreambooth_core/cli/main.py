@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import __version__
-from .config import CROPS, GRADIENT_CHECKPOINTING, LORA_TARGETS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError
+from .. import __version__
+from ..config import CROPS, GRADIENT_CHECKPOINTING, LORA_TARGETS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError
 
 S = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction

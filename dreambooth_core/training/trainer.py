@@ -20,12 +20,13 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Ty
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, fileio, objective
-from .fileio import safe_name
-from .backends.base import Backend, Cond, cat_conds
-from .config import TrainConfig
-from .adapters import LoRANetwork, save_lora
-from .adapters.kohya import lora_metadata
+from .. import __version__, fileio
+from . import checkpoint, objective
+from ..fileio import safe_name
+from ..backends.base import Backend, Cond, cat_conds
+from ..config import TrainConfig
+from ..adapters import LoRANetwork, save_lora
+from ..adapters.kohya import lora_metadata
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
@@ -423,7 +424,7 @@ class DreamBoothTrainer:
         return float(totals[0]), float(totals[1]), (float(totals[2]) if cls else None)
 
     def _preview(self, step: int) -> None:
-        from .backends.base import SampleSettings
+        from ..backends.base import SampleSettings
 
         c = self.config
         prompts = c.sample_prompts or [c.resolved_instance_prompt()]
@@ -510,7 +511,7 @@ class DreamBoothTrainer:
                         f"apply from step {start + 1}: {', '.join(changes)} ({next_rate})")
 
     def _save_outputs(self, result: TrainResult) -> None:
-        from . import plots
+        from .. import plots
 
         c = self.config
         out = self.output_dir

@@ -4,90 +4,9 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Callable, Optional
 
 from . import console
-
-def tune_cpu_malloc() -> Optional[object]:
-    """Keep glibc's malloc from handing large blocks back to the kernel (CLI processes on CPU).
-
-    On CPU, oneDNN (PyTorch's mkldnn convolutions) re-lays out each convolution's weights into a
-    fresh buffer on every forward and backward call; SD-sized weights (up to 118 MB) are larger
-    than glibc's mmap threshold, so each buffer is a new mmap that the kernel zero-fills page by
-    page and unmaps again: ~1 M page faults and 30-40% of a training step spent in the kernel for
-    an SD1.5 UNet on one core. `mallopt(M_MMAP_MAX, 0)` serves them from the heap, where the
-    memory is reused, and a high `M_TRIM_THRESHOLD` keeps the heap from being shrunk and regrown
-    on every free. Returns the C library (for `malloc_trim`) or None where this is not glibc
-    (macOS, Windows, musl): then nothing changes. Process-wide, so only our own CLI processes call
-    it (never a host such as ComfyUI). Numerics are untouched: only where memory comes from."""
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        if not (libc.mallopt(-4, 0) and libc.mallopt(-1, 1 << 30)):  # M_MMAP_MAX, M_TRIM_THRESHOLD
-            return None
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def malloc_trimmer(libc, threshold: int = 256 << 20) -> Callable[[], None]:
-    """A function that gives freed memory back to the kernel (`malloc_trim(0)`) when more than
-    `threshold` bytes lie free in malloc's heap. With mmap off (`tune_cpu_malloc`) the heap would
-    otherwise keep the holes of the last training step or sampling call resident, which raises
-    the steady peak RSS by ~1 GB for SD1.5 at 256 px. Small models (a few MB of activations) skip
-    it: re-faulting the pages would cost them more than it saves."""
-    import ctypes
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc >= 2.33; older ones always trim
-    if mallinfo2 is not None:
-        mallinfo2.restype = MallInfo2
-
-    def trim() -> None:
-        if mallinfo2 is None or mallinfo2().fordblks > threshold:
-            libc.malloc_trim(0)
-
-    return trim
-
-
-def _trimming(callbacks, trim: Callable[[], None]):
-    """Trim when training starts and after each optimizer step. The first trim matters for the
-    peak: caching (VAE and text encoder at work) leaves ~0.8 GB free but resident in the heap
-    (SD1.5, 256 px) under the first step, which then peaked up to ~300 MB above the later ones,
-    by an amount that varied from run to run."""
-    inner_step, inner_phase = callbacks.on_step, callbacks.on_phase
-
-    def on_step(info) -> None:
-        trim()
-        if inner_step:
-            inner_step(info)
-
-    def on_phase(name: str) -> None:
-        if name == "training":
-            trim()
-        if inner_phase:
-            inner_phase(name)
-
-    callbacks.on_step, callbacks.on_phase = on_step, on_phase
-    return callbacks
-
-
-def _trim_after_unet_calls(backend, trim: Optional[Callable[[], None]]):
-    """For `class-images`: trim after every UNet call (a forward hook; the returned handle's
-    `remove()` removes it); None where there is nothing to do. With mmap off, sampling SD1.5 at
-    256 px in batches of 8 is ~10% faster than with the default allocator but peaks ~0.7 GB
-    higher (within a UNet call, which trimming between calls cannot reach): the trade the
-    standalone command makes; `train` keeps the default allocator while it samples."""
-    unet = getattr(backend, "unet", None)
-    if trim is None or unet is None or not hasattr(unet, "register_forward_hook"):
-        return None
-    return unet.register_forward_hook(lambda module, args, output: trim())
+from .memory import malloc_trimmer, trim_after_unet_calls, trimming, tune_cpu_malloc
 
 
 class _TrainHost(console.TerminalHost):
@@ -102,7 +21,7 @@ class _TrainHost(console.TerminalHost):
     def callbacks(self):
         callbacks = super().callbacks()
         libc = tune_cpu_malloc() if self.lean and self._accelerator.device.type == "cpu" else None
-        return _trimming(callbacks, malloc_trimmer(libc)) if libc is not None else callbacks
+        return trimming(callbacks, malloc_trimmer(libc)) if libc is not None else callbacks
 
 
 def run_training(config, *, force_token: bool = False, backend=None, log=print, lean: bool = False):
@@ -113,9 +32,9 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
     malloc for this process and trim it after every step. Returns (job.JobResult, backend)."""
     import torch
 
-    from .accel import make_accelerator
-    from .backends.diffusers_backend import load_backend
-    from .job import check_job, prepare_instance_images, run_job
+    from ..training.accel import make_accelerator
+    from ..backends.diffusers_backend import load_backend
+    from ..job import check_job, prepare_instance_images, run_job
 
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
@@ -144,8 +63,8 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
 
 
 def cmd_train(args) -> int:
-    from .config import build_config
-    from .trainer import TrainingDiverged
+    from ..config import build_config
+    from ..training.trainer import TrainingDiverged
 
     config = build_config(args)
     try:
@@ -175,11 +94,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .backends.base import SampleSettings
-    from .backends.diffusers_backend import load_backend
-    from .fileio import save_image
-    from .adapters import load_lora, read_lora_file
-    from .sampling import fill, prompt_set, sample_grid
+    from ..backends.base import SampleSettings
+    from ..backends.diffusers_backend import load_backend
+    from ..fileio import save_image
+    from ..adapters import load_lora, read_lora_file
+    from ..sampling.prompts import fill, prompt_set, sample_grid
 
     backend = load_backend(args.model)
     token, class_noun = args.token, args.class_noun
@@ -207,7 +126,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .dataset import DatasetError, prepare_dataset
+    from ..dataset import DatasetError, prepare_dataset
 
     try:
         data = prepare_dataset(args.input_dir, token=args.token, class_noun=args.class_noun,
@@ -224,9 +143,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    from .backends.diffusers_backend import load_backend
-    from .config import TrainConfig
-    from .job import class_images
+    from ..backends.diffusers_backend import load_backend
+    from ..config import TrainConfig
+    from ..job import class_images
 
     if not (args.class_prompt or args.class_noun):
         raise ValueError("--class-noun or --class-prompt: say which class to generate (e.g. --class-noun dog)")
@@ -235,7 +154,7 @@ def cmd_class_images(args) -> int:
     cuda = torch.cuda.is_available()
     libc = None if cuda else tune_cpu_malloc()
     backend = load_backend(args.model, device=torch.device("cuda") if cuda else None)
-    _trim_after_unet_calls(backend, malloc_trimmer(libc) if libc is not None else None)
+    trim_after_unet_calls(backend, malloc_trimmer(libc) if libc is not None else None)
     config = TrainConfig(class_noun=args.class_noun or "", class_prompt=args.class_prompt,
                          num_class_images=args.count, class_dir=args.class_dir, class_steps=args.steps,
                          class_guidance=args.guidance, class_sampler=args.sampler,
@@ -250,8 +169,8 @@ def cmd_class_images(args) -> int:
 
 
 def cmd_token(args) -> int:
-    from .backends.diffusers_backend import load_tokenizers
-    from .tokens import TokenError, check_token, require_single_token, suggest_tokens
+    from ..backends.diffusers_backend import load_tokenizers
+    from ..dataset.tokens import TokenError, check_token, require_single_token, suggest_tokens
 
     tokenizers = load_tokenizers(args.model)
     if args.token_command == "suggest":
@@ -273,7 +192,7 @@ def cmd_token(args) -> int:
 def cmd_eval(args) -> int:
     from dataclasses import replace
 
-    from .evaluation.protocol import Plan, format_tables, ratios, run_eval
+    from ..evaluation.protocol import Plan, format_tables, ratios, run_eval
 
     plan = Plan.quick() if args.quick else Plan()
     if args.subjects:

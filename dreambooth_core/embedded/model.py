@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL_DIR = ASSETS / "toy_model"
 CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 EMBEDDED_NAME = "embedded"

@@ -12,10 +12,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import fileio, toyworld
-from .backends.base import SampleSettings
-from .config import TrainConfig
-from .plots import grid_image
+from .. import fileio
+from ..embedded import toyworld
+from ..backends.base import SampleSettings
+from ..config import TrainConfig
+from ..plots import grid_image
 
 DEMO_SEEDS = (11, 12)
 DEMO_SETTINGS = dict(
@@ -50,13 +51,13 @@ def demo_config(output: Path, steps: Optional[int] = None) -> TrainConfig:
 
 
 def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
-    from .backends.diffusers_backend import load_backend
+    from ..backends.diffusers_backend import load_backend
     from .console import TerminalHost, progress_bar, train_callbacks
-    from .dataset import prepare_dataset
-    from .job import class_images
-    from .sampling import TOY_PROMPT_SETS, fill
-    from .tokens import require_single_token
-    from .trainer import train
+    from ..dataset import prepare_dataset
+    from ..job import class_images
+    from ..sampling.prompts import TOY_PROMPT_SETS, fill
+    from ..dataset.tokens import require_single_token
+    from ..training.trainer import train
 
     t0 = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from .embedded import ASSETS, clip_tokenizer
+from ..embedded.model import ASSETS, clip_tokenizer
 
 CONFIGS_DIR = ASSETS / "configs"
 

@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Callable, Optional
 
-from .job import Host
+from ..job import Host
 
 
 
@@ -42,7 +42,7 @@ class TerminalHost(Host):
     def accelerator(self, config, device):
         if self._accelerator is not None:
             return self._accelerator
-        from .accel import make_accelerator
+        from ..training.accel import make_accelerator
 
         return make_accelerator(config, device)
 
@@ -93,7 +93,7 @@ def ctrl_c_stops_after_the_step(log=print):
 
 
 def train_callbacks(total: int, disable: bool, should_stop=None):
-    from .trainer import Callbacks
+    from ..training.trainer import Callbacks
 
     bar = progress_bar(total, "train", disable)
 

@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .backends.base import Backend, SampleSettings
-from .plots import grid_image
+from ..backends.base import Backend, SampleSettings
+from ..plots import grid_image
 
 PROMPT_SETS: Dict[str, List[str]] = {
     "recontextualization": [

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import numpy as np
 from PIL import Image
 
-from .fileio import write_bytes, write_json
+from ..fileio import write_bytes, write_json
 
 if TYPE_CHECKING:
-    from .backends.base import SampleSettings
-    from .dataset import PreparedDataset
+    from ..backends.base import SampleSettings
+    from ..dataset import PreparedDataset
 
 MANIFEST = "manifest.json"
 LOCK = "manifest.lock"
@@ -254,7 +254,7 @@ def load_class_folder(folder, *, resolution: int, class_prompt: str, crop: str =
                       max_pixels: Optional[int] = None) -> "PreparedDataset":
     """User-supplied class images (a folder or a list of files), validated exactly like instance
     images; every caption is the class prompt (sidecar captions are ignored)."""
-    from .dataset import MAX_PIXELS, prepare_dataset
+    from ..dataset import MAX_PIXELS, prepare_dataset
 
     if not class_prompt or not class_prompt.strip():
         raise ValueError("class_prompt: empty; give the class prompt, e.g. 'a photo of a dog'")
