@@ -7,7 +7,9 @@ import torch
 
 from conftest import make_tiny_backend
 from dreambooth_core.config import TrainConfig
-from dreambooth_core.training.trainer import DreamBoothTrainer, _Bucket, step_generator
+from dreambooth_core.training.cache import Bucket as _Bucket
+from dreambooth_core.training.draw import step_generator
+from dreambooth_core.training.trainer import DreamBoothTrainer
 from test_trainer import CLASS, INSTANCE
 
 

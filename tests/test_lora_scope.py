@@ -16,7 +16,9 @@ from dreambooth_core import adapters
 from dreambooth_core.cli.main import parser
 from dreambooth_core.config import build_config
 from dreambooth_core.config import ConfigError, TrainConfig
-from dreambooth_core.training.trainer import CheckpointMismatch, select_lora_targets, train
+from dreambooth_core.adapters.kohya import select_lora_targets
+from dreambooth_core.training.checkpoint import CheckpointMismatch
+from dreambooth_core.training.trainer import train
 from test_trainer import CLASS, INSTANCE, config, lora_state
 
 UNET_ATTENTION = re.compile(r"^lora_unet_.*_attentions_\d+_transformer_blocks_\d+_attn[12]_to_(q|k|v|out_0)$")

@@ -13,7 +13,8 @@ from conftest import diffusers_prediction, make_tiny_backend
 from dreambooth_core import adapters
 from dreambooth_core.training import objective
 from dreambooth_core.config import TrainConfig
-from dreambooth_core.training.trainer import CHECKPOINT_NAME, Callbacks, CheckpointMismatch, TrainingDiverged, train
+from dreambooth_core.training.checkpoint import CheckpointMismatch
+from dreambooth_core.training.trainer import CHECKPOINT_NAME, Callbacks, TrainingDiverged, train
 
 
 @dataclass
@@ -377,11 +378,12 @@ def test_the_backend_protocol_states_every_method_the_trainer_calls():
     import ast
     import inspect
 
-    from dreambooth_core.training import trainer as trainer_module
     from dreambooth_core.backends.base import Backend, BackendDefaults
+    from dreambooth_core.training import cache, draw, trainer as trainer_module
 
     used = set()
-    for node in ast.walk(ast.parse(inspect.getsource(trainer_module))):
+    source = "\n".join(inspect.getsource(m) for m in (trainer_module, cache, draw))
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute):
             owner = node.value
             if (isinstance(owner, ast.Name) and owner.id == "backend") or (

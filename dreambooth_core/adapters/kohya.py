@@ -14,6 +14,7 @@ Inside a transformer the names are the same in both layouts (`transformer_blocks
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
@@ -89,6 +90,25 @@ def unet_diffusers_path(path: str, per_level: int, output_is_attention: Optional
     if output_is_attention:
         return f"up_blocks.{b}.attentions.{j}.{rest}"
     return f"up_blocks.{b}.upsamplers.0.conv" if rest == "conv" else None
+
+
+# kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
+# CLIP text encoders' self_attn q/k/v/out_proj (what `lora_targets="attention"` keeps).
+ATTENTION_PROJECTION = re.compile(r"(_attn\d+_to_(q|k|v|out_0)|_self_attn_(q|k|v|out)_proj)$")
+
+
+def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict[str, torch.nn.Module]:
+    """The backend's kohya-named targets narrowed to `scope` (config.LORA_TARGETS). Filtering by
+    name here, not in each backend, gives every host the same set and the same file keys.
+    "attention" drops proj_in/proj_out and the feed-forward (and the text encoder's MLP) but keeps
+    what `lora_conv` added: it narrows the transformer blocks only."""
+    if scope == "transformer":
+        return dict(targets)
+    if scope != "attention":
+        raise ValueError(f"lora_targets {scope!r}: choose 'transformer' or 'attention'")
+    in_transformer = re.compile(r"_attentions_\d+_|^lora_te\d?_")
+    return {name: module for name, module in targets.items()
+            if not in_transformer.search(name) or ATTENTION_PROJECTION.search(name)}
 
 
 # -- the file ------------------------------------------------------------------------------------

@@ -1,17 +1,12 @@
 """The DreamBooth training loop, backend-agnostic, on accelerate.
 
-Frozen parts are computed once: VAE latents of every training image (and its mirror image when
-flipping is allowed) and, while the text encoder is frozen, the embedding of every caption.
-Each step then draws instance and class samples for the *global* batch from a generator seeded
-by (seed, step), and each process takes its slice: one process with batch 2·B and two processes
-with batch B see exactly the same samples and noise, and a resumed run continues exactly where
-it stopped.
+Frozen parts are computed once (`cache`: VAE latents, and caption embeddings while the text
+encoders are frozen); each step trains on the batch `draw` gives it; `checkpoint` saves and
+resumes a run exactly.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +17,19 @@ import torch
 
 from .. import __version__, fileio
 from . import checkpoint, objective
+from .checkpoint import objective_settings
+from .cache import Bucket, cache_images, cache_text, has_masks
+from .draw import draw
 from ..fileio import safe_name
 from ..backends.base import Backend, Cond, cat_conds
 from ..config import TrainConfig
 from ..adapters import LoRANetwork, save_lora
-from ..adapters.kohya import lora_metadata
+from ..adapters.kohya import lora_metadata, select_lora_targets
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-# kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
-# CLIP text encoders' self_attn q/k/v/out_proj (what `lora_targets="attention"` keeps).
-ATTENTION_PROJECTION = re.compile(r"(_attn\d+_to_(q|k|v|out_0)|_self_attn_(q|k|v|out)_proj)$")
 
 
 class TrainingDiverged(RuntimeError):
-    pass
-
-
-class CheckpointMismatch(ValueError):
     pass
 
 
@@ -85,11 +76,6 @@ class TrainResult:
     network: Optional[LoRANetwork] = None
 
 
-def pil_to_tensor(image) -> torch.Tensor:
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup and schedule != "constant":
@@ -107,19 +93,6 @@ def _accumulate(acc, models):
         return acc.accumulate(*models)
     except TypeError:
         return acc.accumulate(models[0] if models else None)
-
-
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63))
-
-
-@dataclass
-class _Bucket:
-    latents: torch.Tensor  # (N, C, h, w)
-    flipped: Optional[torch.Tensor]
-    captions: List[str]
-    size: tuple  # (H, W) in pixels
-    masks: Optional[torch.Tensor] = None  # (N, 1, h, w) in [0, 1] at latent size: subject masks
 
 
 class DreamBoothTrainer:
@@ -153,49 +126,11 @@ class DreamBoothTrainer:
         if self.callbacks.on_phase:
             self.callbacks.on_phase(name)
 
-    @torch.no_grad()
-    def _cache_images(self, examples: Sequence[Example], flip: bool) -> List[_Bucket]:
-        groups: Dict[tuple, List[Example]] = {}
-        for ex in examples:
-            groups.setdefault((ex.image.height, ex.image.width), []).append(ex)
-        buckets = []
-        for size, items in sorted(groups.items()):
-            pixels = torch.stack([pil_to_tensor(ex.image) for ex in items])
-            latents = torch.cat([self.backend.encode_images(pixels[i:i + 8]) for i in range(0, len(items), 8)])
-            flipped = None
-            if flip:
-                mirrored = pixels.flip(-1)
-                flipped = torch.cat([self.backend.encode_images(mirrored[i:i + 8]) for i in range(0, len(items), 8)])
-            masks = self._latent_masks(items, latents.shape[-2:])
-            buckets.append(_Bucket(latents, flipped, [ex.caption for ex in items], size,
-                                   None if masks is None else masks.to(latents.device)))
-        return buckets
-
-    @staticmethod
-    def _latent_masks(items: Sequence[Example], latent_size) -> Optional[torch.Tensor]:
-        """Subject masks (dataset.TrainImage.mask) averaged down to latent pixels; None if no item has
-        one, and all ones for an item without."""
-        if not _has_masks(items):
-            return None
-        full = [torch.ones(ex.image.height, ex.image.width) if getattr(ex, "mask", None) is None
-                else torch.from_numpy(np.asarray(ex.mask.convert("L"), np.float32) / 255.0) for ex in items]
-        return torch.nn.functional.interpolate(torch.stack(full)[:, None], size=tuple(latent_size), mode="area")
-
-    @torch.no_grad()
-    def _cache_text(self, buckets: Sequence[_Bucket]) -> Dict[tuple, Cond]:
-        cache: Dict[tuple, Cond] = {}
-        dropped = [""] if self.config.caption_dropout else []
-        for b in buckets:
-            for caption in list(b.captions) + dropped:
-                if (caption, b.size) not in cache:
-                    cache[(caption, b.size)] = self.backend.encode_text([caption], size=b.size)
-        return cache
-
     def _signature(self, n_trainable: int) -> dict:
         """What a checkpoint must share with the run that resumes it: the trained parameters, the
         model, and what each step draws and how its loss is made (objective_settings)."""
         c = self.config
-        masked = _has_masks(self.instance)
+        masked = has_masks(self.instance)
         return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
                 "lora_targets": c.lora_targets,
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
@@ -207,10 +142,10 @@ class DreamBoothTrainer:
     def run(self) -> TrainResult:
         c, backend, acc = self.config, self.backend, self.accelerator
         self._phase("caching")
-        inst_buckets = self._cache_images(self.instance, self.flip)
-        class_buckets = self._cache_images(self.class_images, False) if self.class_images else []
+        inst_buckets = cache_images(self.backend, self.instance, self.flip)
+        class_buckets = cache_images(self.backend, self.class_images, False) if self.class_images else []
         train_te = c.train_text_encoder
-        text_cache = {} if train_te else self._cache_text(inst_buckets + class_buckets)
+        text_cache = {} if train_te else cache_text(self.backend, inst_buckets + class_buckets, bool(c.caption_dropout))
         self._release_frozen(train_te)
 
         with torch.random.fork_rng(devices=[]):
@@ -321,11 +256,8 @@ class DreamBoothTrainer:
             # A host may inject adapters its own way (ComfyUI: weight wrappers on a cloned patcher,
             # so the MODEL other nodes share is never touched); by default module forwards are wrapped.
             self.backend.attach_lora(self.network)
-            named = []
-            for name, adapter in self.network.adapters.items():
-                named += [(f"{name}.lora_down.weight", adapter.lora_down.weight),
-                          (f"{name}.lora_up.weight", adapter.lora_up.weight)]
-            return named
+            return [(f"{name}.{suffix}", p) for name, adapter in self.network.adapters.items()
+                    for suffix, p in adapter.named_parameters()]
         named = []
         for i, model in enumerate(self.backend.trainable_models(True, train_te)):
             model.to(torch.float32).requires_grad_(True)
@@ -333,40 +265,10 @@ class DreamBoothTrainer:
             named += [(f"{prefix}.{n}", p) for n, p in model.named_parameters()]
         return named
 
-    def _draw(self, step: int, micro: int, inst: List[_Bucket], cls: List[_Bucket]):
-        """The global batch of this micro-step, then this process's slice of it, and the instance
-        samples' loss weights (masked loss) or None."""
-        c, acc = self.config, self.accelerator
-        g = step_generator(c.seed, step, micro)
-        world, rank, b = acc.num_processes, acc.process_index, c.batch_size
-        total = world * b
-        sizes = torch.tensor([len(x.captions) for x in inst], dtype=torch.float)
-        bucket = inst[int(torch.multinomial(sizes, 1, generator=g))]
-        idx = torch.randint(len(bucket.captions), (total,), generator=g)
-        flips = torch.randint(2, (total,), generator=g) if bucket.flipped is not None else torch.zeros(total, dtype=torch.long)
-        lat = _pick(flips, (bucket.flipped if bucket.flipped is not None else bucket.latents)[idx], bucket.latents[idx])
-        noise = objective.sample_noise(lat.shape, g, c.offset_noise)
-        t = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
-        mine = slice(rank * b, (rank + 1) * b)
-        parts = [(lat[mine], noise[mine], t[mine], [bucket.captions[i] for i in idx[mine].tolist()], bucket.size)]
-        weight = None
-        if bucket.masks is not None:
-            masks = _pick(flips, bucket.masks.flip(-1)[idx], bucket.masks[idx])[mine]
-            floor = c.mask_background_weight
-            weight = (floor + (1 - floor) * masks).expand(-1, lat.shape[1], -1, -1)
-        if cls:
-            cb = cls[0]
-            cidx = torch.randint(len(cb.captions), (total,), generator=g)
-            clat = cb.latents[cidx]
-            cnoise = objective.sample_noise(clat.shape, g, c.offset_noise)
-            ct = torch.randint(0, len(self.backend.alphas_cumprod), (total,), generator=g)
-            parts.append((clat[mine], cnoise[mine], ct[mine], [cb.captions[i] for i in cidx[mine].tolist()], cb.size))
-        if c.caption_dropout:
-            # drawn last, so that the batch is the one drawn without dropout but for its captions
-            keep = (torch.rand(total, generator=g) >= c.caption_dropout)[mine].tolist()
-            lat_i, noise_i, t_i, captions, size = parts[0]
-            parts[0] = (lat_i, noise_i, t_i, [cap if k else "" for cap, k in zip(captions, keep)], size)
-        return parts, weight
+    def _draw(self, step: int, micro: int, inst: List[Bucket], cls: List[Bucket]):
+        acc = self.accelerator
+        return draw(self.config, len(self.backend.alphas_cumprod), step, micro, inst, cls,
+                    processes=acc.num_processes, rank=acc.process_index)
 
     def _cond(self, captions: List[str], size: tuple, text_cache: Dict[tuple, Cond]) -> Cond:
         if text_cache:
@@ -437,78 +339,23 @@ class DreamBoothTrainer:
     def _save_checkpoint(self, path: Path, step: int, named, optimizer) -> Optional[Path]:
         if not self.accelerator.is_main_process:
             return None
-        tensors = {f"param.{n}": p.detach() for n, p in named}
-        inner = getattr(optimizer, "optimizer", optimizer)
-        opt_tensors, opt_meta = checkpoint.optimizer_tensors(inner)
-        tensors.update(opt_tensors)
-        meta = {"step": step, "signature": self._signature(len(named)), "optimizer": opt_meta,
-                "history": self.history, "config": self.config.to_dict()}
-        fileio.save_tensors(path, tensors, {"dreambooth_checkpoint": json.dumps(meta, default=str)})
-        return path
+        return checkpoint.save(path, step=step, named=named, optimizer=optimizer,
+                               signature=self._signature(len(named)), history=self.history,
+                               config=self.config.to_dict())
 
     def _load_checkpoint(self, path: Path, named, optimizer) -> int:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         c = self.config
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("dreambooth_checkpoint", "{}"))
-        saved = meta.get("config") or {}
-        expected = self._signature(len(named))
-        got = dict(meta.get("signature", {}))
-        got.setdefault("lora_targets", "transformer")  # checkpoints from before the option had only that set
-        got.setdefault("masked_loss", False)  # ... and from before masks
-        if saved:  # ... and from before the objective's settings: their config tells them (same processes)
-            for k, v in objective_settings(saved, got["masked_loss"], self.accelerator.num_processes).items():
-                got.setdefault(k, v)
-        for k in ("flip", *OBJECTIVE_SETTINGS):  # where nothing tells, taken as unchanged
-            got.setdefault(k, expected[k])
-        diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
-        fresh_run = "start a fresh run (resume off, or another save name / output folder)"
-        if diff:
-            listed = "; ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
-            raise CheckpointMismatch(
-                f"{path} was saved with other settings ({listed}). They decide what is trained, so a resumed "
-                f"run cannot change them: set {'it' if len(diff) == 1 else 'them'} back to resume, or {fresh_run}")
-        start = int(meta["step"])
-        if start > c.steps:
-            raise CheckpointMismatch(f"{path} has trained {start} steps, more than steps={c.steps}: set steps to "
-                                     f"{start} or more to continue from it, or {fresh_run}")
-        tensors = load_file(str(path))
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+        meta = checkpoint.read_meta(path)
+        start = checkpoint.check_resumable(path, meta, self._signature(len(named)), c.steps,
+                                           self.accelerator.num_processes)
         fresh = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
-        checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
-        self._take_current_rates(optimizer, fresh, saved, start)
+        checkpoint.restore(path, meta, named, optimizer)
+        factor = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, c.steps)(start)
+        message = checkpoint.take_current_rates(optimizer, fresh, meta.get("config") or {}, c, start, factor)
+        if message:
+            self._phase(message)
         self.history = list(meta.get("history", []))
         return start
-
-    def _take_current_rates(self, optimizer, fresh: List[tuple], saved: dict, start: int) -> None:
-        """The restored optimizer holds the checkpoint run's learning rates and weight decay; the
-        resumed run trains with the ones set now (a lower rate is the advice after a divergence), on
-        the schedule of its own `steps` (LambdaLR scales each group's `initial_lr`). A changed value
-        is said in a "resuming" phase line, with the learning rate it gives the next step."""
-        c = self.config
-        changes = [f"{k} {saved[k]} -> {getattr(c, k)}" for k in ("steps", "lr_scheduler", "lr_warmup_steps")
-                   if k in saved and saved[k] != getattr(c, k)]
-        factor = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, c.steps)(start)
-        was = optimizer.param_groups[0]["lr"]  # what the checkpoint's run would have used next
-        first = None  # the UNet group's (old, new) base rate; the text encoders' group follows it by default
-        for name, group, (lr, decay) in zip(("learning_rate", "text_encoder_lr"), optimizer.param_groups, fresh):
-            rate = (group.get("initial_lr", group["lr"]), lr)
-            if rate[0] != lr and rate != first:
-                changes.append(f"{name} {rate[0]:g} -> {lr:g}")
-            if group["weight_decay"] != decay and first is None:
-                changes.append(f"weight_decay {group['weight_decay']:g} -> {decay:g}")
-            first = first or rate
-            group.update(initial_lr=lr, lr=lr * factor, weight_decay=decay)
-        if changes:
-            now = optimizer.param_groups[0]["lr"]
-            next_rate = f"learning rate at step {start + 1}: {now:g}" + (
-                f"; the checkpoint's run would have used {was:g}" if not math.isclose(was, now) else "")
-            self._phase(f"resuming at step {start} of {c.steps} with settings changed since the checkpoint, which "
-                        f"apply from step {start + 1}: {', '.join(changes)} ({next_rate})")
 
     def _save_outputs(self, result: TrainResult) -> None:
         from .. import plots
@@ -525,53 +372,6 @@ class DreamBoothTrainer:
                                                 "version": __version__, "steps_done": result.step})
         fileio.write_json(out / "loss.json", self.history)
         plots.save_loss_curve(self.history, out / "loss.png")
-
-
-# What each step draws and how its loss is made, beyond the signature's first fields: a resumed run
-# with another value would continue a different training than its checkpoint's.
-OBJECTIVE_SETTINGS = ("batch_size", "gradient_accumulation", "prior_weight", "min_snr_gamma", "offset_noise",
-                      "caption_dropout", "mask_background_weight")
-
-
-def objective_settings(config: dict, masked: bool, processes: int = 1) -> Dict[str, object]:
-    """OBJECTIVE_SETTINGS of a config (TrainConfig.to_dict(), or a checkpoint's saved one, where a
-    setting it predates has its default), in one form per meaning: a setting that is off or unused
-    (λ without prior, a background weight without masks) is None. The batch counts all processes':
-    their global batch is what each step draws."""
-    c = {**TrainConfig().to_dict(), **config}
-    return {"batch_size": int(c["batch_size"]) * processes,
-            "gradient_accumulation": int(c["gradient_accumulation"]),
-            "prior_weight": float(c["prior_weight"]) if c["prior"] else None,
-            "min_snr_gamma": float(c["min_snr_gamma"]) if c["min_snr_gamma"] else None,
-            "offset_noise": float(c["offset_noise"]),
-            "caption_dropout": float(c["caption_dropout"]),
-            "mask_background_weight": float(c["mask_background_weight"]) if masked else None}
-
-
-def _pick(choose_first: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Per sample, `first` where `choose_first` (drawn on the CPU generator) is set, else `second`. The
-    choice moves to the samples' device: backends cache latents on theirs (CUDA), and torch.where
-    refuses a CPU condition against CUDA tensors."""
-    return torch.where(choose_first.bool().view(-1, *(1,) * (first.ndim - 1)).to(first.device), first, second)
-
-
-def _has_masks(items: Sequence[Example]) -> bool:
-    """Whether any example carries a subject mask (dataset.TrainImage.mask): a masked loss."""
-    return any(getattr(ex, "mask", None) is not None for ex in items)
-
-
-def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict[str, torch.nn.Module]:
-    """The backend's kohya-named targets narrowed to `scope` (config.LORA_TARGETS). Filtering by
-    name here, not in each backend, gives every host the same set and the same file keys.
-    "attention" drops proj_in/proj_out and the feed-forward (and the text encoder's MLP) but keeps
-    what `lora_conv` added: it narrows the transformer blocks only."""
-    if scope == "transformer":
-        return dict(targets)
-    if scope != "attention":
-        raise ValueError(f"lora_targets {scope!r}: choose 'transformer' or 'attention'")
-    in_transformer = re.compile(r"_attentions_\d+_|^lora_te\d?_")
-    return {name: module for name, module in targets.items()
-            if not in_transformer.search(name) or ATTENTION_PROJECTION.search(name)}
 
 
 def train(backend: Backend, config: TrainConfig, instance: Sequence[Example],
