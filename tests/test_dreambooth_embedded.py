@@ -34,7 +34,7 @@ SEEDS = list(range(100, 106))
 
 
 def load():
-    from dreambooth_core.backends.diffusers_backend import load_backend
+    from dreambooth_core.backends.diffusers_loading import load_backend
 
     return load_backend("embedded")
 

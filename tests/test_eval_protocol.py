@@ -86,7 +86,7 @@ def test_pres_is_read_off_fresh_class_samples_not_the_class_images_prior_preserv
     from PIL import Image
 
     from dreambooth_core.backends.base import SampleSettings
-    from dreambooth_core.backends.diffusers_backend import load_backend
+    from dreambooth_core.backends.diffusers_loading import load_backend
     from dreambooth_core.evaluation.protocol import _sample_all, class_prompt, subject_prompts
     from dreambooth_core.class_images.cache import ensure_class_images
 

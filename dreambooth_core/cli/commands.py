@@ -33,7 +33,7 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
     import torch
 
     from ..training.accel import make_accelerator
-    from ..backends.diffusers_backend import load_backend
+    from ..backends.diffusers_loading import load_backend
     from ..job import check_job, prepare_instance_images, run_job
 
     accelerator = make_accelerator(config)
@@ -95,7 +95,7 @@ def cmd_demo(args) -> int:
 
 def cmd_sample(args) -> int:
     from ..backends.base import SampleSettings
-    from ..backends.diffusers_backend import load_backend
+    from ..backends.diffusers_loading import load_backend
     from ..fileio import save_image
     from ..adapters import load_lora, read_lora_file
     from ..sampling.prompts import fill, prompt_set, sample_grid
@@ -143,7 +143,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    from ..backends.diffusers_backend import load_backend
+    from ..backends.diffusers_loading import load_backend
     from ..config import TrainConfig
     from ..job import class_images
 
@@ -169,7 +169,7 @@ def cmd_class_images(args) -> int:
 
 
 def cmd_token(args) -> int:
-    from ..backends.diffusers_backend import load_tokenizers
+    from ..backends.diffusers_loading import load_tokenizers
     from ..dataset.tokens import TokenError, check_token, require_single_token, suggest_tokens
 
     tokenizers = load_tokenizers(args.model)

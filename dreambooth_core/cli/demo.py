@@ -51,7 +51,7 @@ def demo_config(output: Path, steps: Optional[int] = None) -> TrainConfig:
 
 
 def run_demo(output: Path, steps: Optional[int] = None, log=print) -> dict:
-    from ..backends.diffusers_backend import load_backend
+    from ..backends.diffusers_loading import load_backend
     from .console import TerminalHost, progress_bar, train_callbacks
     from ..dataset import prepare_dataset
     from ..job import class_images

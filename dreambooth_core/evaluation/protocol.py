@@ -146,7 +146,7 @@ def _sample_all(backend, subject, prompts, seeds, settings, class_samples):
 def _evaluate_subject(i: int, subject: tw.Subject, plan: Plan, output: Path) -> dict:
     """One subject end to end: class images, DreamBooth with and without prior preservation,
     samples of all three models, their scores and the subject's rows of the sample sheet."""
-    from ..backends.diffusers_backend import load_backend
+    from ..backends.diffusers_loading import load_backend
     from ..dataset import prepare_dataset
     from ..class_images.cache import ensure_class_images
     from ..training.trainer import train
