@@ -210,6 +210,15 @@ class ComfyBackend(BackendDefaults):
         return 512
 
     @property
+    def family(self) -> str:
+        import comfy.model_base
+
+        base = self.model.model
+        if isinstance(base, comfy.model_base.SDXL):
+            return "sdxl"
+        return "sd2" if base.model_config.unet_config.get("context_dim") == 1024 else "sd1"
+
+    @property
     def device(self) -> torch.device:
         return torch.device(self.model.load_device)
 

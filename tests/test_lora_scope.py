@@ -6,6 +6,7 @@ number the model computes.
 """
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -135,3 +136,31 @@ def test_checkpointing_setting_keeps_the_boolean_meaning():
 def test_cli_flags(flags, scope):
     c = build_config(parser().parse_args(["train", "--class-noun", "star", "--lora-targets", "attention", *flags]))
     assert c.gradient_checkpointing == scope and c.lora_targets == "attention"
+
+
+@pytest.mark.parametrize("family, prediction, version, v2", [
+    ("sd1", "epsilon", "sd_v1", "False"),
+    ("sd2", "v_prediction", "sd_v2", "True"),
+    ("sdxl", "epsilon", "sdxl_base_v1-0", "False"),
+])
+def test_the_file_names_its_base_family_as_the_webui_and_model_spec_read_it(family, prediction, version, v2):
+    """The WebUI's LoRA cards file a LoRA under SD1 / SD2 / SDXL by `ss_base_model_version` and `ss_v2`
+    (and hide it under checkpoints of another family); without them every file counted as SD1."""
+    from types import SimpleNamespace
+
+    from dreambooth_core.adapters.kohya import lora_metadata
+
+    backend = SimpleNamespace(family=family, prediction_type=prediction, describe=lambda: "m", fingerprint=lambda: "f")
+    meta = lora_metadata(TrainConfig(class_noun="dog", save_name="rex", lora_conv=True, rank=8, alpha=4.0),
+                         backend, steps=10)
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == (version, v2)
+    assert meta["ss_v_parameterization"] == str(prediction == "v_prediction")
+    assert meta["modelspec.architecture"].endswith("/lora") and meta["modelspec.trigger_phrase"] == "sks dog"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "8", "conv_alpha": "4"}
+
+
+def test_a_trained_sd1_lora_says_sd1():
+    from dreambooth_core.adapters.kohya import lora_metadata
+
+    meta = lora_metadata(TrainConfig(class_noun="dog"), make_tiny_backend(), steps=1)
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False") and "ss_network_args" not in meta

@@ -14,6 +14,7 @@ Inside a transformer the names are the same in both layouts (`transformer_blocks
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -128,15 +129,42 @@ def save_lora(network: LoRANetwork, path: str | Path, metadata: Optional[Mapping
     return Path(path)
 
 
+#: per base family: kohya's `ss_base_model_version` and the Stability model-spec architecture. The WebUI's
+#: LoRA cards tell SD1 / SD2 / SDXL apart by `ss_base_model_version` ("sdxl_" prefix) and `ss_v2`, and hide
+#: a LoRA under checkpoints of another family; ComfyUI shows model-spec fields.
+FAMILIES = {
+    "sd1": ("sd_v1", "stable-diffusion-v1"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512"),
+    "sd2-v": ("sd_v2", "stable-diffusion-v2-768-v"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+}
+
+
+def family_metadata(family: str, prediction_type: str) -> Dict[str, str]:
+    """What the file says about its base model's family, in the keys the WebUI and model-spec readers use."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: the LoRA metadata knows {sorted(FAMILIES)}")
+    if family == "sd2" and prediction_type == "v_prediction":
+        family = "sd2-v"
+    version, architecture = FAMILIES[family]
+    return {"ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
+            "ss_v_parameterization": str(prediction_type == "v_prediction"),
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora"}
+
+
 def lora_metadata(config, backend, steps: int) -> Dict[str, str]:
-    """What the file says about its run: kohya's `ss_*` keys (which the WebUI's cards read) and ours."""
-    return {
+    """What the file says about its run: kohya's `ss_*` keys (which the WebUI's cards read), the
+    model-spec keys (title, trigger phrase, architecture) and ours."""
+    meta = {
         "ss_output_name": safe_name(config.save_name),
         "ss_training_comment": f"DreamBooth: {config.resolved_instance_prompt()}",
         "ss_steps": str(steps),
         "ss_learning_rate": f"{config.resolved_lr():g}",
         "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
         "ss_sd_model_name": backend.describe(),
+        **family_metadata(backend.family, backend.prediction_type),
+        "modelspec.title": safe_name(config.save_name),
+        "modelspec.trigger_phrase": f"{config.token} {config.class_noun}".strip(),
         "dreambooth_token": config.token,
         "dreambooth_class_noun": config.class_noun,
         "dreambooth_instance_prompt": config.resolved_instance_prompt(),
@@ -147,6 +175,10 @@ def lora_metadata(config, backend, steps: int) -> Dict[str, str]:
         "dreambooth_lora_targets": config.lora_targets,
         "dreambooth_version": __version__,
     }
+    if config.lora_conv:  # kohya's LoCon: the res-block convolutions carry adapters of the same rank
+        rank, alpha = config.rank, config.alpha if config.alpha is not None else config.rank
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": f"{alpha:g}"})
+    return meta
 
 
 def check_replaceable(dest: str | Path) -> None:

@@ -62,6 +62,8 @@ class Backend(Protocol):
 
     #: "epsilon" or "v_prediction"
     prediction_type: str
+    #: the base model's family: "sd1", "sd2" or "sdxl" (what the LoRA file's metadata names)
+    family: str
     #: ᾱ_t of the discrete training schedule, shape (T,), float32 on the CPU
     alphas_cumprod: torch.Tensor
     #: the model's native training resolution in pixels (512 for SD1.5, 1024 for SDXL)

@@ -80,6 +80,12 @@ class DiffusersBackend(BackendDefaults):
 
     # -- identity ----------------------------------------------------------------------------
     @property
+    def family(self) -> str:
+        if self.arch == "sdxl":
+            return "sdxl"
+        return "sd2" if self.unet.config.cross_attention_dim == 1024 else "sd1"
+
+    @property
     def device(self) -> torch.device:
         return self._device
 

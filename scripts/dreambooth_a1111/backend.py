@@ -82,6 +82,7 @@ class A1111Backend(BackendDefaults):
             raise UnsupportedModel(f"the loaded checkpoint predicts {param!r}; only ε and v-prediction train here")
         self.prediction_type = "epsilon" if param == "eps" else "v_prediction"
         self.is_sd2 = bool(getattr(self.m, "is_sd2", False))
+        self.family = "sd2" if self.is_sd2 else "sd1"
         if train_text_encoder and self.is_sd2:
             raise UnsupportedModel("train_text_encoder: the SD2 text encoder (OpenCLIP) does not train here yet; "
                                    "turn it off (the UNet LoRA still binds the identifier)")

@@ -110,6 +110,13 @@ def test_train_lora_with_prior_preservation(webui, subject_dir):
     # The class images are PNGs the WebUI's txt2img made, in the core's cache with its manifest.
     folder = webui.root / "outputs" / "dreambooth_class_images"
     assert len(list(folder.glob("*/0000[01].png"))) == 2 and list(folder.glob("*/manifest.json"))
+    # The WebUI's Lora support reads the file (its NetworkOnDisk, behind /sdapi/v1/loras) as an SD1 LoRA
+    # with the trigger phrase: its cards file LoRAs by ss_base_model_version / ss_v2.
+    assert webui.post("/sdapi/v1/refresh-loras", {}).status_code == 200
+    listed = {item["name"]: item for item in webui.get("/sdapi/v1/loras").json()}
+    read = listed["dbtest"]["metadata"]
+    assert (read["ss_base_model_version"], read["ss_v2"]) == ("sd_v1", "False")
+    assert read["modelspec.trigger_phrase"] == "sks ball" and read["ss_output_name"] == "dbtest"
 
 
 def test_second_job_reuses_the_cached_class_images(webui, subject_dir):
