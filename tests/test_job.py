@@ -160,3 +160,16 @@ def test_the_job_refuses_before_any_work(tmp_path):
         check_job(job_config(tmp_path / "c", token="xxy5syt00"), host, tokenizers=backend.tokenizers())
     with pytest.raises(ValueError, match="instance_dir"):
         prepare_instance_images(TrainConfig(class_noun="star"))
+
+
+def test_a_half_precision_base_on_an_accelerator_trains_under_autocast():
+    """The WebUI holds its UNet in fp16 on a GPU: the run then needs autocast with loss scaling (issue 33,
+    fault 5); a precision the user chose, a full-precision base and CPU runs keep theirs."""
+    from dreambooth_core.training.accel import mixed_precision_for
+
+    cuda = torch.device("cuda", 0)
+    assert mixed_precision_for("no", torch.float16, cuda) == "fp16"
+    assert mixed_precision_for("no", torch.bfloat16, cuda) == "bf16"
+    assert mixed_precision_for("no", torch.float32, cuda) == "no"
+    assert mixed_precision_for("bf16", torch.float16, cuda) == "bf16"
+    assert mixed_precision_for("no", torch.float16, torch.device("cpu")) == "no"

@@ -28,6 +28,17 @@ def make_accelerator(config, device: Optional[torch.device] = None, *, reset: bo
     return Accelerator(**settings, cpu=torch.device(device).type == "cpu", device_placement=False)
 
 
+def mixed_precision_for(requested: str, weight_dtype: torch.dtype, device) -> str:
+    """The precision a run needs when a host holds the frozen base in half precision on an
+    accelerator (the WebUI's default fp16 UNet): without autocast its activations and gradients
+    stay fp16 with no loss scaling, so small LoRA gradients underflow to zero. Autocast in the
+    base's dtype ("fp16" also scales the loss) keeps the fp32 LoRA weights and their updates
+    exact. A precision the user asked for, and CPU runs, are left as they are."""
+    if requested != "no" or torch.device(device).type == "cpu":
+        return requested
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
+
+
 def _reset_state() -> None:
     """Works with accelerate 0.21 (the WebUI's pin) and newer."""
     import accelerate.state as state

@@ -108,7 +108,9 @@ class A1111Backend(BackendDefaults):
     def device(self) -> torch.device:
         return next(self.m.model.diffusion_model.parameters()).device
 
-    def _dtype(self) -> torch.dtype:
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the WebUI holds the UNet in (fp16 on a GPU unless --no-half)."""
         return next(self.m.model.diffusion_model.parameters()).dtype
 
     def fingerprint(self) -> str:
@@ -162,7 +164,7 @@ class A1111Backend(BackendDefaults):
         return images.float().clamp(-1, 1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
-        dtype, dev = self._dtype(), self.device
+        dtype, dev = self.weight_dtype, self.device
         out = self.m.apply_model(noisy.to(dev, dtype), timesteps.to(dev).long(), cond["context"].to(dev, dtype))
         return out.float()
 

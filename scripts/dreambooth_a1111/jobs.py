@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
+from dreambooth_core.training.accel import mixed_precision_for
 
 from .backend import Interrupted, clear_active_loras
 
@@ -174,6 +175,7 @@ def start(request: Dict[str, Any]) -> Job:
             raise RuntimeError(f"a DreamBooth job is already running ({_current.id}); cancel it or wait for it")
         backend = A1111Backend(mode=config.mode, train_text_encoder=config.train_text_encoder)
         config.model = backend.describe()
+        config.mixed_precision = mixed_precision_for(config.mixed_precision, backend.weight_dtype, backend.device)
         host = _JobHost()
         try:
             check = check_job(config, host, tokenizers=backend.tokenizers(),
