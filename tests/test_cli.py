@@ -153,3 +153,16 @@ def test_ctrl_c_stops_after_the_step_keeps_a_checkpoint_and_resume_finishes(work
     done = run_cli(*common(workspace, "ctrl_c", "--steps", str(step + 2), "--rank", "2", "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (workspace / "ctrl_c" / "dreambooth_lora.safetensors").is_file()
+
+
+def test_the_terminal_says_what_a_resumed_run_changed(capsys):
+    """The trainer reports settings changed since the checkpoint in a phase line; the command line
+    shows it (single-word phases stay quiet)."""
+    from dreambooth_core.cli.console import train_callbacks
+
+    callbacks, bar = train_callbacks(3, disable=False)
+    callbacks.on_phase("training")
+    callbacks.on_phase("resuming at step 2 of 4 with settings changed since the checkpoint: steps 2 -> 4")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "resuming at step 2 of 4" in err and "\ntraining\n" not in err

@@ -105,4 +105,9 @@ def train_callbacks(total: int, disable: bool, should_stop=None):
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    return Callbacks(on_step=on_step, should_stop=should_stop), bar
+    def on_phase(name: str) -> None:
+        # The trainer's phases are single words; a sentence (resuming with changed settings) is news.
+        if " " in name and not disable:
+            bar.write(name, file=sys.stderr)
+
+    return Callbacks(on_step=on_step, should_stop=should_stop, on_phase=on_phase), bar
