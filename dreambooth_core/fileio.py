@@ -77,3 +77,22 @@ def safe_name(name: str) -> str:
     if stem in ("", ".", "..") or stem != name.replace(".safetensors", "") or stem.startswith("."):
         raise ValueError(f"save name {name!r}: use a plain file name without folders (e.g. 'my_dog')")
     return stem
+
+
+#: the environment variable by which a server's owner lets requests name any folder on the machine
+ALLOW_ANY_PATH_ENV = "DREAMBOOTH_ALLOW_ANY_PATH"
+
+
+def any_path_allowed() -> bool:
+    """Whether the server's owner allowed paths outside the host's own folders (shared servers must
+    not expose the machine's files through a node input or an API request)."""
+    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether `path` lies in `root` (both as given: resolve them first as the caller needs)."""
+    root = os.path.abspath(root)
+    try:
+        return os.path.commonpath([os.path.abspath(path), root]) == root
+    except ValueError:  # another drive on Windows
+        return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-ALLOW_ANY_PATH_ENV = "DREAMBOOTH_ALLOW_ANY_PATH"
+from ..dreambooth_core.fileio import ALLOW_ANY_PATH_ENV, any_path_allowed, inside
 NO_FOLDER = "[none]"
 CLASS_IMAGE_DIR = "dreambooth_class_images"
 RUNS_DIR = "dreambooth"
@@ -18,18 +18,6 @@ RUNS_DIR = "dreambooth"
 
 class PathNotAllowed(PermissionError):
     pass
-
-
-def any_path_allowed() -> bool:
-    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _inside(path: str, root: str) -> bool:
-    root = os.path.abspath(root)
-    try:
-        return os.path.commonpath([path, root]) == root
-    except ValueError:  # another drive on Windows
-        return False
 
 
 def input_subfolders() -> list:
@@ -60,7 +48,7 @@ def resolve_dataset_folder(folder: str, path: str = "") -> str:
                              "folder), type a path, or connect an IMAGE batch to 'images'.")
         candidate = os.path.abspath(os.path.join(input_dir, folder))
         shown = folder
-    if not any_path_allowed() and not (_inside(candidate, input_dir) or _inside(candidate, output_dir)):
+    if not any_path_allowed() and not (inside(candidate, input_dir) or inside(candidate, output_dir)):
         raise PathNotAllowed(
             f"DreamBooth Dataset: the path {shown!r} is outside ComfyUI's input and output folders, so it is "
             f"refused (a shared server must not expose its files). Put the images in a subfolder of "

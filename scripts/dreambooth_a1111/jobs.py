@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from dreambooth_core.fileio import ALLOW_ANY_PATH_ENV, any_path_allowed, inside
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
 from dreambooth_core.training.accel import mixed_precision_for
 
@@ -132,6 +133,20 @@ def _decode_images(items: List[Any]) -> list:
     return out
 
 
+def _confined(value: str, name: str) -> str:
+    """A folder a request names, resolved (links and '..' included), if it lies in the WebUI's data
+    folder: a WebUI started with --listen is often shared, and a request must not read the machine's
+    files. The server's owner may allow any folder with DREAMBOOTH_ALLOW_ANY_PATH=1."""
+    path = os.path.realpath(os.path.expanduser(str(value)))
+    root = os.path.realpath(data_dir())
+    if not any_path_allowed() and not inside(path, root):
+        raise ValueError(f"{name}: {value} is outside the WebUI's folder {root}, so it is refused (a shared WebUI "
+                         f"must not expose the machine's files). Put the images in a folder under it, or upload "
+                         f"them as instance_images; if you own this server, start it with {ALLOW_ANY_PATH_ENV}=1 "
+                         "to allow any folder.")
+    return path
+
+
 def _config(request: Dict[str, Any]):
     from dreambooth_core.config import ConfigError, TrainConfig
     from dreambooth_core.fileio import safe_name
@@ -166,8 +181,12 @@ def start(request: Dict[str, Any]) -> Job:
     images = request.get("instance_images") or None
     if not images and not config.instance_dir:
         raise ValueError("instance_dir: give the folder with 3-30 photos of the subject (or upload instance_images)")
-    if images is None and not Path(config.instance_dir).is_dir():
-        raise ValueError(f"instance_dir: {config.instance_dir} is not a folder on the WebUI's machine")
+    if images is None:
+        config.instance_dir = _confined(config.instance_dir, "instance_dir")
+        if not Path(config.instance_dir).is_dir():
+            raise ValueError(f"instance_dir: {config.instance_dir} is not a folder on the WebUI's machine")
+    if config.class_dir:
+        config.class_dir = _confined(config.class_dir, "class_dir")
     if config.prior and sd_samplers.find_sampler_config(config.class_sampler.partition(":")[0]) is None:
         raise ValueError(f"class_sampler: {config.class_sampler!r} is not one of the WebUI's samplers")
     with _lock:

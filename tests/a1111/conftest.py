@@ -45,11 +45,13 @@ def webui(tmp_path_factory, mini_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def subject_dir(tmp_path_factory) -> Path:
-    """Three 64×64 photos of a 'subject' (a red disc on different backgrounds)."""
+def subject_dir(webui) -> Path:
+    """Three 64×64 photos of a 'subject' (a red disc on different backgrounds), in the WebUI's folder (the
+    API refuses folders outside it)."""
     from PIL import Image, ImageDraw
 
-    folder = tmp_path_factory.mktemp("subject")
+    folder = webui.root / "inputs" / "subject"
+    folder.mkdir(parents=True)
     for i, bg in enumerate([(30, 90, 200), (40, 160, 60), (220, 210, 190)]):
         im = Image.new("RGB", (64, 64), bg)
         ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))

@@ -60,12 +60,20 @@ def test_extension_loads(webui):
     ({"token": "xyzzyplugh"}, ["token", "splits into", "tokens"]),
     ({"save_name": "../escape"}, ["save name", "plain file name"]),
     ({"instance_dir": "EMPTY"}, ["no usable image", "no image files"]),
-    ({"instance_dir": "/no/such/folder"}, ["instance_dir", "not a folder"]),
+    ({"instance_dir": "MISSING"}, ["instance_dir", "not a folder"]),
+    ({"instance_dir": "OUTSIDE"}, ["instance_dir", "outside the webui's folder", "DREAMBOOTH_ALLOW_ANY_PATH"]),
+    ({"instance_dir": "ESCAPE"}, ["instance_dir", "outside the webui's folder"]),
+    ({"class_dir": "OUTSIDE"}, ["class_dir", "outside the webui's folder"]),
     ({"mode": "dreamy"}, ["mode", "dreamy"]),
 ])
 def test_bad_input_is_refused_with_the_reason(webui, subject_dir, tmp_path, overrides, words):
-    if overrides.get("instance_dir") == "EMPTY":
-        overrides = dict(overrides, instance_dir=str(tmp_path))
+    """Paths a request names stay inside the WebUI's folder (a --listen server is often shared)."""
+    empty = webui.root / "inputs" / "empty"
+    empty.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "photo.png").write_bytes((subject_dir / "subject_0.png").read_bytes())  # a real folder outside
+    where = {"EMPTY": str(empty), "MISSING": str(webui.root / "inputs" / "missing"), "OUTSIDE": str(tmp_path),
+             "ESCAPE": str(subject_dir / ".." / ".." / ".." / tmp_path.name)}
+    overrides = {k: where.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
     r = webui.post(TRAIN, _job(subject_dir, **overrides))
     assert r.status_code == 400, r.text
     detail = r.json()["detail"].lower()
