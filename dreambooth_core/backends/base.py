@@ -7,11 +7,14 @@ MODEL/CLIP/VAE and on the Automatic1111 WebUI's loaded checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # the schedules live with the objective; imported where used, as the trainer imports this
+    from ..training.schedules import Schedule
 
 class UnsupportedModel(ValueError):
     """The loaded model is of a kind a backend cannot train (its message names the kind); hosts
@@ -43,6 +46,12 @@ class BackendDefaults:
     """What a backend does where it has nothing of its own to do; every backend inherits it, so the
     trainer calls each method of the protocol without asking whether it exists."""
 
+    def schedule(self) -> "Schedule":
+        """The discrete schedule the SD1/SD2/SDXL backends train with, from their ᾱ_t and target."""
+        from ..training.schedules import DiscreteSchedule
+
+        return DiscreteSchedule(self.alphas_cumprod, self.prediction_type)
+
     def attach_lora(self, network) -> None:
         network.attach()
 
@@ -60,11 +69,13 @@ class BackendDefaults:
 class Backend(Protocol):
     """A loaded text-to-image diffusion model, as the core sees it."""
 
-    #: "epsilon" or "v_prediction"
+    #: "epsilon" or "v_prediction" (discrete backends; a flow backend may leave it unused: its
+    #: `schedule()` is what the trainer reads)
     prediction_type: str
     #: the base model's family: "sd1", "sd2" or "sdxl" (what the LoRA file's metadata names)
     family: str
-    #: ᾱ_t of the discrete training schedule, shape (T,), float32 on the CPU
+    #: ᾱ_t of the discrete training schedule, shape (T,), float32 on the CPU (discrete backends, for
+    #: BackendDefaults.schedule(); a flow backend may leave it unused)
     alphas_cumprod: torch.Tensor
     #: the model's native training resolution in pixels (512 for SD1.5, 1024 for SDXL)
     native_resolution: int
@@ -93,8 +104,13 @@ class Backend(Protocol):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [-1, 1]."""
 
+    def schedule(self) -> "Schedule":
+        """How this model is trained: its noise schedule and prediction target (BackendDefaults: the
+        discrete schedule of `alphas_cumprod` and `prediction_type`; a flow model returns a FlowSchedule)."""
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The denoiser's raw output (ε or v, per `prediction_type`) at integer timesteps."""
+        """The denoiser's raw output, the target of `schedule()` (ε, v or the flow velocity), at its
+        timesteps (integer t for a discrete schedule, σ ∈ (0, 1) for a flow schedule)."""
 
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         """Modules a LoRA may attach to, keyed by their kohya-style LoRA name

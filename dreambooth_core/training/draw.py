@@ -12,6 +12,7 @@ import torch
 from ..config import TrainConfig
 from . import objective
 from .cache import Bucket
+from .schedules import Schedule
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -25,10 +26,10 @@ def _pick(choose_first: torch.Tensor, first: torch.Tensor, second: torch.Tensor)
     return torch.where(choose_first.bool().view(-1, *(1,) * (first.ndim - 1)).to(first.device), first, second)
 
 
-def draw(config: TrainConfig, timesteps: int, step: int, micro: int, inst: List[Bucket], cls: List[Bucket], *,
+def draw(config: TrainConfig, schedule: Schedule, step: int, micro: int, inst: List[Bucket], cls: List[Bucket], *,
          processes: int = 1, rank: int = 0):
     """The global batch of this micro-step, then this process's slice of it, and the instance
-    samples' loss weights (masked loss) or None."""
+    samples' loss weights (masked loss) or None. `schedule` (the backend's) draws the timesteps."""
     c = config
     g = step_generator(c.seed, step, micro)
     world, b = processes, c.batch_size
@@ -39,7 +40,7 @@ def draw(config: TrainConfig, timesteps: int, step: int, micro: int, inst: List[
     flips = torch.randint(2, (total,), generator=g) if bucket.flipped is not None else torch.zeros(total, dtype=torch.long)
     lat = _pick(flips, (bucket.flipped if bucket.flipped is not None else bucket.latents)[idx], bucket.latents[idx])
     noise = objective.sample_noise(lat.shape, g, c.offset_noise)
-    t = torch.randint(0, timesteps, (total,), generator=g)
+    t = schedule.sample_timesteps(total, g)
     mine = slice(rank * b, (rank + 1) * b)
     parts = [(lat[mine], noise[mine], t[mine], [bucket.captions[i] for i in idx[mine].tolist()], bucket.size)]
     weight = None
@@ -52,7 +53,7 @@ def draw(config: TrainConfig, timesteps: int, step: int, micro: int, inst: List[
         cidx = torch.randint(len(cb.captions), (total,), generator=g)
         clat = cb.latents[cidx]
         cnoise = objective.sample_noise(clat.shape, g, c.offset_noise)
-        ct = torch.randint(0, timesteps, (total,), generator=g)
+        ct = schedule.sample_timesteps(total, g)
         parts.append((clat[mine], cnoise[mine], ct[mine], [cb.captions[i] for i in cidx[mine].tolist()], cb.size))
     if c.caption_dropout:
         # drawn last, so that the batch is the one drawn without dropout but for its captions

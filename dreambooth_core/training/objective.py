@@ -1,6 +1,5 @@
-"""The DreamBooth objective on a discrete diffusion schedule.
-
-Noisy inputs and targets for ε- and v-prediction, offset noise, min-SNR weighting, and the
+"""The DreamBooth objective: noise (with offset noise), the model's schedule (`schedules`: noisy
+inputs, targets and min-SNR weights for a discrete ε/v schedule or for rectified flow), and the
 class-specific prior-preservation loss L = L_instance + λ·L_class (Ruiz et al. 2022, eq. 2).
 """
 from __future__ import annotations
@@ -11,15 +10,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from .schedules import (PREDICTION_TYPES, DiscreteSchedule, FlowSchedule, NoisedBatch, Schedule, make_batch,
+                        refuse_min_snr, shift_sigmas, snr)
 
-
-@dataclass
-class NoisedBatch:
-    noisy: torch.Tensor
-    timesteps: torch.Tensor
-    target: torch.Tensor
-    weight: torch.Tensor  # per-sample loss weight (min-SNR), shape (B,)
+__all__ = ["PREDICTION_TYPES", "DiscreteSchedule", "FlowSchedule", "NoisedBatch", "Schedule", "make_batch",
+           "refuse_min_snr", "shift_sigmas", "snr", "sample_noise", "per_sample_mse", "LossParts", "dreambooth_loss",
+           "dreambooth_loss_by_part"]
 
 
 def sample_noise(shape: torch.Size | tuple, generator: torch.Generator, offset_noise: float = 0.0) -> torch.Tensor:
@@ -29,30 +25,6 @@ def sample_noise(shape: torch.Size | tuple, generator: torch.Generator, offset_n
     if offset_noise:
         noise += offset_noise * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
     return noise
-
-
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod[timesteps]
-    return a / (1 - a)
-
-
-def make_batch(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-               alphas_cumprod: torch.Tensor, prediction_type: str,
-               min_snr_gamma: float | None = None) -> NoisedBatch:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
-    a = alphas_cumprod.to(latents.device, torch.float32)[timesteps.to(latents.device)]
-    shape = (-1,) + (1,) * (latents.ndim - 1)
-    sa, so = a.sqrt().view(shape), (1 - a).sqrt().view(shape)
-    noisy = sa * latents + so * noise
-    target = noise if prediction_type == "epsilon" else sa * noise - so * latents
-    weight = torch.ones_like(a)
-    if min_snr_gamma:
-        s = a / (1 - a)
-        clipped = torch.clamp(s, max=min_snr_gamma)
-        # ε-loss weight min(SNR, γ)/SNR; v-loss already carries a (SNR+1) factor (Hang et al. 2023).
-        weight = clipped / s if prediction_type == "epsilon" else clipped / (s + 1)
-    return NoisedBatch(noisy, timesteps, target, weight)
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -105,6 +105,9 @@ class DreamBoothTrainer:
             raise ValueError("class images: prior preservation is on but no class images were given "
                              "(generate them with ensure_class_images, or turn prior off)")
         self.backend, self.config = backend, config.validate()
+        # How the model is trained (discrete ε/v or rectified flow); settings it cannot take are refused here.
+        self.schedule = backend.schedule()
+        objective.refuse_min_snr(self.schedule, self.config.min_snr_gamma)
         self.instance, self.class_images = list(instance), list(class_images or []) if config.prior else []
         self.callbacks = callbacks or Callbacks()
         self.flip = config.flip if flip is None else flip
@@ -267,7 +270,7 @@ class DreamBoothTrainer:
 
     def _draw(self, step: int, micro: int, inst: List[Bucket], cls: List[Bucket]):
         acc = self.accelerator
-        return draw(self.config, len(self.backend.alphas_cumprod), step, micro, inst, cls,
+        return draw(self.config, self.schedule, step, micro, inst, cls,
                     processes=acc.num_processes, rank=acc.process_index)
 
     def _cond(self, captions: List[str], size: tuple, text_cache: Dict[tuple, Cond]) -> Cond:
@@ -278,8 +281,8 @@ class DreamBoothTrainer:
     def _forward_loss(self, parts, text_cache, instance_weight=None) -> objective.LossParts:
         c, backend = self.config, self.backend
         dev = backend.device
-        batches = [objective.make_batch(lat.to(dev), noise.to(dev), t.to(dev), backend.alphas_cumprod,
-                                        backend.prediction_type, c.min_snr_gamma) for lat, noise, t, _, _ in parts]
+        batches = [self.schedule.noised(lat.to(dev), noise.to(dev), t.to(dev), c.min_snr_gamma)
+                   for lat, noise, t, _, _ in parts]
         conds = [self._cond(caps, size, text_cache) for _, _, _, caps, size in parts]
         n_inst = parts[0][0].shape[0]
         weight = instance_weight.to(dev) if instance_weight is not None else None
@@ -309,10 +312,11 @@ class DreamBoothTrainer:
                     finite = acc.reduce(finite.to(acc.device), "min")
                 if not bool(finite):
                     path = self._save_checkpoint(self.output_dir / CHECKPOINT_NAME, step, named, optimizer)
+                    min_snr = ", or enable min-SNR weighting" if self.schedule.kind == "discrete" else ""
                     raise TrainingDiverged(
                         f"the loss became {loss.total.item()} at step {step + 1}; training stopped and the last good "
                         f"state was kept in {path}. Lower the learning rate (now {c.resolved_lr():g}), use "
-                        "bf16 instead of fp16, or enable min-SNR weighting, then resume.")
+                        f"bf16 instead of fp16{min_snr}, then resume.")
                 acc.backward(loss.total)
                 if acc.sync_gradients and c.max_grad_norm:
                     acc.clip_grad_norm_(params, c.max_grad_norm)
