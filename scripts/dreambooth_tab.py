@@ -23,5 +23,14 @@ def _on_app_started(demo, app) -> None:
     api.add_routes(app)
 
 
-script_callbacks.on_app_started(_on_app_started, name="dreambooth")
-script_callbacks.on_ui_tabs(ui.create_tab, name="dreambooth")
+def _register(add, callback) -> None:
+    """Register a callback, named where the WebUI's callbacks take a name (A1111 1.6+, Forge); forks
+    whose callbacks take none (Forge Classic, SD.Next) get it unnamed."""
+    try:
+        add(callback, name="dreambooth")
+    except TypeError:
+        add(callback)
+
+
+_register(script_callbacks.on_app_started, _on_app_started)
+_register(script_callbacks.on_ui_tabs, ui.create_tab)
