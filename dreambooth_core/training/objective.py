@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from .schedules import (PREDICTION_TYPES, DiscreteSchedule, FlowSchedule, NoisedBatch, Schedule, make_batch,
-                        refuse_min_snr, shift_sigmas, snr)
+                        refuse_min_snr, schedule_settings, shift_sigmas, snr)
 
 __all__ = ["PREDICTION_TYPES", "DiscreteSchedule", "FlowSchedule", "NoisedBatch", "Schedule", "make_batch",
-           "refuse_min_snr", "shift_sigmas", "snr", "sample_noise", "per_sample_mse", "LossParts", "dreambooth_loss",
-           "dreambooth_loss_by_part"]
+           "refuse_min_snr", "schedule_settings", "shift_sigmas", "snr", "sample_noise", "per_sample_mse",
+           "LossParts", "dreambooth_loss", "dreambooth_loss_by_part"]
 
 
 def sample_noise(shape: torch.Size | tuple, generator: torch.Generator, offset_noise: float = 0.0) -> torch.Tensor:

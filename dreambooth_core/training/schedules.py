@@ -11,8 +11,8 @@ knows only this interface; a backend says which schedule its model was trained w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Dict, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -91,6 +91,17 @@ class DiscreteSchedule:
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                min_snr_gamma: Optional[float] = None) -> NoisedBatch:
         return make_batch(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type, min_snr_gamma)
+
+
+def schedule_settings(schedule: Schedule) -> Dict[str, object]:
+    """What a checkpoint records of a schedule, in plain JSON values: its kind and, for a dataclass
+    schedule (FlowSchedule), every field, so a resumed run refuses another shift or sampling."""
+    out: Dict[str, object] = {"kind": schedule.kind}
+    if is_dataclass(schedule):
+        for f in fields(schedule):
+            value = getattr(schedule, f.name)
+            out[f.name] = value if isinstance(value, (str, bool)) or value is None else float(value)
+    return out
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

@@ -134,12 +134,16 @@ class DreamBoothTrainer:
         model, and what each step draws and how its loss is made (objective_settings)."""
         c = self.config
         masked = has_masks(self.instance)
+        # A flow schedule's sampling and shift decide which noise levels train (a host may let the user
+        # change the shift on the same weights); the discrete schedule is the model's own (its fingerprint).
+        kind = self.schedule.kind
+        schedule = {} if kind == "discrete" else {"schedule": objective.schedule_settings(self.schedule)}
         return {"mode": c.mode, "rank": c.rank, "alpha": c.alpha, "lora_conv": c.lora_conv,
                 "lora_targets": c.lora_targets,
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
                 "masked_loss": masked,
                 "n_trainable": n_trainable, "model": self.backend.fingerprint(), "flip": bool(self.flip),
-                **objective_settings(c.to_dict(), masked, self.accelerator.num_processes)}
+                **objective_settings(c.to_dict(), masked, self.accelerator.num_processes), **schedule}
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
