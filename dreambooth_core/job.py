@@ -157,6 +157,9 @@ def run_job(backend, config: TrainConfig, data, host: Host, *, class_items: Opti
 
     from .training.trainer import train
 
+    from .training.objective import refuse_min_snr
+
+    refuse_min_snr(backend.schedule(), config.min_snr_gamma)  # before the class images, not after them
     resolution = config.resolution or backend.native_resolution
     accelerator = host.accelerator(config, backend.device)
     main = accelerator.is_main_process

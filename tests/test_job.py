@@ -173,3 +173,14 @@ def test_a_half_precision_base_on_an_accelerator_trains_under_autocast():
     assert mixed_precision_for("no", torch.float32, cuda) == "no"
     assert mixed_precision_for("bf16", torch.float16, cuda) == "bf16"
     assert mixed_precision_for("no", torch.float16, torch.device("cpu")) == "no"
+
+
+def test_min_snr_on_a_flow_model_is_refused_before_the_class_images_are_made(tmp_path):
+    from dreambooth_core.training.objective import FlowSchedule
+
+    backend = make_tiny_backend()
+    backend.schedule = lambda: FlowSchedule(shift=3.0)
+    config = job_config(tmp_path, resolution=16, min_snr_gamma=5.0)
+    with pytest.raises(ValueError, match="min_snr_gamma=5"):
+        run_job(backend, config, prepare_instance_images(config), FolderHost(tmp_path))
+    assert not (tmp_path / "class_cache").exists()
