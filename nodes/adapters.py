@@ -78,6 +78,78 @@ class FreshCopy:
 FRESH_COPY = FreshCopy()
 
 
+# -- flow families: frozen Linears without a weight copy ----------------------------------------------
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = the host's own Linear forward; dL/dx from the weight read again in backward.
+
+    A frozen weight is needed only to pass the gradient on to the Linear's input. Saving it for
+    backward (what F.linear does) fails for the inference tensors the host's loader makes, and the
+    usual way round it, a fresh copy per forward (FreshCopy), keeps a second copy of every weight
+    alive until the backward pass. Here nothing is saved: backward casts the module's weight through
+    the host's `cast_bias_weight` (so lowvram patches and manual-cast dtypes apply as in forward)."""
+
+    @staticmethod
+    def forward(ctx, x, module, host_forward):
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return host_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        module = ctx.module
+        with torch.no_grad():
+            if hasattr(module, "weight_function"):
+                import comfy.ops
+
+                weight = comfy.ops.cast_bias_weight(module, grad)[0]
+            else:
+                weight = module.weight.to(device=grad.device, dtype=grad.dtype)
+            return (grad @ weight).to(ctx.x_dtype), None, None
+
+
+class FlowState:
+    """Shared switch of one backend's patched forwards: off while the host samples (class images,
+    previews: the result MODEL carries the deltas as weight wrappers then) and after training."""
+
+    def __init__(self):
+        self.active = True
+
+
+class FrozenLinearForward:
+    """The forward a flow model's Linear runs while it trains: the host's forward through
+    _FrozenLinear, plus the LoRA's x·downᵀ·upᵀ·scale where one is attached (no W + ΔW is made)."""
+
+    def __init__(self, module: nn.Module, state: FlowState, adapter: "nn.Module | None" = None):
+        self.module, self.state, self.adapter = module, state, adapter
+        self.host_forward = module.forward  # bound: the class's forward or a previous instance patch
+
+    def __call__(self, x, *args, **kwargs):
+        if not self.state.active or args or kwargs:
+            return self.host_forward(x, *args, **kwargs)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _FrozenLinear.apply(x, self.module, self.host_forward)
+        else:
+            y = self.host_forward(x)
+        if self.adapter is not None:
+            y = y + self.adapter.delta(x).to(y.dtype) * self.adapter.scale
+        return y
+
+
+def frozen_linear_patchable(module: nn.Module) -> bool:
+    """A Linear whose forward is the host's plain (optionally manual-cast) one over an ordinary tensor:
+    quantized / scaled-fp8 variants keep the host's own path (with a fresh copy)."""
+    if not isinstance(module, nn.Linear) or type(module.weight) not in (torch.Tensor, nn.Parameter):
+        return False
+    try:
+        import comfy.ops
+    except ImportError:
+        return True
+    plain = {getattr(comfy.ops, ns).Linear.forward_comfy_cast_weights
+             for ns in ("disable_weight_init", "manual_cast") if hasattr(comfy.ops, ns)}
+    own = getattr(type(module), "forward_comfy_cast_weights", None)
+    return own is None or own in plain
+
+
 def comfy_op_modules(root: nn.Module):
     """(name, module) of the modules whose weights ComfyUI casts through weight functions."""
     for name, module in root.named_modules():

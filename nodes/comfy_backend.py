@@ -10,6 +10,16 @@
   the core's VP input sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε is exactly what ComfyUI feeds the UNet
   (`calculate_input` of x0 + σε with σ = sqrt((1-ᾱ)/ᾱ)), so the UNet is called the way
   `BaseModel._apply_model` calls it, without the final `calculate_denoised`.
+- Flow-matching transformers (Flux dev/schnell, SD3/SD3.5, Chroma, Lumina 2; families.py tells them
+  from the host's detection and refuses every other family) train with `FlowSchedule(shift)`, the shift
+  read from their `model_sampling`. `predict` gets σ and returns the raw velocity: the host's own
+  `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's `guidance` at the host's
+  default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then `_apply_model`'s pieces run
+  (input, timestep, dtype casts, `process_timestep`, the diffusion model) without the final
+  `calculate_denoised` (x − σ·v): no division by σ. A MODEL whose options wrap `apply_model` goes
+  through `apply_model` itself and v = (x − denoised)/σ. The frozen Linears run the host's forward but
+  pass gradients from the weight read again in backward (adapters.FrozenLinearForward), and the LoRA is
+  added to their output: no copy of the transformer's weights, frozen or patched, exists while it trains.
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its
   seed (noise from `comfy.sample.prepare_noise`, one image per call), so a class image equals
   what a stock KSampler makes with that seed.
@@ -27,7 +37,9 @@ import torch
 from torch import nn
 
 from ..dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
-from .adapters import FRESH_COPY, DiffWeight, LoRAWeight, comfy_op_modules, text_targets, unet_targets
+from . import families
+from .adapters import (FRESH_COPY, DiffWeight, FlowState, FrozenLinearForward, LoRAWeight, comfy_op_modules,
+                       frozen_linear_patchable, text_targets, unet_targets)
 
 log = logging.getLogger("dreambooth")
 
@@ -41,27 +53,33 @@ def clip_tokenizers(clip) -> list:
         inner = getattr(value, "tokenizer", None)
         if inner is not None and hasattr(inner, "tokenize") and hasattr(inner, "get_vocab"):
             found.append(inner)
+    # Beside CLIP, Flux and SD3 tokenize for T5, whose SentencePiece splits the usual rare identifiers
+    # ("sks" in 4 pieces): the identifier is checked in the CLIP tokenizers where the model has any.
+    clip_like = [t for t in found if "clip" in type(t).__name__.lower()]
+    found = clip_like or found
     if not found:
         raise UnsupportedModel(f"this CLIP ({type(clip.tokenizer).__name__}) has no CLIP-style tokenizer; "
                                "DreamBooth nodes support SD1.x, SD2.x and SDXL checkpoints")
     return found
 
 
-def _prediction_type(model_sampling) -> str:
+def _prediction_type(model_sampling, name: str = "model") -> str:
+    """ε or v of an SD1/SD2/SDXL MODEL (`name`: its detected class), or UnsupportedModel naming what it is."""
     import comfy.model_sampling as ms
 
     if not isinstance(model_sampling, ms.ModelSamplingDiscrete) or isinstance(model_sampling, ms.ModelSamplingDiscreteEDM):
-        raise UnsupportedModel(f"the model samples with {type(model_sampling).__mro__[1].__name__}; DreamBooth "
-                               "nodes train discrete-schedule SD1.x / SD2.x / SDXL models only")
+        raise UnsupportedModel(f"the {name} MODEL samples with {type(model_sampling).__mro__[1].__name__}; an "
+                               f"SD1.x / SD2.x / SDXL model trains on its discrete schedule (DreamBooth trains "
+                               f"{families.TRAINS}): connect the model without that sampling patch")
     if len(model_sampling.sigmas) != getattr(model_sampling, "num_timesteps", len(model_sampling.sigmas)):
-        raise UnsupportedModel("this model samples on a distilled schedule (e.g. LCM); train on the base model")
+        raise UnsupportedModel(f"this {name} model samples on a distilled schedule (e.g. LCM); train on the base model")
     if isinstance(model_sampling, ms.EDM) or isinstance(model_sampling, ms.X0):
-        raise UnsupportedModel("this model's prediction type (EDM / x0) is not supported for training")
+        raise UnsupportedModel(f"this {name} model's prediction type (EDM / x0) is not supported for training")
     if isinstance(model_sampling, ms.V_PREDICTION):
         return "v_prediction"
     if isinstance(model_sampling, ms.EPS):
         return "epsilon"
-    raise UnsupportedModel("this model's prediction type is not supported for training (only ε and v)")
+    raise UnsupportedModel(f"this {name} model's prediction type is not supported for training (only ε and v)")
 
 
 def _tensor_bytes(t: torch.Tensor, n: int = 4096) -> bytes:
@@ -130,6 +148,22 @@ def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
+def _checkpointed_all(forward, *args, **kwargs):
+    """Gradient checkpointing of a transformer block called with keyword tensors (Flux: img=, txt=):
+    every tensor argument is copied inside the recomputed region, since these blocks add to their
+    residual stream in place (`img += ...`), which autograd tolerates only in a recomputed block."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+
+    def fresh(v):
+        return v.clone() if torch.is_tensor(v) else v
+
+    def run(*a, **k):
+        return forward(*(fresh(x) for x in a), **{n: fresh(v) for n, v in k.items()})
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
 def _clip_layer_forward(layer, x, mask=None, optimized_attention=None):
     """ComfyUI's CLIPLayer residual block, out of place. The host writes `x += attn(norm1(x))`,
     which overwrites the tensor LayerNorm saved for backward: fine for inference, an autograd error
@@ -178,11 +212,26 @@ class ComfyBackend(BackendDefaults):
         self.train_text_encoder = bool(train_text_encoder)
         if self.train_text_encoder and clip is None:
             raise ValueError("train_text_encoder is on but no CLIP is connected")
+        self._family = families.detect(model)
         self.model_sampling = self.model.get_model_object("model_sampling")
-        self.prediction_type = _prediction_type(self.model_sampling)
-        sigmas = self.model_sampling.sigmas.detach().float().cpu()
-        self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
-        self.native_resolution = self._native_resolution()
+        self._flow_state: Optional[FlowState] = None
+        self._swapped: List[Tuple[nn.Module, str, torch.Tensor]] = []  # (module, name, original) for the run
+        #: bytes of frozen tensors copied for a flow run (norm scales and the like; no Linear weight)
+        self.flow_copied_bytes = 0
+        self._kernels_before: Optional[bool] = None  # the host's in_training flag before this run set it
+        if self._family.flow:
+            self._refuse_flow_settings(mode)
+            self.prediction_type = "flow"
+            self.flow_shift = families.flow_shift(self.model_sampling)
+            # ᾱ of the flow line x = (1−σ)x0 + σε at 1000 σ (informational: schedule() is what trains)
+            sig = torch.linspace(1e-3, 1.0 - 1e-3, 1000)
+            self.alphas_cumprod = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
+            self.native_resolution = self._family.native_resolution
+        else:
+            self.prediction_type = _prediction_type(self.model_sampling, families.model_class(model))
+            sigmas = self.model_sampling.sigmas.detach().float().cpu()
+            self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+            self.native_resolution = self._native_resolution()
         self.latent_factor = int(vae.spacial_compression_encode()) if vae is not None else 8
         self._fingerprint: Optional[str] = None
         self._target_keys: Dict[str, Tuple[str, str]] = {}
@@ -197,6 +246,23 @@ class ComfyBackend(BackendDefaults):
         #: called (no arguments) at each sampler step inside generate(); nodes set it to drive
         #: their progress bar, whose host hook also raises the interrupt when Cancel was pressed.
         self.sampler_step_hook: Optional[Callable[[], None]] = None
+
+    def _refuse_flow_settings(self, mode: str) -> None:
+        name = families.model_class(self.base_model)
+        if mode != "lora":
+            raise ValueError(f"mode {mode!r}: {name} models train in mode 'lora' only here (full fine-tuning would "
+                             "hold a second copy of the transformer and its optimizer state); choose mode 'lora'")
+        if self.train_text_encoder:
+            raise ValueError(f"train_text_encoder: the text encoders of {name} (CLIP / T5 / Gemma) do not train here "
+                             "yet; turn train_text_encoder off (the transformer's LoRA carries the subject)")
+
+    def schedule(self):
+        """FlowSchedule with the model's own shift for flow families; the discrete ᾱ schedule otherwise."""
+        if not self._family.flow:
+            return super().schedule()
+        from ..dreambooth_core.training.objective import FlowSchedule
+
+        return FlowSchedule(shift=self.flow_shift)
 
     # -- identity ------------------------------------------------------------------------------
     def _native_resolution(self) -> int:
@@ -213,6 +279,8 @@ class ComfyBackend(BackendDefaults):
     def family(self) -> str:
         import comfy.model_base
 
+        if self._family.flow:
+            return self._family.name
         base = self.model.model
         if isinstance(base, comfy.model_base.SDXL):
             return "sdxl"
@@ -291,6 +359,8 @@ class ComfyBackend(BackendDefaults):
     def encode_text(self, prompts: Sequence[str], *, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         if self.clip is None:
             raise ValueError("no CLIP connected")
+        if self._family.flow:
+            return self._encode_flow(prompts)
         contexts, pooled = [], []
         for prompt in prompts:
             tokens = self.clip.tokenize(prompt)
@@ -320,9 +390,140 @@ class ComfyBackend(BackendDefaults):
         images = self.vae.decode(self.model.get_model_object("latent_format").process_out(latents.float()))
         return (images.movedim(-1, 1) * 2.0 - 1.0).clamp(-1, 1)
 
+    # -- flow families: text and prediction --------------------------------------------------
+    def _cap_tokens(self, key: str, windows: list) -> list:
+        """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
+        the whole prompt), a long-context one cut at the family's text_cap tokens (its end token kept)."""
+        first = windows[:1]
+        cap = self._family.text_cap
+        if key in ("l", "g", "h") or not first or len(first[0]) <= cap:
+            return first
+        log.warning("DreamBooth: a caption has %d %s tokens; %s trains on the first %d", len(first[0]), key,
+                    self._family.name, cap)
+        return [first[0][:cap - 1] + first[0][-1:]]
+
+    def _encode_flow(self, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Each prompt as the host encodes it (`encode_from_tokens`, its own padding: Flux's T5 to 256
+        tokens, none for Chroma / Lumina 2), zero-padded to one length per family so the core can batch
+        cached captions; `context_len` says how much is real. predict() cuts the padding off again."""
+        width = self._family.text_cap + 77
+        rows = []
+        for prompt in prompts:
+            tokens = {k: self._cap_tokens(k, v) for k, v in self.clip.tokenize(prompt).items()}
+            rows.append(self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True))
+        n = len(rows)
+        first = rows[0]["cond"]
+        out = {"context": first.new_zeros((n, width, first.shape[-1])),
+               "context_len": torch.tensor([r["cond"].shape[1] for r in rows], dtype=torch.long)}
+        for i, r in enumerate(rows):
+            out["context"][i, :r["cond"].shape[1]] = r["cond"][0]
+        if rows[0].get("pooled_output") is not None:
+            out["pooled"] = torch.cat([r["pooled_output"] for r in rows])
+        if rows[0].get("attention_mask") is not None:
+            out["attention_mask"] = torch.zeros((n, width), dtype=rows[0]["attention_mask"].dtype)
+            for i, r in enumerate(rows):
+                out["attention_mask"][i, :r["attention_mask"].shape[-1]] = r["attention_mask"][0]
+        return out
+
+    def _flow_conds(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], i: int) -> dict:
+        """Sample i's model inputs from the host's own `extra_conds` (as a sampler makes them)."""
+        n = int(cond["context_len"][i])
+        kw = {"noise": x[i:i + 1], "device": x.device, "width": x.shape[-1] * self.latent_factor,
+              "height": x.shape[-2] * self.latent_factor, "prompt_type": "positive",
+              "cross_attn": cond["context"][i:i + 1, :n].to(x.device)}
+        # None where the encoder pools nothing (Chroma, Lumina 2), as the host's conditioning carries it
+        kw["pooled_output"] = cond["pooled"][i:i + 1].to(x.device) if "pooled" in cond else None
+        if "attention_mask" in cond:
+            kw["attention_mask"] = cond["attention_mask"][i:i + 1, :n].to(x.device)
+        conds = self.model.model.extra_conds(**kw)
+        return {k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()}
+
+    def _transformer_options(self, sigma: torch.Tensor) -> dict:
+        """The MODEL's transformer_options with its patcher's wrappers and callbacks merged in, as the
+        host's samplers pass them (`sampler_helpers.prepare_model_patcher`), plus this call's σ."""
+        import comfy.patcher_extension as pe
+
+        options = pe.copy_nested_dicts(self.model.model_options.get("transformer_options", {}))
+        for name in ("wrappers", "callbacks"):
+            pe.merge_nested_dicts(options.setdefault(name, {}), getattr(self.model, name, {}), copy_dict1=False)
+        options["sigmas"] = sigma
+        options["cond_or_uncond"] = [0]
+        return options
+
+    def _wraps_apply_model(self, options: dict) -> bool:
+        import comfy.patcher_extension as pe
+
+        return bool(self.model.model_options.get("model_function_wrapper")
+                    or pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options))
+
+    def _flow_forward(self, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
+        """The raw velocity for one batch whose conds concatenate: `BaseModel._apply_model` up to the
+        diffusion model's output, which for CONST sampling is v (denoised = x − σ·v)."""
+        import comfy.model_base
+        import comfy.model_management as mm
+
+        base = self.model.model
+        options = self._transformer_options(sigma)
+        if self._wraps_apply_model(options):
+            wrapper = self.model.model_options.get("model_function_wrapper")
+            if wrapper is not None:
+                c = dict(conds, transformer_options=options)
+                denoised = wrapper(base.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+            else:
+                denoised = base.apply_model(x, sigma, transformer_options=options, **conds)
+            return (x - denoised.float()) / sigma.view(-1, *([1] * (x.ndim - 1)))
+        conds = dict(conds)
+        context = conds.pop("c_crossattn", None)
+        if conds.pop("c_concat", None) is not None:
+            raise UnsupportedModel(f"{families.model_class(self.base_model)} asked for concatenated image inputs")
+        sampling = base.model_sampling
+        get_dtype = getattr(base, "get_dtype_inference", None)
+        dtype = get_dtype() if get_dtype is not None else (base.manual_cast_dtype or base.get_dtype())
+        xc = sampling.calculate_input(sigma, x).to(dtype)
+        t = sampling.timestep(sigma).float()
+        if context is not None:
+            context = mm.cast_to_device(context, x.device, dtype)
+        extra = {k: ([comfy.model_base.convert_tensor(e, dtype, x.device) for e in v] if isinstance(v, list)
+                     else comfy.model_base.convert_tensor(v, dtype, x.device)) for k, v in conds.items()}
+        t = base.process_timestep(t, x=x, **extra)
+        if hasattr(self.model, "is_dynamic"):
+            options["prefetch_dynamic_vbars"] = base.current_patcher is not None and base.current_patcher.is_dynamic()
+        out = base.diffusion_model(xc, t, context=context, control=None, transformer_options=options, **extra)
+        return out.float()
+
+    def _predict_flow(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity at σ. Samples whose conds the host would batch together (same text length, same
+        constants) share a forward; others get their own, so no sample sees padding it would not see
+        at inference."""
+        dev = self.device
+        x = noisy.to(dev, torch.float32)
+        sigma = sigmas.to(dev, torch.float32).reshape(-1)
+        per = [self._flow_conds(x, cond, i) for i in range(x.shape[0])]
+        groups: List[List[int]] = []
+        for i, c in enumerate(per):
+            for g in groups:
+                first = per[g[0]]
+                if first.keys() == c.keys() and all(first[k].can_concat(c[k]) for k in c):
+                    g.append(i)
+                    break
+            else:
+                groups.append([i])
+        pieces, order = [], []
+        for g in groups:
+            conds = {k: per[g[0]][k].concat([per[j][k] for j in g[1:]]) for k in per[g[0]]}
+            idx = torch.tensor(g, device=dev)
+            pieces.append(self._flow_forward(x[idx], sigma[idx], conds))
+            order += g
+        out = torch.cat(pieces)
+        if order != sorted(order):
+            out = out[torch.tensor(order, device=dev).argsort()]
+        return out
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         self._last_shape = list(noisy.shape)
         self._ensure_loaded()
+        if self._family.flow:
+            return self._predict_flow(noisy, timesteps, cond)
         base = self.model.model
         dev = self.device
         dtype = self.model.get_model_object("manual_cast_dtype") or base.get_dtype()
@@ -342,6 +543,11 @@ class ComfyBackend(BackendDefaults):
     # -- training surface ----------------------------------------------------------------------
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         targets: Dict[str, nn.Module] = {}
+        if unet and self._family.flow:  # attention and MLP Linears of the blocks; no convolutions here
+            for name, (key, module) in families.flow_lora_targets(self._family, self.model.model.diffusion_model).items():
+                targets[name] = module
+                self._target_keys[name] = ("unet", key)
+            unet = False
         if unet:
             for name, (key, module) in unet_targets(self.model.model, conv).items():
                 targets[name] = module
@@ -370,6 +576,10 @@ class ComfyBackend(BackendDefaults):
         other weights that are inference tensors (see adapters.FreshCopy), then load."""
         if self._installed:
             return
+        if self._family.flow:
+            self._install_flow()
+            self._installed = True
+            return
         roots = [("unet", self.model.model)] + ([("clip", self.clip.cond_stage_model)] if self.train_text_encoder else [])
         for kind, root in roots:
             # The host's loader leaves requires_grad=True on the (frozen) weights: autograd would
@@ -394,6 +604,67 @@ class ComfyBackend(BackendDefaults):
                     self._patch_forward(layer, functools.partial(_clip_layer_forward, layer))
         self._installed = True
         self._ensure_loaded()
+
+    def _install_flow(self) -> None:
+        """Patch the shared transformer's forwards for the run (restored by release()): every plain
+        Linear through FrozenLinearForward (with its LoRA where the network has one), every block
+        checkpointed, and the remaining frozen inference tensors (norm scales, pad tokens, the patch
+        embedding: small) swapped for ordinary copies, which autograd may save."""
+        dm = self.model.model.diffusion_model
+        for p in self.model.model.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+        self._flow_state = state = FlowState()
+        self._training_kernels(True)
+        adapters = {}
+        if self._network is not None:
+            keys = {key: name for name, (kind, key) in self._target_keys.items() if kind == "unet"}
+            for path, module in dm.named_modules():
+                name = keys.get(f"diffusion_model.{path}.weight")
+                if name is not None and name in self._network.adapters:
+                    adapters[id(module)] = self._network.adapters[name]
+        patched = set()
+        for path, module in dm.named_modules():
+            if frozen_linear_patchable(module):
+                self._patch_forward(module, FrozenLinearForward(module, state, adapters.pop(id(module), None)))
+                patched.add(id(module))
+        if adapters:
+            raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears of the host; cannot train them")
+        self._ensure_loaded()  # the copies below are made where the memory manager put the weights
+        with torch.inference_mode(False):
+            for module in dm.modules():
+                if id(module) in patched:
+                    continue
+                for name, t in list(module._parameters.items()):
+                    if t is not None and t.is_inference():
+                        copy = nn.Parameter(t.clone(), requires_grad=False)
+                        self._swapped.append((module, name, t))
+                        module._parameters[name] = copy
+                        self.flow_copied_bytes += t.nelement() * t.element_size()
+        for block in families.flow_blocks(self._family, dm):
+            self._patch_forward(block, functools.partial(_checkpointed_all, block.forward))
+
+    def _training_kernels(self, on: bool) -> None:
+        """The host's switch (0.3.65 on: `comfy.model_management.in_training`, what its own trainer sets)
+        from fused inference kernels without a backward (comfy_kitchen's RoPE) to differentiable ones."""
+        import comfy.model_management as mm
+
+        if hasattr(mm, "in_training"):
+            if on and self._kernels_before is None:
+                self._kernels_before = getattr(mm, "in_training")
+                setattr(mm, "in_training", True)
+            elif not on and self._kernels_before is not None:
+                setattr(mm, "in_training", self._kernels_before)
+                self._kernels_before = None
+
+    def _restore_swapped(self) -> None:
+        """Put the host's own tensors back; where the memory manager has moved the module since, the
+        copy (same values, on the module's device now) stays."""
+        while self._swapped:
+            module, name, original = self._swapped.pop()
+            current = module._parameters.get(name)
+            if current is None or current.device == original.device:
+                module._parameters[name] = original
 
     def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
         if self._containers is None:
@@ -430,6 +701,8 @@ class ComfyBackend(BackendDefaults):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint the UNet's blocks (and the text encoder's layers when it trains), as the
         host's trainer does: the shared modules' forwards are wrapped for the run and restored."""
+        if self._family.flow:  # a flow model's blocks are always checkpointed (_install_flow)
+            return
         if enabled and self._checkpoint_mark is None:
             self._checkpoint_mark = len(self._forward_patches)
             dm = self.model.model.diffusion_model
@@ -445,10 +718,25 @@ class ComfyBackend(BackendDefaults):
             self._unpatch_forwards(self._checkpoint_mark)
             self._checkpoint_mark = None
 
+    def unwrap(self) -> None:
+        """After training: the patched forwards of a flow model pass through to the host's."""
+        if self._flow_state is not None:
+            self._flow_state.active = False
+            self._training_kernels(False)
+
+    def use_wrapped(self, models: List[nn.Module]) -> None:
+        if self._flow_state is not None:
+            self._flow_state.active = True
+            self._training_kernels(True)
+
     def release(self) -> None:
-        """Undo every change made to the shared modules for training (forward patches)."""
+        """Undo every change made to the shared modules for training (forward patches, swapped tensors)."""
         self.set_gradient_checkpointing(False)
         self._unpatch_forwards(0)
+        self._restore_swapped()
+        if self._flow_state is not None:
+            self._flow_state.active = False
+            self._training_kernels(False)
 
     # -- results -------------------------------------------------------------------------------
     def result(self):
@@ -485,13 +773,6 @@ class ComfyBackend(BackendDefaults):
         model, clip = self._sampling_pair()
         channels = model.get_model_object("latent_format").latent_channels
         latent = torch.zeros([1, channels, settings.height // f, settings.width // f])
-        conds: Dict[str, list] = {}
-
-        def cond(text: str):
-            if text not in conds:
-                conds[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-            return conds[text]
-
         hook = self.sampler_step_hook
 
         def on_step(step, x0, x, total):
@@ -499,6 +780,29 @@ class ComfyBackend(BackendDefaults):
                 hook()
 
         images: List[np.ndarray] = []
+        state = self._flow_state
+        active = state is not None and state.active
+        if state is not None:  # the host samples the result MODEL (its deltas as weight wrappers)
+            state.active = False
+            self._training_kernels(False)
+        try:
+            self._sample(model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images)
+        finally:
+            if state is not None and active:
+                state.active = True
+                self._training_kernels(True)
+        return images
+
+    def _sample(self, model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images):
+        import comfy.sample
+
+        conds: Dict[str, list] = {}
+
+        def cond(text: str):
+            if text not in conds:
+                conds[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+            return conds[text]
+
         with torch.no_grad():
             for prompt, seed in zip(prompts, seeds):
                 noise = comfy.sample.prepare_noise(latent, int(seed))
@@ -512,7 +816,6 @@ class ComfyBackend(BackendDefaults):
                 images.append(arr)
                 if progress is not None:
                     progress(len(images), len(prompts))
-        return images
 
     # -- full fine-tune ------------------------------------------------------------------------
     def save_full(self, path: str) -> List[str]:

@@ -137,6 +137,14 @@ FAMILIES = {
     "sd2": ("sd_v2", "stable-diffusion-v2-512"),
     "sd2-v": ("sd_v2", "stable-diffusion-v2-768-v"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+    # Flow-matching transformers, in sd-scripts' names (library/sai_model_spec.py, flux_utils, lumina_util).
+    # For SD3 sd-scripts writes its model type ("medium", "5-large") as ss_base_model_version, which names no
+    # family; "sd3" does, and the architecture is sd-scripts' "stable-diffusion-3-" + type.
+    "flux": ("flux1", "flux-1-dev"),
+    "flux-schnell": ("flux1", "flux-1-schnell"),
+    "sd3": ("sd3", "stable-diffusion-3-medium"),
+    "chroma": ("chroma", "chroma"),
+    "lumina2": ("lumina2", "lumina-2"),
 }
 
 

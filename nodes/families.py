@@ -1,0 +1,135 @@
+"""Which model families the ComfyUI backend trains, told from the MODEL the host loaded.
+
+A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
+class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
+listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
+input channels, EDM/x0 models, Flux 2, HiDream, Qwen-Image, ...) is refused before any work, with
+its name, because its conditioning, schedule or LoRA keys are not the ones implemented here.
+
+Per flow family (rectified flow, `CONST` sampling):
+  - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
+    stores μ of BFL's exponential shift e^μ/(e^μ + 1/t − 1), which is the same map with s = e^μ;
+    `ModelSamplingDiscreteFlow` stores s itself.
+  - `blocks`: the transformer block lists, checkpointed during training (their forwards update the
+    residual stream in place, which autograd only tolerates inside a recomputed block).
+  - `lora`: which Linears of the blocks carry a LoRA (attention and MLP; the adaLN modulation
+    Linears are left out: they are large, and a LoRA there mostly rescales the whole image).
+  - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
+    training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
+    Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
+The LoRA keys are kohya's for these models (`lora_unet_` + the module path in the host's own layout
+with dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_joint_blocks_0_x_block_attn_qkv`,
+`lora_unet_layers_0_attention_qkv`), which the stock LoraLoader maps for every model
+(`comfy.lora.model_lora_keys_unet`, the generic `lora_unet_` rule) in both host versions.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..dreambooth_core.backends.base import UnsupportedModel
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what Backend.family says and the LoRA metadata names (dreambooth_core.adapters.kohya.FAMILIES)
+    flow: bool
+    native_resolution: int = 1024
+    blocks: Tuple[str, ...] = ()
+    lora: Optional[str] = None  # regex on the module path inside diffusion_model
+    text_cap: int = 0
+
+
+# Discrete-schedule families: the SD path (ε/v from the model's own ᾱ), unchanged.
+_DISCRETE = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+             "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
+
+_FLUX_LORA = r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])$"
+_FLOW = {
+    "Flux": Family("flux", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA, text_cap=512),
+    "FluxSchnell": Family("flux-schnell", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA,
+                          text_cap=256),
+    "SD3": Family("sd3", True, blocks=("joint_blocks",), text_cap=256,
+                  lora=r"^joint_blocks\.\d+\.(context|x)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])$"),
+    "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA, text_cap=512),
+    "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256,
+                      lora=r"^(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])$"),
+}
+
+TRAINS = "SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma and Lumina 2"
+
+
+def model_class(model) -> str:
+    return type(model.model.model_config).__name__
+
+
+def _sampling_kind(model_sampling) -> str:
+    import comfy.model_sampling as ms
+
+    for kind in ("CONST", "V_PREDICTION", "EPS", "EDM", "X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
+        cls = getattr(ms, kind, None)
+        if cls is not None and isinstance(model_sampling, cls):
+            return kind
+    return type(model_sampling).__name__
+
+
+def detect(model) -> Family:
+    """The family of a ComfyUI MODEL, or UnsupportedModel naming what it is and what trains."""
+    import comfy.model_sampling as ms
+
+    name = model_class(model)
+    sampling = model.get_model_object("model_sampling")
+    kind = _sampling_kind(sampling)
+    if name in _DISCRETE:
+        return Family(_DISCRETE[name], False)
+    family = _FLOW.get(name)
+    if family is None:
+        raise UnsupportedModel(
+            f"the connected MODEL is {name} ({kind} sampling); DreamBooth trains {TRAINS}. Load one of those "
+            "(video, audio, inpainting/control and other families are not supported)")
+    flow_classes = tuple(c for c in (getattr(ms, "ModelSamplingDiscreteFlow", None), getattr(ms, "ModelSamplingFlux", None))
+                         if c is not None)
+    if kind != "CONST" or not isinstance(sampling, flow_classes):
+        raise UnsupportedModel(
+            f"the connected {name} MODEL samples with {type(sampling).__mro__[1].__name__} ({kind}), not rectified "
+            "flow: a node patched its sampling (e.g. ModelSamplingDiscrete); connect the model without that patch")
+    if float(getattr(sampling, "noise_scale", 1.0)) != 1.0:
+        raise UnsupportedModel(f"the connected {name} MODEL scales its noise by {sampling.noise_scale}; DreamBooth "
+                               "trains flow models with unit noise only")
+    dm = model.model.diffusion_model
+    if getattr(dm, "in_channels", None) is not None and getattr(dm, "out_channels", None) is not None \
+            and name in ("Flux", "FluxSchnell", "Chroma") and dm.in_channels != dm.out_channels:
+        raise UnsupportedModel(f"the connected {name} MODEL takes {dm.in_channels} input channels for "
+                               f"{dm.out_channels} output channels (a Fill/inpainting or Canny/Depth model); "
+                               f"DreamBooth trains the text-to-image models: {TRAINS}")
+    return family
+
+
+def flow_shift(model_sampling) -> float:
+    """The SD3-style shift s of the host's flow sampling (see the module docstring)."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.ModelSamplingFlux):
+        return math.exp(float(model_sampling.shift))
+    return float(model_sampling.shift)
+
+
+def flow_lora_targets(family: Family, diffusion_model):
+    """kohya name -> (weight key in the ModelPatcher, module) for the family's LoRA Linears."""
+    from torch import nn
+
+    rule = re.compile(family.lora)
+    out = {}
+    for path, module in diffusion_model.named_modules():
+        if isinstance(module, nn.Linear) and rule.match(path):
+            out["lora_unet_" + path.replace(".", "_")] = (f"diffusion_model.{path}.weight", module)
+    return out
+
+
+def flow_blocks(family: Family, diffusion_model) -> list:
+    out = []
+    for name in family.blocks:
+        out.extend(getattr(diffusion_model, name, None) or [])
+    return out
