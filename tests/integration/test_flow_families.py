@@ -1,0 +1,359 @@
+"""The comfy backend on the flow-matching families, in-process on the host's own objects.
+
+Tiny seeded checkpoints of each family (family_checkpoints.py) load through the host's loaders under
+torch.inference_mode(), as the executor runs nodes (so the weights are inference tensors). Checked:
+  - the family is told from the host's detection, with its shift, and other families are refused
+    up front with a message that names them;
+  - `predict` (σ in, velocity out) is the velocity of the host's own `apply_model` with the conds its
+    own `extra_conds` make from the host's text encoding, for prompts of different lengths too;
+  - a few LoRA steps of the core trainer (prior preservation on, two class images from `generate`)
+    lower the held-out flow loss of the identifier prompt; the file carries kohya keys that the stock
+    LoraLoader node maps every one of, and it changes the model's output; the base MODEL stays
+    bit-identical; no frozen Linear weight is copied while training.
+On 0.3.64 Flux is 3072 wide (the host hard-codes it): there its T5 is left unpadded (the host's own
+T5TokenizerOptions option, min_length 1) so that a step costs seconds, not minutes.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import family_checkpoints as fc  # noqa: E402
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module")
+def comfy_host(host, pack):
+    host.add_model_folder_path("diffusion_models", str(fc.cache_dir()))
+    yield host
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
+def _cb(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.comfy_backend")
+
+
+_LOADED: dict = {}
+
+
+def _load(name):
+    """(files, MODEL, CLIP, VAE) of a family, loaded once per module under inference mode."""
+    if name not in _LOADED:
+        for other in list(_LOADED):  # one family in memory at a time (0.3.64's are ~0.5 B parameters)
+            del _LOADED[other]
+        gc.collect()
+        try:
+            files = fc.ensure_family(name)
+        except fc.FamilyUnsupported as e:
+            pytest.skip(str(e))
+        with torch.inference_mode():
+            model, clip, vae = files.load_model(), files.load_clip(), files.load_vae()
+        if files.layout.get("hidden") == 3072 and files.clip_type == "flux":
+            clip.set_tokenizer_option("t5xxl_min_length", 1)  # see the module docstring
+        _LOADED[name] = (files, model, clip, vae)
+    return _LOADED[name]
+
+
+def _host_velocity(model, clip, prompt, x, sigma):
+    """v from the host's own path: its encoding, its extra_conds, apply_model's denoised x0 (with this
+    MODEL's patches: the memory manager loads it first, as a sampler does)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    with torch.no_grad():
+        enc = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True, return_dict=True)
+        params = dict(enc)
+        params["cross_attn"] = params.pop("cond")
+        conds = model.model.extra_conds(noise=x, device=x.device, width=x.shape[-1] * 8, height=x.shape[-2] * 8,
+                                        prompt_type="positive", **params)
+        kwargs = {k: c.process_cond(batch_size=x.shape[0], device=x.device, area=None).cond for k, c in conds.items()}
+        denoised = model.model.apply_model(x, sigma, **kwargs)
+    return (x - denoised) / sigma.view(-1, 1, 1, 1)
+
+
+def _digest(module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- detection
+
+EXPECT = {"flux_dev": ("flux", 1.15), "flux_schnell": ("flux-schnell", 1.0), "sd3": ("sd3", 3.0),
+          "sd35": ("sd3", 3.0), "chroma": ("chroma", None), "lumina2": ("lumina2", 6.0)}
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "sd3"])
+def test_family_shift_and_schedule(comfy_host, pack, name):
+    import math
+
+    files, model, clip, vae = _load(name)
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    family, host_shift = EXPECT[name]
+    assert backend.family == family and backend.prediction_type == "flow"
+    schedule = backend.schedule()
+    assert schedule.kind == "flow"
+    sampling = model.get_model_object("model_sampling")
+    # Flux stores μ of e^μ/(e^μ + 1/t − 1): the SD3 shift e^μ; SD3 stores the shift itself.
+    expected = math.exp(sampling.shift) if "Flux" in type(sampling).__mro__[1].__name__ else sampling.shift
+    assert schedule.shift == pytest.approx(expected) and sampling.shift == pytest.approx(host_shift)
+    # the schedule's σ(t) is the host's own: shifting t = 0.3 gives the host's sigma at that timestep
+    t = torch.tensor([0.3])
+    objective = importlib.import_module(pack.__name__ + ".dreambooth_core.training.objective")
+    mult = getattr(sampling, "multiplier", None) or 1.0
+    torch.testing.assert_close(objective.shift_sigmas(t, schedule.shift), sampling.sigma(t * mult).float())
+
+
+def test_other_families_are_refused_naming_them(comfy_host, pack):
+    """A Flux Fill (inpainting) model, a flow model whose sampling a node re-patched, and an EDM patch:
+    refused at construction, with the family's name and what trains."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    cb = _cb(pack)
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    files, model, clip, vae = _load("flux_dev")
+    config = dict(model.model.model_config.unet_config, in_channels=96)
+    inpaint = comfy.supported_models.FluxInpaint(config)
+    with torch.device("meta"):
+        inpaint_model = inpaint.get_model({})
+    fill = comfy.model_patcher.ModelPatcher(inpaint_model, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(base.UnsupportedModel, match=r"FluxInpaint.*trains SD1\.x, SD2\.x, SDXL, Flux"):
+        cb.ComfyBackend(fill, clip, vae)
+    # detected as Flux, but with a control image's channels in img_in (Flux Canny / Depth)
+    canny = comfy.supported_models.Flux(dict(model.model.model_config.unet_config, in_channels=32))
+    with torch.device("meta"):
+        canny_model = canny.get_model({})
+    control = comfy.model_patcher.ModelPatcher(canny_model, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(base.UnsupportedModel, match="Flux MODEL takes 128 input channels"):
+        cb.ComfyBackend(control, clip, vae)
+    with torch.inference_mode():
+        eps = ModelSamplingDiscrete().patch(model, "eps", False)[0]
+    with pytest.raises(base.UnsupportedModel, match="Flux MODEL samples with ModelSamplingDiscrete"):
+        cb.ComfyBackend(eps, clip, vae)
+    with pytest.raises(ValueError, match="mode 'lora'"):
+        cb.ComfyBackend(model, clip, vae, mode="full")
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        cb.ComfyBackend(model, clip, vae, train_text_encoder=True)
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+@pytest.mark.parametrize("name", ["flux_dev", "flux_schnell", "sd3", "sd35", "chroma", "lumina2"])
+def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
+    files, model, clip, vae = _load(name)
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    prompts = [PROMPT, "a dog"]  # two lengths where the encoder does not pad (Chroma, Lumina 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, files.latent_channels, 8, 8, generator=g)
+    sigma = torch.tensor([0.35, 0.8])
+    with torch.no_grad():
+        cond = backend.encode_text(prompts, size=(64, 64))
+        assert cond["context"].shape[1] == backend._family.text_cap + 77
+        out = backend.predict(x, sigma, cond)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    for i, prompt in enumerate(prompts):
+        expected = _host_velocity(model, clip, prompt, x[i:i + 1], sigma[i:i + 1])
+        torch.testing.assert_close(out[i:i + 1], expected, rtol=1e-3, atol=1e-3)
+    if name == "flux_dev":  # the guidance the host's extra_conds put in (its default, as kohya trains dev)
+        conds = backend._flow_conds(x.to(backend.device), cond, 0)
+        assert conds["guidance"].cond.tolist() == [3.5]
+
+
+def test_predict_goes_through_apply_model_wrappers(comfy_host, pack):
+    """A MODEL whose options wrap apply_model (a node's APPLY_MODEL wrapper) is predicted through the
+    host's apply_model, the wrapper included: v = (x − denoised)/σ."""
+    import comfy.patcher_extension as pe
+
+    files, model, clip, vae = _load("flux_dev")
+    calls = []
+
+    def wrapper(executor, *args, **kwargs):
+        calls.append(1)
+        return executor(*args, **kwargs) * 0.5  # a visible change
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test", wrapper)
+    cb = _cb(pack)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.5])
+    with torch.no_grad():
+        plain = cb.ComfyBackend(model, clip, vae)
+        w = cb.ComfyBackend(wrapped, clip, vae)
+        v_plain = plain.predict(x, sigma, plain.encode_text([PROMPT], size=(64, 64)))
+        v_wrapped = w.predict(x, sigma, w.encode_text([PROMPT], size=(64, 64)))
+    assert calls
+    denoised = x - sigma * v_plain  # the wrapper halves denoised: v' = (x − denoised/2)/σ
+    torch.testing.assert_close(v_wrapped, (x - 0.5 * denoised) / sigma, rtol=1e-3, atol=1e-3)
+
+
+def test_lora_gradient_through_frozen_linears_and_checkpointed_blocks(comfy_host, pack):
+    """The gradient the trainer gets (frozen Linears pass it on from the weight read again, blocks
+    recomputed) is the derivative of predict: a central finite difference along a random direction."""
+    files, model, clip, vae = _load("flux_dev")
+    cb = _cb(pack)
+    adapters = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters")
+    backend = cb.ComfyBackend(model, clip, vae)
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4])
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            cond = backend.encode_text([PROMPT], size=(64, 64))
+            torch.manual_seed(0)
+            network = adapters.LoRANetwork(backend.lora_targets(True, False), rank=2, alpha=2.0)
+            for a in network.adapters.values():  # non-zero up: every LoRA parameter gets a gradient
+                torch.nn.init.normal_(a.lora_up.weight, std=0.05)
+            backend.attach_lora(network)
+            params = list(network.parameters())
+            target = torch.randn(x.shape, generator=g)
+
+            def loss():
+                return ((backend.predict(x, sigma, cond) - target) ** 2).mean()
+
+            grads = torch.autograd.grad(loss(), params)
+            direction = [torch.randn(p.shape, generator=g) for p in params]
+            analytic = sum((gr * d).sum() for gr, d in zip(grads, direction))
+            eps = 1e-3
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.add_(d, alpha=eps)
+                plus = loss()
+                for p, d in zip(params, direction):
+                    p.add_(d, alpha=-2 * eps)
+                minus = loss()
+                for p, d in zip(params, direction):
+                    p.add_(d, alpha=eps)
+    finally:
+        backend.release()
+    numeric = (plus - minus) / (2 * eps)
+    assert float(analytic) == pytest.approx(float(numeric), rel=2e-2, abs=1e-5)
+    assert any(gr.abs().sum() > 0 for gr in grads[: len(grads) // 2])
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def _instance_images(n=3, size=64):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        img = np.zeros((size, size, 3), np.uint8)
+        img[..., i % 3] = 200
+        img[16:48, 16:48] = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        out.append(Image.fromarray(img))
+    return out
+
+
+def _flow_loss(backend, latents, cond, seed=1234):
+    """The mean flow loss at fixed held-out noise and σ (not drawn by any training step)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    sigma = torch.tensor([0.3, 0.5, 0.7])[: latents.shape[0]]
+    s = sigma.view(-1, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    with torch.no_grad():
+        v = backend.predict(noisy, sigma, cond)
+    return float(((v - (noise - latents)) ** 2).mean())
+
+
+@pytest.mark.parametrize("name,steps", [("flux_dev", 3), ("sd3", 4)])
+def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, steps, tmp_path, caplog):
+    import comfy.utils
+    import nodes as host_nodes
+    from PIL import Image
+
+    files, model, clip, vae = _load(name)
+    cb = _cb(pack)
+    core = lambda m: importlib.import_module(pack.__name__ + ".dreambooth_core." + m)  # noqa: E731
+    config_mod, trainer_mod, base_mod = core("config"), core("training.trainer"), core("backends.base")
+    before = _digest(model.model)
+
+    backend = cb.ComfyBackend(model, clip, vae)
+    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
+    with torch.inference_mode():
+        class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
+    assert len(class_arrays) == 2 and class_arrays[0].shape == (64, 64, 3)
+    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images()]
+    classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
+
+    with torch.no_grad():
+        latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
+                                                     .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
+        cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
+    untrained = _flow_loss(backend, latents, cond)
+
+    config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
+                                    rank=4, steps=steps, learning_rate=1e-2 if name == "sd3" else 3e-3, batch_size=1,
+                                    seed=0, output_dir=str(tmp_path), save_name=f"flow_{name}", save_precision="fp32",
+                                    max_grad_norm=0.0)
+    state = {}
+
+    def on_step(info):
+        if "no_wrappers" not in state:  # while training: no weight copies of the transformer
+            dm = backend.model.model.diffusion_model
+            linears = [m for m in dm.modules() if isinstance(m, torch.nn.Linear)]
+            state["no_wrappers"] = (not backend.model.weight_wrapper_patches
+                                    and all(not getattr(m, "weight_function", []) for m in linears))
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            result = trainer_mod.train(backend, config, instance, classes,
+                                       callbacks=trainer_mod.Callbacks(on_step=on_step))
+    finally:
+        backend.release()
+    # The trained MODEL the node hands on (the deltas as weight wrappers), predicted the same way.
+    trained = _flow_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
+    assert result.status == "completed" and result.lora_path is not None
+    assert state["no_wrappers"], "a frozen Linear was read through a weight wrapper (a full copy per forward)"
+    model_bytes = sum(p.nelement() * p.element_size() for p in model.model.diffusion_model.parameters())
+    assert backend.flow_copied_bytes < 0.01 * model_bytes, (backend.flow_copied_bytes, model_bytes)
+    assert trained < untrained, (untrained, trained)
+    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+    dm = model.model.diffusion_model
+    assert all("forward" not in vars(m) for m in dm.modules()), "a forward patch was left on the shared model"
+    assert all(not p.requires_grad or p.grad is None for p in model.model.parameters())
+
+    # The file: kohya keys of the family, its metadata, every key used by the stock LoraLoader.
+    lora = comfy.utils.load_torch_file(str(result.lora_path))
+    names = {k.split(".")[0] for k in lora}
+    prefix = "lora_unet_double_blocks_0_img_attn_qkv" if name == "flux_dev" else "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert prefix in names and all(n.startswith("lora_unet_") for n in names)
+    assert not any("mod" in n for n in names), "modulation Linears carry no LoRA"
+    from safetensors import safe_open
+
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    arch = {"flux_dev": ("flux1", "flux-1-dev/lora"), "sd3": ("sd3", "stable-diffusion-3-medium/lora")}[name]
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == arch
+
+    loras = comfy_host.get_folder_paths("loras")[0]
+    dest = f"{loras}/flow_{name}.safetensors"
+    import shutil
+
+    shutil.copyfile(result.lora_path, dest)
+    caplog.set_level(logging.WARNING)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0.6])
+    with torch.inference_mode():
+        lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"flow_{name}.safetensors", 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    assert len(lm.patches) == len(names), "every key patches one weight"
+    v_base = _host_velocity(model, clip, PROMPT, x, sigma)
+    v_lora = _host_velocity(lm, lc, PROMPT, x, sigma)
+    v_result = _host_velocity(backend.result()[0], clip, PROMPT, x, sigma)  # the trained MODEL of the node
+    assert not torch.equal(v_base, v_lora)
+    torch.testing.assert_close(v_lora, v_result, rtol=1e-3, atol=1e-3)
+    assert _digest(model.model) == before
