@@ -19,6 +19,7 @@ LORA_TARGETS = ("transformer", "attention")
 # blocks of the highest-resolution level that has them, "attention" every transformer block
 # (where activations pile up), "full" every block (least memory, slowest).
 GRADIENT_CHECKPOINTING = ("off", "attention-hires", "attention", "full")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # training/optimizers.py builds them
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,7 @@ class TrainConfig:
     offset_noise: float = 0.0
     gradient_checkpointing: str = "off"  # also True (= "full") / False (= "off"), as before
     mixed_precision: str = "no"
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adafactor: training/optimizers.py
     # outputs
     output_dir: str = "output"
     save_name: str = "dreambooth_lora"
@@ -118,6 +120,8 @@ class TrainConfig:
         if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
             bad("gradient_checkpointing", f"{self.gradient_checkpointing!r} is not one of {GRADIENT_CHECKPOINTING} "
                                           "(or true/false)")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"{self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.crop not in CROPS:
             bad("crop", f"{self.crop!r} is not one of {CROPS}")
         if self.save_precision not in ("fp16", "bf16", "fp32"):

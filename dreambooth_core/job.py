@@ -87,17 +87,19 @@ class JobResult:
 def check_job(config: TrainConfig, host: Host, *, tokenizers=None, native_resolution: Optional[int] = None,
               force_token: bool = False):
     """Everything that can be refused before any work: the settings, a save name with folders, a
-    published LoRA that a run of another name would overwrite, an identifier that the tokenizer
-    splits (unless forced). Fills the resolution in from the model's. Returns the token check
+    published LoRA that a run of another name would overwrite, an optimizer whose library is
+    missing, an identifier that the tokenizer splits (unless forced). Fills the resolution in from the model's. Returns the token check
     (None without tokenizers)."""
     from .adapters import check_replaceable
     from .dataset.tokens import require_single_token
     from .fileio import safe_name
+    from .training.optimizers import check_available
 
     config.save_name = safe_name(str(config.save_name).strip())
     if config.resolution is None and native_resolution:
         config.resolution = int(native_resolution)
     config.validate()
+    check_available(config.optimizer)
     if config.mode == "lora":
         dest = host.lora_destination(config.save_name)
         if dest is not None:

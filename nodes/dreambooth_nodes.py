@@ -291,6 +291,8 @@ class DreamBoothTrain_:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..dreambooth_core.config import OPTIMIZERS
+
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The base model to train (left unchanged for other nodes)."}),
@@ -346,6 +348,10 @@ class DreamBoothTrain_:
                                               "tooltip": "Share of subject images trained with an empty caption "
                                                          "(kohya's caption dropout), so that CFG's unconditional "
                                                          "side knows the subject too (0: off; 0.05-0.1 typical)."}),
+                "optimizer": (list(OPTIMIZERS), {"default": "adamw",
+                                                 "tooltip": "adamw (default); adafactor: factored optimizer "
+                                                            "state, least memory, nothing to install; adamw8bit: "
+                                                            "8-bit state, needs bitsandbytes and a CUDA GPU."}),
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000,
                                           "tooltip": "Every N steps, sample the instance prompt and show the image on "
                                                      "this node (0: off; each preview costs one full sampling)."}),
@@ -367,7 +373,7 @@ class DreamBoothTrain_:
     def train(self, model, clip, vae, dataset, mode, rank, alpha, train_text_encoder, steps, learning_rate,
               prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
               gradient_checkpointing=False, training_dtype="auto", lora_targets="transformer", preview_every=0,
-              caption_dropout=0.0, unique_id=None):
+              caption_dropout=0.0, optimizer="adamw", unique_id=None):
         import comfy.utils
         import torch
 
@@ -396,7 +402,7 @@ class DreamBoothTrain_:
             steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
             gradient_checkpointing=bool(gradient_checkpointing), mixed_precision="no",
             save_name=save_name.strip(), checkpoint_every=int(checkpoint_every),
-            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui")
+            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui", optimizer=optimizer)
         host = TrainHost()
         try:
             check_job(config, host)

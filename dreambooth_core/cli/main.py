@@ -6,7 +6,16 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from ..config import CROPS, GRADIENT_CHECKPOINTING, LORA_TARGETS, LR_SCHEDULES, MIXED_PRECISION, MODES, ConfigError
+from ..config import (
+    CROPS,
+    GRADIENT_CHECKPOINTING,
+    LORA_TARGETS,
+    LR_SCHEDULES,
+    MIXED_PRECISION,
+    MODES,
+    OPTIMIZERS,
+    ConfigError,
+)
 
 S = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
@@ -73,6 +82,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const="off",
                    default=S)
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=S, help="fp16/bf16 on CUDA")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
+                   help="adamw (default), adamw8bit (8-bit state, needs bitsandbytes and a CUDA GPU) or adafactor "
+                        "(factored state, least memory, no extra package)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", "--output", default=S)
     g.add_argument("--save-name", default=S)

@@ -64,6 +64,7 @@ def check_resumable(path: Path, meta: dict, expected: dict, steps: int, processe
     got = dict(meta.get("signature", {}))
     got.setdefault("lora_targets", "transformer")  # checkpoints from before the option had only that set
     got.setdefault("masked_loss", False)  # ... and from before masks
+    got.setdefault("optimizer", "adamw")  # ... and from before the optimizer could be chosen
     if saved:  # ... and from before the objective's settings: their config tells them (same processes)
         for k, v in objective_settings(saved, got["masked_loss"], processes).items():
             got.setdefault(k, v)

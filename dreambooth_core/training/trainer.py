@@ -20,6 +20,7 @@ from . import checkpoint, objective
 from .checkpoint import objective_settings
 from .cache import Bucket, cache_images, cache_text, has_masks
 from .draw import draw
+from .optimizers import make_optimizer
 from ..fileio import safe_name
 from ..backends.base import Backend, Cond, cat_conds
 from ..config import TrainConfig
@@ -143,6 +144,7 @@ class DreamBoothTrainer:
                 "train_text_encoder": c.train_text_encoder, "seed": c.seed, "prior": c.prior,
                 "masked_loss": masked,
                 "n_trainable": n_trainable, "model": self.backend.fingerprint(), "flip": bool(self.flip),
+                "optimizer": c.optimizer,
                 **objective_settings(c.to_dict(), masked, self.accelerator.num_processes), **schedule}
 
     # -- the run -----------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class DreamBoothTrainer:
         groups = [{"params": [p for n, p in named if n not in te_names], "lr": lr}]
         if te_names:
             groups.append({"params": [p for n, p in named if n in te_names], "lr": c.text_encoder_lr or lr})
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=c.weight_decay)
+        optimizer = make_optimizer(c.optimizer, [g for g in groups if g["params"]], c.weight_decay)
         schedule = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, c.steps)
 
         start = 0
