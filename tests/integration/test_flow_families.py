@@ -6,10 +6,16 @@ torch.inference_mode(), as the executor runs nodes (so the weights are inference
     up front with a message that names them;
   - `predict` (σ in, velocity out) is the velocity of the host's own `apply_model` with the conds its
     own `extra_conds` make from the host's text encoding, for prompts of different lengths too;
-  - a few LoRA steps of the core trainer (prior preservation on, two class images from `generate`)
-    lower the held-out flow loss of the identifier prompt; the file carries kohya keys that the stock
-    LoraLoader node maps every one of, and it changes the model's output; the base MODEL stays
-    bit-identical; no frozen Linear weight is copied while training.
+  - the LoRA gradient the trainer gets equals a finite difference of predict;
+  - every LoRA name is a key the stock loader maps to the weight it trains (all six families);
+  - a few LoRA steps of the core trainer (Flux dev, SD3, Lumina 2; prior preservation on, two class
+    images from `generate`) lower the held-out flow loss of the identifier prompt; the file carries
+    kohya keys and family metadata, the stock LoraLoader node uses every key, and it changes the
+    model's output as the trained MODEL does; the base MODEL stays bit-identical; no frozen Linear
+    weight is copied while training;
+  - the nodes (Dataset -> Class Images -> Train) train SD3.
+Chroma is checked up to its gradient path (predict, keys): a training step of its 3072-wide tiny
+model takes tens of seconds on a CPU.
 On 0.3.64 Flux is 3072 wide (the host hard-codes it): there its T5 is left unpadded (the host's own
 T5TokenizerOptions option, min_length 1) so that a step costs seconds, not minutes.
 """
@@ -84,9 +90,11 @@ def _host_velocity(model, clip, prompt, x, sigma):
 
 
 def _digest(module) -> str:
+    """A hash of every tensor's bytes (bit-identical or not), without copying them."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -243,6 +251,26 @@ def test_lora_gradient_through_frozen_linears_and_checkpointed_blocks(comfy_host
     assert any(gr.abs().sum() > 0 for gr in grads[: len(grads) // 2])
 
 
+@pytest.mark.parametrize("name", ["flux_dev", "flux_schnell", "sd3", "sd35", "chroma", "lumina2"])
+def test_lora_names_map_in_the_stock_loader_to_the_weights_they_train(comfy_host, pack, name):
+    """Every LoRA target's kohya name is a key of the stock loader's map (comfy.lora.model_lora_keys_unet)
+    that patches exactly the weight the adapter trains; only attention and MLP Linears of the blocks."""
+    import re
+
+    import comfy.lora
+
+    files, model, clip, vae = _load(name)
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    targets = backend.lora_targets(True, False)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    assert targets and all(key_map.get(n) == backend._target_keys[n][1] for n in targets)
+    parts = {re.sub(r"_\d+_", "_N_", n) for n in targets}
+    expect = {"flux_dev": "lora_unet_double_blocks_N_img_attn_qkv", "sd3": "lora_unet_joint_blocks_N_x_block_mlp_fc2",
+              "lumina2": "lora_unet_layers_N_feed_forward_w3", "chroma": "lora_unet_single_blocks_N_linear2"}
+    assert expect.get(name, next(iter(parts))) in parts
+    assert not any(re.search(r"mod|embed|final|norm", n) for n in targets), sorted(parts)
+
+
 # ------------------------------------------------------------------------------------------- training
 
 def _instance_images(n=3, size=64):
@@ -270,7 +298,12 @@ def _flow_loss(backend, latents, cond, seed=1234):
     return float(((v - (noise - latents)) ** 2).mean())
 
 
-@pytest.mark.parametrize("name,steps", [("flux_dev", 3), ("sd3", 4)])
+TRAINED = {"flux_dev": ("lora_unet_double_blocks_0_img_attn_qkv", "flux1", "flux-1-dev/lora"),
+           "sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd3", "stable-diffusion-3-medium/lora"),
+           "lumina2": ("lora_unet_layers_0_attention_qkv", "lumina2", "lumina-2/lora")}
+
+
+@pytest.mark.parametrize("name,steps", [("flux_dev", 3), ("sd3", 4), ("lumina2", 2)])
 def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, steps, tmp_path, caplog):
     import comfy.utils
     import nodes as host_nodes
@@ -322,7 +355,6 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     model_bytes = sum(p.nelement() * p.element_size() for p in model.model.diffusion_model.parameters())
     assert backend.flow_copied_bytes < 0.01 * model_bytes, (backend.flow_copied_bytes, model_bytes)
     assert trained < untrained, (untrained, trained)
-    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
     dm = model.model.diffusion_model
     assert all("forward" not in vars(m) for m in dm.modules()), "a forward patch was left on the shared model"
     assert all(not p.requires_grad or p.grad is None for p in model.model.parameters())
@@ -330,15 +362,14 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     # The file: kohya keys of the family, its metadata, every key used by the stock LoraLoader.
     lora = comfy.utils.load_torch_file(str(result.lora_path))
     names = {k.split(".")[0] for k in lora}
-    prefix = "lora_unet_double_blocks_0_img_attn_qkv" if name == "flux_dev" else "lora_unet_joint_blocks_0_x_block_attn_qkv"
-    assert prefix in names and all(n.startswith("lora_unet_") for n in names)
+    first, version, arch = TRAINED[name]
+    assert first in names and all(n.startswith("lora_unet_") for n in names)
     assert not any("mod" in n for n in names), "modulation Linears carry no LoRA"
     from safetensors import safe_open
 
     with safe_open(str(result.lora_path), "pt") as f:
         meta = f.metadata()
-    arch = {"flux_dev": ("flux1", "flux-1-dev/lora"), "sd3": ("sd3", "stable-diffusion-3-medium/lora")}[name]
-    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == arch
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == (version, arch)
 
     loras = comfy_host.get_folder_paths("loras")[0]
     dest = f"{loras}/flow_{name}.safetensors"
@@ -356,4 +387,35 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     v_result = _host_velocity(backend.result()[0], clip, PROMPT, x, sigma)  # the trained MODEL of the node
     assert not torch.equal(v_base, v_lora)
     torch.testing.assert_close(v_lora, v_result, rtol=1e-3, atol=1e-3)
+    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+
+
+@pytest.fixture(scope="module")
+def subject_folder(comfy_host):
+    folder = comfy_host.base / "input" / "flow_subject"
+    folder.mkdir(exist_ok=True)
+    for i, im in enumerate(_instance_images()):
+        im.save(folder / f"{i}.png")
+    return "flow_subject"
+
+
+def test_the_nodes_train_sd3(comfy_host, pack, subject_folder):
+    """Dataset -> Class Images -> Train, as the executor calls them (inference mode): the identifier is
+    checked in SD3's CLIP tokenizers (T5 splits 'sks'), the LoRA lands in models/loras with SD3's keys,
+    the trained MODEL differs from the base and the base stays bit-identical."""
+    files, model, clip, vae = _load("sd3")
+    n = {k: v() for k, v in pack.NODE_CLASS_MAPPINGS.items()}
+    before = _digest(model.model)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, subject_folder, "sks", "dog", 64, "center", False)["result"][0]
+        ci = n["DreamBoothClassImages"].generate(model, clip, vae, "a photo of a dog", 2, 2, 1.0, "euler", "simple",
+                                                 0, 64)["result"][0]
+        out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, False, 2, 1e-2, 1.0, 1, 0,
+                                         "flow_nodes_sd3", False, 0, class_images=ci)["result"]
+    trained_model, _, lora_path, _, lora_model = out
+    assert lora_path.endswith("flow_nodes_sd3.safetensors")
+    assert lora_model and all(k.startswith("lora_unet_joint_blocks_") for k in lora_model)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7)), torch.tensor([0.5])
+    assert not torch.equal(_host_velocity(trained_model, clip, PROMPT, x, sigma),
+                           _host_velocity(model, clip, PROMPT, x, sigma))
     assert _digest(model.model) == before
