@@ -44,8 +44,26 @@ from .adapters import (FRESH_COPY, DiffWeight, FlowState, FrozenLinearForward, L
 log = logging.getLogger("dreambooth")
 
 
+class _SentencePieceView:
+    """The host's SentencePiece tokenizer (Lumina 2's Gemma), seen as the identifier check reads a
+    transformers tokenizer: `tokenize` into pieces, `get_vocab`, `convert_tokens_to_ids`."""
+
+    def __init__(self, spiece):
+        self.spiece = spiece
+
+    def tokenize(self, text: str) -> list:
+        return self.spiece.tokenizer.encode(text, out_type=str, add_bos=False, add_eos=False)
+
+    def get_vocab(self) -> dict:
+        return self.spiece.get_vocab()
+
+    def convert_tokens_to_ids(self, piece: str) -> int:
+        return self.spiece.tokenizer.piece_to_id(piece)
+
+
 def clip_tokenizers(clip) -> list:
-    """The transformers tokenizers inside a ComfyUI CLIP (clip_l; clip_l and clip_g for SDXL)."""
+    """The tokenizers inside a ComfyUI CLIP the identifier is checked in: its CLIP tokenizers (clip_l;
+    clip_l and clip_g for SDXL and SD3), else its T5 (Chroma) or SentencePiece (Lumina 2) one."""
     if clip is None:
         raise ValueError("no CLIP connected: the identifier token is checked with the model's tokenizer")
     found = []
@@ -53,13 +71,15 @@ def clip_tokenizers(clip) -> list:
         inner = getattr(value, "tokenizer", None)
         if inner is not None and hasattr(inner, "tokenize") and hasattr(inner, "get_vocab"):
             found.append(inner)
+        elif inner is not None and hasattr(inner, "get_vocab") and hasattr(getattr(inner, "tokenizer", None), "encode"):
+            found.append(_SentencePieceView(inner))
     # Beside CLIP, Flux and SD3 tokenize for T5, whose SentencePiece splits the usual rare identifiers
     # ("sks" in 4 pieces): the identifier is checked in the CLIP tokenizers where the model has any.
     clip_like = [t for t in found if "clip" in type(t).__name__.lower()]
     found = clip_like or found
     if not found:
-        raise UnsupportedModel(f"this CLIP ({type(clip.tokenizer).__name__}) has no CLIP-style tokenizer; "
-                               "DreamBooth nodes support SD1.x, SD2.x and SDXL checkpoints")
+        raise UnsupportedModel(f"this CLIP ({type(clip.tokenizer).__name__}) has no tokenizer the identifier can be "
+                               f"checked in; DreamBooth trains {families.TRAINS}: connect the CLIP loaded for one of them")
     return found
 
 

@@ -270,6 +270,19 @@ def test_lora_names_map_in_the_stock_loader_to_the_weights_they_train(comfy_host
     assert expect.get(name, next(iter(parts))) in parts
     assert not any(re.search(r"mod|embed|final|norm", n) for n in targets), sorted(parts)
 
+    # The identifier is checked in the CLIP tokenizers where the model has some (T5 splits "sks"), else
+    # in its T5 (Chroma) or SentencePiece (Lumina 2) tokenizer.
+    tokens = importlib.import_module(pack.__name__ + ".dreambooth_core.dataset.tokens")
+    tokenizers = _cb(pack).clip_tokenizers(clip)
+    check = tokens.check_token(tokenizers, "sks")
+    kinds = {type(t).__name__ for t in tokenizers}
+    if name in ("chroma", "lumina2"):
+        expected = {"chroma": "T5Tokenizer", "lumina2": "_SentencePieceView"}[name]  # T5Tokenizer(Fast)
+        assert len(kinds) == 1 and next(iter(kinds)).startswith(expected), kinds
+        assert all(p for p in check.pieces)
+    else:
+        assert all("CLIP" in k for k in kinds) and check.single, (kinds, check.message)
+
 
 # ------------------------------------------------------------------------------------------- training
 
