@@ -164,3 +164,19 @@ def test_a_trained_sd1_lora_says_sd1():
 
     meta = lora_metadata(TrainConfig(class_noun="dog"), make_tiny_backend(), steps=1)
     assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False") and "ss_network_args" not in meta
+
+
+def test_attention_scope_keeps_the_attention_projections_of_the_flow_transformers():
+    """Flux/Chroma, SD3 and Lumina 2 name their blocks differently from the UNet: "attention" keeps their
+    (fused) attention projections and drops their MLPs, instead of keeping everything."""
+    names = {
+        "lora_unet_double_blocks_0_img_attn_qkv": True, "lora_unet_double_blocks_0_txt_attn_proj": True,
+        "lora_unet_double_blocks_0_img_mlp_0": False, "lora_unet_double_blocks_0_txt_mlp_2": False,
+        "lora_unet_single_blocks_3_linear1": True, "lora_unet_single_blocks_3_linear2": True,
+        "lora_unet_joint_blocks_1_x_block_attn_qkv": True, "lora_unet_joint_blocks_0_x_block_attn2_proj": True,
+        "lora_unet_joint_blocks_1_context_block_mlp_fc1": False,
+        "lora_unet_layers_0_attention_qkv": True, "lora_unet_noise_refiner_1_attention_out": True,
+        "lora_unet_layers_0_feed_forward_w2": False, "lora_unet_context_refiner_0_feed_forward_w1": False,
+    }
+    picked = select_lora_targets({n: torch.nn.Linear(2, 2) for n in names}, "attention")
+    assert set(picked) == {n for n, keep in names.items() if keep}

@@ -93,9 +93,16 @@ def unet_diffusers_path(path: str, per_level: int, output_is_attention: Optional
     return f"up_blocks.{b}.upsamplers.0.conv" if rest == "conv" else None
 
 
-# kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0 and the
-# CLIP text encoders' self_attn q/k/v/out_proj (what `lora_targets="attention"` keeps).
-ATTENTION_PROJECTION = re.compile(r"(_attn\d+_to_(q|k|v|out_0)|_self_attn_(q|k|v|out)_proj)$")
+# kohya names of attention projections: the UNet's attn1/attn2 to_q/to_k/to_v/to_out.0, the CLIP text
+# encoders' self_attn q/k/v/out_proj, and the flow transformers' fused projections: Flux/Chroma
+# img/txt_attn qkv/proj and the single blocks' linear1/linear2 (attention fused with the MLP), SD3's
+# attn/attn2 qkv/proj, Lumina 2's attention qkv/out (what `lora_targets="attention"` keeps).
+ATTENTION_PROJECTION = re.compile(r"(_attn\d+_to_(q|k|v|out_0)|_self_attn_(q|k|v|out)_proj|_attn2?_(qkv|proj)"
+                                  r"|_attention_(qkv|out)|^lora_unet_single_blocks_\d+_linear[12])$")
+# kohya names inside the transformer blocks (what "attention" narrows): the UNet's attentions, the text
+# encoders, and the blocks of the flow transformers
+IN_TRANSFORMER = re.compile(r"_attentions_\d+_|^lora_te\d?_|^lora_unet_(double_blocks|single_blocks|joint_blocks"
+                            r"|layers|noise_refiner|context_refiner)_\d+_")
 
 
 def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict[str, torch.nn.Module]:
@@ -107,9 +114,8 @@ def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict
         return dict(targets)
     if scope != "attention":
         raise ValueError(f"lora_targets {scope!r}: choose 'transformer' or 'attention'")
-    in_transformer = re.compile(r"_attentions_\d+_|^lora_te\d?_")
     return {name: module for name, module in targets.items()
-            if not in_transformer.search(name) or ATTENTION_PROJECTION.search(name)}
+            if not IN_TRANSFORMER.search(name) or ATTENTION_PROJECTION.search(name)}
 
 
 # -- the file ------------------------------------------------------------------------------------
