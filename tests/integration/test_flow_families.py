@@ -432,3 +432,37 @@ def test_the_nodes_train_sd3(comfy_host, pack, subject_folder):
     assert not torch.equal(_host_velocity(trained_model, clip, PROMPT, x, sigma),
                            _host_velocity(model, clip, PROMPT, x, sigma))
     assert _digest(model.model) == before
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_dev"])
+def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
+    """A class image of a flow family is the PNG a stock graph makes with that seed: CLIPTextEncode, an
+    empty latent of the family's 16 channels (what EmptySD3LatentImage gives), KSampler, VAEDecode."""
+    import nodes as host_nodes
+
+    files, model, clip, vae = _load(name)
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",
+                                   width=64, height=48)
+    with torch.inference_mode():
+        ours = backend.generate(["a photo of a dog"], [7], settings)[0]
+        pos = host_nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
+        neg = host_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        latent = {"samples": torch.zeros([1, 16, 6, 8])}
+        samples = host_nodes.common_ksampler(model, 7, 2, 3.0, "euler", "simple", pos, neg, latent)[0]
+        image = host_nodes.VAEDecode().decode(vae, samples)[0]
+    stock = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
+    assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
+
+
+def test_the_sample_grid_node_samples_a_flow_family(comfy_host, pack):
+    """DreamBooth Sample Grid on SD3: one row per prompt, one column per seed, each image the backend's."""
+    files, model, clip, vae = _load("sd3")
+    grid_node = pack.NODE_CLASS_MAPPINGS["DreamBoothSampleGrid"]()
+    with torch.inference_mode():
+        grid, images = grid_node.sample(model, clip, vae, "sks", "dog", "custom",
+                                        "a photo of {token} {class}\na {token} {class} on the moon", "0, 1", 2, 3.0,
+                                        "euler", "simple", 64)
+    assert images.shape == (4, 64, 64, 3) and grid.shape[0] == 1 and grid.shape[1] > 128
+    assert not torch.equal(images[0], images[2]), "the two prompts give different images"
