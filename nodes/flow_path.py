@@ -1,0 +1,225 @@
+"""The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, SD3/SD3.5, Chroma,
+Lumina 2; families.py says which): their text, their velocity prediction through the host's own
+`extra_conds` and `_apply_model` pieces, and how their frozen weights take part in training without
+being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from ..dreambooth_core.backends.base import UnsupportedModel
+from . import families
+from .adapters import FlowState, FrozenLinearForward, frozen_linear_patchable
+
+log = logging.getLogger("dreambooth")
+
+
+def _checkpointed_all(forward, *args, **kwargs):
+    """Gradient checkpointing of a transformer block called with keyword tensors (Flux: img=, txt=):
+    every tensor argument is copied inside the recomputed region, since these blocks add to their
+    residual stream in place (`img += ...`), which autograd tolerates only in a recomputed block."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+
+    def fresh(v):
+        return v.clone() if torch.is_tensor(v) else v
+
+    def run(*a, **k):
+        return forward(*(fresh(x) for x in a), **{n: fresh(v) for n, v in k.items()})
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+class FlowModelPath:
+    def _cap_tokens(self, key: str, windows: list) -> list:
+        """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
+        the whole prompt), a long-context one cut at the family's text_cap tokens (its end token kept)."""
+        first = windows[:1]
+        cap = self._family.text_cap
+        if key in ("l", "g", "h") or not first or len(first[0]) <= cap:
+            return first
+        log.warning("DreamBooth: a caption has %d %s tokens; %s trains on the first %d", len(first[0]), key,
+                    self._family.name, cap)
+        return [first[0][:cap - 1] + first[0][-1:]]
+
+    def _encode_flow(self, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Each prompt as the host encodes it (`encode_from_tokens`, its own padding: Flux's T5 to 256
+        tokens, none for Chroma / Lumina 2), zero-padded to one length per family so the core can batch
+        cached captions; `context_len` says how much is real. predict() cuts the padding off again."""
+        width = self._family.text_cap + 77
+        rows = []
+        for prompt in prompts:
+            tokens = {k: self._cap_tokens(k, v) for k, v in self.clip.tokenize(prompt).items()}
+            rows.append(self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True))
+        n = len(rows)
+        first = rows[0]["cond"]
+        out = {"context": first.new_zeros((n, width, first.shape[-1])),
+               "context_len": torch.tensor([r["cond"].shape[1] for r in rows], dtype=torch.long)}
+        for i, r in enumerate(rows):
+            out["context"][i, :r["cond"].shape[1]] = r["cond"][0]
+        if rows[0].get("pooled_output") is not None:
+            out["pooled"] = torch.cat([r["pooled_output"] for r in rows])
+        if rows[0].get("attention_mask") is not None:
+            out["attention_mask"] = torch.zeros((n, width), dtype=rows[0]["attention_mask"].dtype)
+            for i, r in enumerate(rows):
+                out["attention_mask"][i, :r["attention_mask"].shape[-1]] = r["attention_mask"][0]
+        return out
+
+    def _flow_conds(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], i: int) -> dict:
+        """Sample i's model inputs from the host's own `extra_conds` (as a sampler makes them)."""
+        n = int(cond["context_len"][i])
+        kw = {"noise": x[i:i + 1], "device": x.device, "width": x.shape[-1] * self.latent_factor,
+              "height": x.shape[-2] * self.latent_factor, "prompt_type": "positive",
+              "cross_attn": cond["context"][i:i + 1, :n].to(x.device)}
+        # None where the encoder pools nothing (Chroma, Lumina 2), as the host's conditioning carries it
+        kw["pooled_output"] = cond["pooled"][i:i + 1].to(x.device) if "pooled" in cond else None
+        if "attention_mask" in cond:
+            kw["attention_mask"] = cond["attention_mask"][i:i + 1, :n].to(x.device)
+        conds = self.model.model.extra_conds(**kw)
+        return {k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()}
+
+    def _transformer_options(self, sigma: torch.Tensor) -> dict:
+        """The MODEL's transformer_options with its patcher's wrappers and callbacks merged in, as the
+        host's samplers pass them (`sampler_helpers.prepare_model_patcher`), plus this call's σ."""
+        import comfy.patcher_extension as pe
+
+        options = pe.copy_nested_dicts(self.model.model_options.get("transformer_options", {}))
+        for name in ("wrappers", "callbacks"):
+            pe.merge_nested_dicts(options.setdefault(name, {}), getattr(self.model, name, {}), copy_dict1=False)
+        options["sigmas"] = sigma
+        options["cond_or_uncond"] = [0]
+        return options
+
+    def _wraps_apply_model(self, options: dict) -> bool:
+        import comfy.patcher_extension as pe
+
+        return bool(self.model.model_options.get("model_function_wrapper")
+                    or pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options))
+
+    def _flow_forward(self, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
+        """The raw velocity for one batch whose conds concatenate: `BaseModel._apply_model` up to the
+        diffusion model's output, which for CONST sampling is v (denoised = x − σ·v)."""
+        import comfy.model_base
+        import comfy.model_management as mm
+
+        base = self.model.model
+        options = self._transformer_options(sigma)
+        if self._wraps_apply_model(options):
+            wrapper = self.model.model_options.get("model_function_wrapper")
+            if wrapper is not None:
+                c = dict(conds, transformer_options=options)
+                denoised = wrapper(base.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+            else:
+                denoised = base.apply_model(x, sigma, transformer_options=options, **conds)
+            return (x - denoised.float()) / sigma.view(-1, *([1] * (x.ndim - 1)))
+        conds = dict(conds)
+        context = conds.pop("c_crossattn", None)
+        if conds.pop("c_concat", None) is not None:
+            raise UnsupportedModel(f"{families.model_class(self.base_model)} asked for concatenated image inputs")
+        sampling = base.model_sampling
+        get_dtype = getattr(base, "get_dtype_inference", None)
+        dtype = get_dtype() if get_dtype is not None else (base.manual_cast_dtype or base.get_dtype())
+        xc = sampling.calculate_input(sigma, x).to(dtype)
+        t = sampling.timestep(sigma).float()
+        if context is not None:
+            context = mm.cast_to_device(context, x.device, dtype)
+        extra = {k: ([comfy.model_base.convert_tensor(e, dtype, x.device) for e in v] if isinstance(v, list)
+                     else comfy.model_base.convert_tensor(v, dtype, x.device)) for k, v in conds.items()}
+        t = base.process_timestep(t, x=x, **extra)
+        if hasattr(self.model, "is_dynamic"):
+            options["prefetch_dynamic_vbars"] = base.current_patcher is not None and base.current_patcher.is_dynamic()
+        out = base.diffusion_model(xc, t, context=context, control=None, transformer_options=options, **extra)
+        return out.float()
+
+    def _predict_flow(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity at σ. Samples whose conds the host would batch together (same text length, same
+        constants) share a forward; others get their own, so no sample sees padding it would not see
+        at inference."""
+        dev = self.device
+        x = noisy.to(dev, torch.float32)
+        sigma = sigmas.to(dev, torch.float32).reshape(-1)
+        per = [self._flow_conds(x, cond, i) for i in range(x.shape[0])]
+        groups: List[List[int]] = []
+        for i, c in enumerate(per):
+            for g in groups:
+                first = per[g[0]]
+                if first.keys() == c.keys() and all(first[k].can_concat(c[k]) for k in c):
+                    g.append(i)
+                    break
+            else:
+                groups.append([i])
+        pieces, order = [], []
+        for g in groups:
+            conds = {k: per[g[0]][k].concat([per[j][k] for j in g[1:]]) for k in per[g[0]]}
+            idx = torch.tensor(g, device=dev)
+            pieces.append(self._flow_forward(x[idx], sigma[idx], conds))
+            order += g
+        out = torch.cat(pieces)
+        if order != sorted(order):
+            out = out[torch.tensor(order, device=dev).argsort()]
+        return out
+
+    def _install_flow(self) -> None:
+        """Patch the shared transformer's forwards for the run (restored by release()): every plain
+        Linear through FrozenLinearForward (with its LoRA where the network has one), every block
+        checkpointed, and the remaining frozen inference tensors (norm scales, pad tokens, the patch
+        embedding: small) swapped for ordinary copies, which autograd may save."""
+        dm = self.model.model.diffusion_model
+        for p in self.model.model.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+        self._flow_state = state = FlowState()
+        self._training_kernels(True)
+        adapters = {}
+        if self._network is not None:
+            keys = {key: name for name, (kind, key) in self._target_keys.items() if kind == "unet"}
+            for path, module in dm.named_modules():
+                name = keys.get(f"diffusion_model.{path}.weight")
+                if name is not None and name in self._network.adapters:
+                    adapters[id(module)] = self._network.adapters[name]
+        patched = set()
+        for path, module in dm.named_modules():
+            if frozen_linear_patchable(module):
+                self._patch_forward(module, FrozenLinearForward(module, state, adapters.pop(id(module), None)))
+                patched.add(id(module))
+        if adapters:
+            raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears of the host; cannot train them")
+        self._ensure_loaded()  # the copies below are made where the memory manager put the weights
+        with torch.inference_mode(False):
+            for module in dm.modules():
+                if id(module) in patched:
+                    continue
+                for name, t in list(module._parameters.items()):
+                    if t is not None and t.is_inference():
+                        copy = nn.Parameter(t.clone(), requires_grad=False)
+                        self._swapped.append((module, name, t))
+                        module._parameters[name] = copy
+                        self.flow_copied_bytes += t.nelement() * t.element_size()
+        for block in families.flow_blocks(self._family, dm):
+            self._patch_forward(block, functools.partial(_checkpointed_all, block.forward))
+
+    def _training_kernels(self, on: bool) -> None:
+        """The host's switch (0.3.65 on: `comfy.model_management.in_training`, what its own trainer sets)
+        from fused inference kernels without a backward (comfy_kitchen's RoPE) to differentiable ones."""
+        import comfy.model_management as mm
+
+        if hasattr(mm, "in_training"):
+            if on and self._kernels_before is None:
+                self._kernels_before = getattr(mm, "in_training")
+                setattr(mm, "in_training", True)
+            elif not on and self._kernels_before is not None:
+                setattr(mm, "in_training", self._kernels_before)
+                self._kernels_before = None
+
+    def _restore_swapped(self) -> None:
+        """Put the host's own tensors back; where the memory manager has moved the module since, the
+        copy (same values, on the module's device now) stays."""
+        while self._swapped:
+            module, name, original = self._swapped.pop()
+            current = module._parameters.get(name)
+            if current is None or current.device == original.device:
+                module._parameters[name] = original
