@@ -15,6 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from stock_graph import stock_image  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def loaded(host, pack, mini_checkpoint):
@@ -565,12 +567,8 @@ def test_generate_is_the_stock_ksampler_image_and_latents_use_the_models_format(
                                    width=64, height=48)
     with torch.inference_mode():
         ours = backend.generate(["a photo of a dog"], [7], settings)[0]
-        pos = host_nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
-        neg = host_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
         latent = host_nodes.EmptyLatentImage().generate(64, 48, 1)[0]
-        samples = host_nodes.common_ksampler(model, 7, 2, 4.0, "dpmpp_2m", "karras", pos, neg, latent)[0]
-        image = host_nodes.VAEDecode().decode(vae, samples)[0]
-    stock = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
+    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", latent, 7, 2, 4.0, "dpmpp_2m", "karras")
     assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
 
     pixels = torch.rand(1, 3, 64, 64) * 2 - 1

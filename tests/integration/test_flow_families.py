@@ -33,6 +33,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import family_checkpoints as fc  # noqa: E402
+from stock_graph import stock_image  # noqa: E402
 
 PROMPT = "a photo of sks dog"
 
@@ -438,8 +439,6 @@ def test_the_nodes_train_sd3(comfy_host, pack, subject_folder):
 def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
     """A class image of a flow family is the PNG a stock graph makes with that seed: CLIPTextEncode, an
     empty latent of the family's 16 channels (what EmptySD3LatentImage gives), KSampler, VAEDecode."""
-    import nodes as host_nodes
-
     files, model, clip, vae = _load(name)
     base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
     backend = _cb(pack).ComfyBackend(model, clip, vae)
@@ -447,12 +446,8 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
                                    width=64, height=48)
     with torch.inference_mode():
         ours = backend.generate(["a photo of a dog"], [7], settings)[0]
-        pos = host_nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0]
-        neg = host_nodes.CLIPTextEncode().encode(clip, "blurry")[0]
-        latent = {"samples": torch.zeros([1, 16, 6, 8])}
-        samples = host_nodes.common_ksampler(model, 7, 2, 3.0, "euler", "simple", pos, neg, latent)[0]
-        image = host_nodes.VAEDecode().decode(vae, samples)[0]
-    stock = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
+    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", {"samples": torch.zeros([1, 16, 6, 8])}, 7, 2,
+                        3.0, "euler", "simple")
     assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
 
 
