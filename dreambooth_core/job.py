@@ -157,9 +157,8 @@ def run_job(backend, config: TrainConfig, data, host: Host, *, class_items: Opti
     checkpoint of its last finished step."""
     import torch
 
-    from .training.trainer import train
-
     from .training.objective import refuse_min_snr
+    from .training.trainer import train
 
     refuse_min_snr(backend.schedule(), config.min_snr_gamma)  # before the class images, not after them
     resolution = config.resolution or backend.native_resolution
