@@ -62,6 +62,43 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tensor"],
         save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The `__metadata__` of a safetensors file, read from its header alone (no tensor is loaded, no
+    library needed: listing many files stays cheap). ValueError names a file that is not safetensors."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 2 <= size <= 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (its header size is {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def add_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """Merge `metadata` into a safetensors file's header (a library that saves without metadata, e.g.
+    diffusers' save_pretrained, gets it afterwards). The tensor bytes are copied as they are: the
+    header holds their offsets relative to the data, so only the header changes."""
+    import shutil
+    import struct
+
+    final = Path(path)
+    with open(final, "rb") as src:
+        (size,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(size))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **{k: str(v) for k, v in metadata.items()}}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data stays 8-byte aligned
+        with atomic_path(final) as tmp, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
 def save_image(path: str | os.PathLike, image: "Any") -> None:
     """Save a PIL image atomically, format taken from the final name's suffix."""
     final = Path(path)

@@ -308,6 +308,12 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def base_fingerprint(self) -> str:
+        """What a subject's file records as its base and Load Subject recomputes (model_identity)."""
+        from .model_identity import model_fingerprint
+
+        return model_fingerprint(self.base_model)
+
     def describe(self) -> str:
         return f"ComfyUI {type(self.base_model.model.model_config).__name__} ({self.fingerprint()[:8]})"
 
@@ -632,7 +638,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
                     progress(len(images), len(prompts))
 
     # -- full fine-tune ------------------------------------------------------------------------
-    def save_full(self, path: str) -> List[str]:
+    def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
         """The fully fine-tuned weights as a checkpoint (UNet, CLIP, VAE) in the host's own format,
         written by comfy.sd.save_checkpoint from clones of the inputs with the deltas as patches."""
         import comfy.sd
@@ -650,7 +656,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         if clip is not None and clip_patches:
             clip.add_patches(clip_patches, 1.0)
         out = path if path.endswith(".safetensors") else path + ".safetensors"
-        metadata = {"dreambooth_base_model": self.describe(), "dreambooth_base_fingerprint": self.fingerprint()}
+        metadata = dict(metadata or {"dreambooth_base_model": self.describe()})
         with fileio.atomic_path(out) as tmp:
             comfy.sd.save_checkpoint(str(tmp), model, clip, self.vae, metadata=metadata)
         return [out]

@@ -34,7 +34,7 @@ from ..dreambooth_core.backends.base import UnsupportedModel
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # what Backend.family says and the LoRA metadata names (dreambooth_core.adapters.kohya.FAMILIES)
+    name: str  # what Backend.family says and the LoRA metadata names (dreambooth_core.adapters.metadata.FAMILIES)
     flow: bool
     native_resolution: int = 1024
     blocks: Tuple[str, ...] = ()

@@ -81,12 +81,14 @@ def test_resume_refuses_another_target_scope(tmp_path):
 
 def _block_calls(backend) -> dict:
     """Forward calls per step of the UNet's transformer blocks and res-blocks (a checkpointed
-    block runs twice: once in the forward pass, once again in the backward pass)."""
+    block runs twice: once in the forward pass, once again in the backward pass). Calls without
+    gradients (the file's thumbnail sampled after training) are not steps' calls."""
     counts = {"BasicTransformerBlock": 0, "ResnetBlock2D": 0}
     for m in backend.unet.modules():
         kind = type(m).__name__
         if kind in counts:
-            m.register_forward_pre_hook(lambda *_, kind=kind: counts.__setitem__(kind, counts[kind] + 1))
+            m.register_forward_pre_hook(lambda *_, kind=kind: counts.__setitem__(
+                kind, counts[kind] + torch.is_grad_enabled()))
     return counts
 
 
@@ -148,9 +150,10 @@ def test_the_file_names_its_base_family_as_the_webui_and_model_spec_read_it(fami
     (and hide it under checkpoints of another family); without them every file counted as SD1."""
     from types import SimpleNamespace
 
-    from dreambooth_core.adapters.kohya import lora_metadata
+    from dreambooth_core.adapters.metadata import lora_metadata
 
-    backend = SimpleNamespace(family=family, prediction_type=prediction, describe=lambda: "m", fingerprint=lambda: "f")
+    backend = SimpleNamespace(family=family, prediction_type=prediction, describe=lambda: "m", native_resolution=512,
+                              base_fingerprint=lambda: "f")
     meta = lora_metadata(TrainConfig(class_noun="dog", save_name="rex", lora_conv=True, rank=8, alpha=4.0),
                          backend, steps=10)
     assert (meta["ss_base_model_version"], meta["ss_v2"]) == (version, v2)
@@ -160,7 +163,7 @@ def test_the_file_names_its_base_family_as_the_webui_and_model_spec_read_it(fami
 
 
 def test_a_trained_sd1_lora_says_sd1():
-    from dreambooth_core.adapters.kohya import lora_metadata
+    from dreambooth_core.adapters.metadata import lora_metadata
 
     meta = lora_metadata(TrainConfig(class_noun="dog"), make_tiny_backend(), steps=1)
     assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False") and "ss_network_args" not in meta

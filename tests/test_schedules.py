@@ -186,7 +186,7 @@ class TinyFlowBackend(BackendDefaults):
     """A Backend for TinyFlowDenoiser: identity "VAE", a frozen bag-of-tokens text encoder on the CLIP
     tokenizer, and a flow schedule. It records the timesteps the trainer predicts at."""
 
-    # The LoRA file's metadata knows only the SD families so far (adapters.kohya.FAMILIES): these
+    # The LoRA file's metadata knows only the SD families so far (adapters.metadata.FAMILIES): these
     # label the file; the trainer reads the schedule.
     prediction_type, family = "epsilon", "sd1"
     alphas_cumprod = torch.ones(1)
@@ -247,7 +247,7 @@ class TinyFlowBackend(BackendDefaults):
     def generate(self, prompts, seeds, settings, progress=None):
         raise NotImplementedError("the tiny flow model is not sampled through the backend")
 
-    def save_full(self, path):
+    def save_full(self, path, metadata=None):
         raise NotImplementedError
 
 

@@ -2,7 +2,8 @@
 one has in the file, writing and reading the file, and its metadata. One place for every backend: the diffusers backend names diffusers modules directly; the
 ComfyUI and WebUI backends hold the original (ldm) layout and map its module paths to diffusers
 paths first (`unet_diffusers_path`, or the host's own map), so all three write the same file, which
-ComfyUI's LoraLoader, the WebUI's Lora support and diffusers read.
+ComfyUI's LoraLoader, the WebUI's Lora support and diffusers read. What the file says about its
+subject and base model is built in `metadata`.
 
 ldm → diffusers, for a UNet with N res blocks per level (N + 1 input blocks per level):
   input_blocks.{1 + b(N+1) + j}.0 / .1 → down_blocks.{b}.resnets.{j} / attentions.{j};
@@ -14,7 +15,6 @@ Inside a transformer the names are the same in both layouts (`transformer_blocks
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -22,9 +22,9 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .. import __version__, fileio
-from ..fileio import safe_name
+from .. import fileio
 from .base import LoRAError
+from .metadata import OURS_KEY
 from .network import LoRANetwork
 
 # The Linears of a CLIP text encoder layer that carry LoRA (attention and MLP), by path in the layer.
@@ -135,66 +135,6 @@ def save_lora(network: LoRANetwork, path: str | Path, metadata: Optional[Mapping
     return Path(path)
 
 
-#: per base family: kohya's `ss_base_model_version` and the Stability model-spec architecture. The WebUI's
-#: LoRA cards tell SD1 / SD2 / SDXL apart by `ss_base_model_version` ("sdxl_" prefix) and `ss_v2`, and hide
-#: a LoRA under checkpoints of another family; ComfyUI shows model-spec fields.
-FAMILIES = {
-    "sd1": ("sd_v1", "stable-diffusion-v1"),
-    "sd2": ("sd_v2", "stable-diffusion-v2-512"),
-    "sd2-v": ("sd_v2", "stable-diffusion-v2-768-v"),
-    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
-    # Flow-matching transformers, in sd-scripts' names (library/sai_model_spec.py, flux_utils, lumina_util).
-    # For SD3 sd-scripts writes its model type ("medium", "5-large") as ss_base_model_version, which names no
-    # family; "sd3" does, and the architecture is sd-scripts' "stable-diffusion-3-" + type.
-    "flux": ("flux1", "flux-1-dev"),
-    "flux-schnell": ("flux1", "flux-1-schnell"),
-    "sd3": ("sd3", "stable-diffusion-3-medium"),
-    "chroma": ("chroma", "chroma"),
-    "lumina2": ("lumina2", "lumina-2"),
-}
-
-
-def family_metadata(family: str, prediction_type: str) -> Dict[str, str]:
-    """What the file says about its base model's family, in the keys the WebUI and model-spec readers use."""
-    if family not in FAMILIES:
-        raise ValueError(f"family {family!r}: the LoRA metadata knows {sorted(FAMILIES)}")
-    if family == "sd2" and prediction_type == "v_prediction":
-        family = "sd2-v"
-    version, architecture = FAMILIES[family]
-    return {"ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
-            "ss_v_parameterization": str(prediction_type == "v_prediction"),
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora"}
-
-
-def lora_metadata(config, backend, steps: int) -> Dict[str, str]:
-    """What the file says about its run: kohya's `ss_*` keys (which the WebUI's cards read), the
-    model-spec keys (title, trigger phrase, architecture) and ours."""
-    meta = {
-        "ss_output_name": safe_name(config.save_name),
-        "ss_training_comment": f"DreamBooth: {config.resolved_instance_prompt()}",
-        "ss_steps": str(steps),
-        "ss_learning_rate": f"{config.resolved_lr():g}",
-        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
-        "ss_sd_model_name": backend.describe(),
-        **family_metadata(backend.family, backend.prediction_type),
-        "modelspec.title": safe_name(config.save_name),
-        "modelspec.trigger_phrase": f"{config.token} {config.class_noun}".strip(),
-        "dreambooth_token": config.token,
-        "dreambooth_class_noun": config.class_noun,
-        "dreambooth_instance_prompt": config.resolved_instance_prompt(),
-        "dreambooth_base_model": backend.describe(),
-        "dreambooth_base_fingerprint": backend.fingerprint(),
-        "dreambooth_steps": str(steps),
-        "dreambooth_prior_preservation": str(config.prior).lower(),
-        "dreambooth_lora_targets": config.lora_targets,
-        "dreambooth_version": __version__,
-    }
-    if config.lora_conv:  # kohya's LoCon: the res-block convolutions carry adapters of the same rank
-        rank, alpha = config.rank, config.alpha if config.alpha is not None else config.rank
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": f"{alpha:g}"})
-    return meta
-
-
 def check_replaceable(dest: str | Path) -> None:
     """A host publishes a LoRA under the user's save name: it may replace an earlier DreamBooth
     LoRA of that name (the file's metadata says so), never a file from elsewhere."""
@@ -205,7 +145,7 @@ def check_replaceable(dest: str | Path) -> None:
         return
     try:
         with safe_open(str(dest), framework="pt") as f:
-            ours = "dreambooth_version" in (f.metadata() or {})
+            ours = OURS_KEY in (f.metadata() or {})
     except Exception:  # not a safetensors file at all: certainly not ours
         ours = False
     if not ours:

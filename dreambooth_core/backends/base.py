@@ -64,6 +64,12 @@ class BackendDefaults:
     def release_encoders(self, *, vae: bool = True, text_encoders: bool = True) -> None:
         pass
 
+    def base_fingerprint(self) -> str:
+        """adapters.metadata.weights_fingerprint of the denoiser (the first trainable model)."""
+        from ..adapters.metadata import weights_fingerprint
+
+        return weights_fingerprint(self.trainable_models(True, False)[0].state_dict())
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -90,6 +96,10 @@ class Backend(Protocol):
 
     def describe(self) -> str:
         """A short human-readable name of the base model (written into LoRA metadata)."""
+
+    def base_fingerprint(self) -> str:
+        """A short hash of the denoiser's base weights, which a loader recomputes from a loaded model
+        (adapters.metadata.weights_fingerprint; BackendDefaults hashes the first trainable model)."""
 
     def tokenizers(self) -> List[object]:
         """The model's tokenizers (transformers-style: `.tokenize`, `.encode`, `.get_vocab`)."""
@@ -142,5 +152,6 @@ class Backend(Protocol):
                  progress: Optional[object] = None) -> List[np.ndarray]:
         """Sample one image per prompt/seed with the model as it is now (uint8, H×W×3)."""
 
-    def save_full(self, path: str) -> List[str]:
-        """Save fully fine-tuned weights under `path`; return the files written."""
+    def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
+        """Save fully fine-tuned weights under `path` with `metadata` in each safetensors file's
+        header; return the files written."""

@@ -299,13 +299,18 @@ class DiffusersBackend(BackendDefaults):
         return images
 
     # -- saving ------------------------------------------------------------------------------
-    def save_full(self, path: str) -> List[str]:
+    def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
         from diffusers import DDPMScheduler
+
+        from .. import fileio
 
         pipe = self.pipeline()
         pipe.scheduler = DDPMScheduler.from_config(self.scheduler_config)
         pipe.save_pretrained(path, safe_serialization=True)
-        return sorted(str(p) for p in Path(path).rglob("*.safetensors"))
+        files = sorted(str(p) for p in Path(path).rglob("*.safetensors"))
+        for file in files if metadata else []:
+            fileio.add_metadata(file, metadata)
+        return files
 
 
 def _cast_quietly(model: nn.Module, dtype: torch.dtype) -> None:

@@ -25,9 +25,12 @@ from ..fileio import safe_name
 from ..backends.base import Backend, Cond, cat_conds
 from ..config import TrainConfig
 from ..adapters import LoRANetwork, save_lora
-from ..adapters.kohya import lora_metadata, select_lora_targets
+from ..adapters.kohya import select_lora_targets
+from ..adapters.metadata import checkpoint_metadata, lora_metadata, thumbnail_uri
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: sampler steps of the subject's picture in the saved file's metadata (a 128 px thumbnail)
+THUMBNAIL_STEPS = 20
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,6 +122,10 @@ class DreamBoothTrainer:
         # Free the VAE and frozen text encoders once their outputs are cached, where nothing later
         # in the run needs them (the CLI's train command; the demo samples after training).
         self.release_frozen = release_frozen
+        self._released = False
+        self._last_preview: Optional[Tuple[int, List[np.ndarray]]] = None
+        # Taken before any step changes the weights (full fine-tuning changes them in place).
+        self.base_fingerprint = backend.base_fingerprint()
 
     # -- setup -------------------------------------------------------------------------------
     def _make_accelerator(self):
@@ -255,6 +262,7 @@ class DreamBoothTrainer:
         if c.sample_every and self.callbacks.on_preview:
             return
         self.backend.release_encoders(vae=True, text_encoders=not train_te)
+        self._released = True
 
     def _trainable(self, train_te: bool) -> List[tuple]:
         c = self.config
@@ -343,7 +351,33 @@ class DreamBoothTrainer:
         res = c.resolution or self.backend.native_resolution
         images = self.backend.generate(prompts, [c.seed + i for i in range(len(prompts))],
                                        SampleSettings(width=res, height=res, negative_prompt=c.negative_prompt))
+        self._last_preview = (step, images)
         self.callbacks.on_preview(step, images)
+
+    def _thumbnail(self, step: int) -> Tuple[str, str]:
+        """The file's preview of the subject (data URI, what it shows): a sample of the instance prompt
+        made with the trained weights (the last preview where one was made at this step), or the first
+        instance photo where the backend cannot sample now (encoders released, no VAE) or Cancel came."""
+        from ..backends.base import SampleSettings
+
+        c = self.config
+        if self._last_preview and self._last_preview[0] == step and not c.sample_prompts:
+            return thumbnail_uri(self._last_preview[1][0]), "sample"
+        if not self._released:
+            res = c.resolution or self.backend.native_resolution
+            try:
+                image = self.backend.generate([c.resolved_instance_prompt()], [c.seed], SampleSettings(
+                    steps=THUMBNAIL_STEPS, width=res, height=res, negative_prompt=c.negative_prompt))[0]
+                return thumbnail_uri(image), "sample"
+            except (ValueError, RuntimeError, NotImplementedError, *self.callbacks.cancelled_by) as exc:
+                self._phase(f"thumbnail: sampling failed ({exc}); the file shows the first instance photo")
+        return thumbnail_uri(self.instance[0].image), "instance image"
+
+    def _metadata(self, step: int) -> dict:
+        """What the saved file says beyond the config: the photos, the base and the preview."""
+        thumbnail, source = self._thumbnail(step)
+        return {"images": len(self.instance), "base_fingerprint": self.base_fingerprint,
+                "thumbnail": thumbnail, "thumbnail_source": source}
 
     # -- persistence -------------------------------------------------------------------------
     def _save_checkpoint(self, path: Path, step: int, named, optimizer) -> Optional[Path]:
@@ -375,9 +409,12 @@ class DreamBoothTrainer:
         if c.mode == "lora" and self.network is not None:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[c.save_precision]
             result.lora_path = save_lora(self.network, out / f"{safe_name(c.save_name)}.safetensors",
-                                         lora_metadata(c, self.backend, result.step), dtype)
+                                         lora_metadata(c, self.backend, result.step, **self._metadata(result.step)),
+                                         dtype)
         else:
-            result.full_paths = self.backend.save_full(str(out / safe_name(c.save_name)))
+            result.full_paths = self.backend.save_full(
+                str(out / safe_name(c.save_name)),
+                metadata=checkpoint_metadata(c, self.backend, result.step, **self._metadata(result.step)))
         fileio.write_json(out / "config.json", {"config": c.to_dict(), "base_model": self.backend.describe(),
                                                 "version": __version__, "steps_done": result.step})
         fileio.write_json(out / "loss.json", self.history)

@@ -127,6 +127,19 @@ class A1111Backend(BackendDefaults):
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def base_fingerprint(self) -> str:
+        """weights_fingerprint of the UNet's own weights: where the WebUI has a LoRA applied in place,
+        its backup of the weight (the WebUI and ComfyUI hold the same ldm names, so both agree)."""
+        from dreambooth_core.adapters.metadata import weights_fingerprint
+
+        unet = self.m.model.diffusion_model
+        state = dict(unet.state_dict())
+        for name, module in unet.named_modules():
+            backup = getattr(module, "network_weights_backup", None)
+            if torch.is_tensor(backup) and f"{name}.weight" in state:
+                state[f"{name}.weight"] = backup
+        return weights_fingerprint(state)
+
     def describe(self) -> str:
         info = getattr(self.m, "sd_checkpoint_info", None)
         return f"Automatic1111 {getattr(info, 'title', 'checkpoint')}"
@@ -269,7 +282,7 @@ class A1111Backend(BackendDefaults):
         return images
 
     # -- full fine-tune ------------------------------------------------------------------------
-    def save_full(self, path: str) -> List[str]:
+    def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
         """The whole checkpoint in the WebUI's own (ldm) layout, fp16, loadable from models/Stable-diffusion."""
         out = path if path.endswith(".safetensors") else path + ".safetensors"
         # The WebUI's hijack wraps the text encoder (`cond_stage_model.wrapped.…`, `token_embedding.wrapped`):
@@ -277,8 +290,7 @@ class A1111Backend(BackendDefaults):
         tensors = {k.replace(".wrapped.", "."): v.detach().to("cpu", torch.float16 if v.is_floating_point()
                                                               else v.dtype)
                    for k, v in self.m.state_dict().items()}
-        metadata = {"dreambooth_base_model": self.describe(), "dreambooth_base_fingerprint": self.fingerprint()}
-        fileio.save_tensors(out, tensors, metadata)
+        fileio.save_tensors(out, tensors, metadata or {"dreambooth_base_model": self.describe()})
         return [out]
 
 
