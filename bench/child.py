@@ -20,7 +20,13 @@ would run it. Before it starts, this wrapper
   the three. Where clear_refs cannot be written the parent's own polling of VmRSS is used;
 - on CUDA, the same phases with torch.cuda.max_memory_allocated / reset_peak_memory_stats;
 - with ``--trace-unet``, times every diffusers UNet2DConditionModel forward (class-image
-  generation: the span from the first to the last UNet call is the sampling time).
+  generation: the span from the first to the last UNet call is the sampling time);
+- with ``--flops-step K``, counts the FLOPs of optimizer step K (forward, backward and optimizer:
+  ``torch.utils.flop_counter.FlopCounterMode`` from the end of step K-1 to the end of step K). The
+  counter slows that step down, so step K is kept out of ``step_times``: the program must run one
+  step more than ``--steps``, and K should be that last step;
+- with ``--phases``, splits every step into data / forward / backward / optimizer (bench.phases;
+  a profile: its hooks cost time, so such a run is not a timed row).
 
 The record is written atomically to OUT.json when the program ends (also on an exception or
 sys.exit).
@@ -57,8 +63,12 @@ def reset_hwm() -> bool:
 
 
 class Recorder:
-    def __init__(self, steps: int | None):
+    def __init__(self, steps: int | None, flops_step: int | None = None, phases=None):
         self.steps = steps
+        self.flops_step = flops_step
+        self.flops = None  # the FlopCounterMode while it counts
+        self.count = 0  # optimizer steps so far, the FLOP step included
+        self.phases = phases
         self.rec = {"start": time.time(), "step_times": [], "rss_phases_kib": {}, "cuda_phases_bytes": {},
                     "hwm_reset": None, "unet_calls": 0, "unet_first_start": None, "unet_last_end": None,
                     "unet_seconds": 0.0}
@@ -87,9 +97,24 @@ class Recorder:
         torch = self._cuda()
         if torch is not None:
             torch.cuda.synchronize()
+        now = time.time()
+        self.count += 1
+        if self.phases is not None:
+            self.phases.on_step_end()
+        if self.flops is not None and self.count == self.flops_step:
+            self.flops.__exit__(None, None, None)
+            self.rec.update(flops_per_step=self.flops.get_total_flops(), flops_step_s=now - self.flops_t0)
+            self.flops = None
+            return
         times = self.rec["step_times"]
-        times.append(time.time())
+        times.append(now)
         n = len(times)
+        if self.flops_step and self.count == self.flops_step - 1:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.flops = FlopCounterMode(display=False)
+            self.flops.__enter__()
+            self.flops_t0 = time.time()
         if n == 1:
             self.close_phase("setup_and_step1", reset=True)
         if self.steps and n == self.steps and n > 1:
@@ -116,6 +141,11 @@ class Recorder:
         UNet2DConditionModel.forward = forward
 
     def finish(self, path: str, exit_code: int, error: str | None) -> None:
+        if self.flops is not None:  # the program ended inside the counted step
+            self.flops.__exit__(None, None, None)
+            self.rec["flops_error"] = "the program ended before the counted step did"
+        if self.phases is not None:
+            self.rec["phases"] = self.phases.steps
         self.close_phase("after_training" if self.rec["step_times"] else "whole_run", reset=False)
         self.rec.update(end=time.time(), exit_code=exit_code, error=error)
         tmp = f"{path}.{os.getpid()}.partial"
@@ -134,13 +164,23 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="training steps the program will run")
     p.add_argument("--trace-unet", action="store_true")
+    p.add_argument("--flops-step", type=int, default=None, help="count this optimizer step's FLOPs (>= 2)")
+    p.add_argument("--phases", action="store_true", help="split each step into phases (bench.phases)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--script")
     target.add_argument("--module")
     opts = p.parse_args(argv[:split])
     args = argv[split + 1:]
 
-    rec = Recorder(opts.steps)
+    if opts.flops_step is not None and opts.flops_step < 2:
+        raise SystemExit("--flops-step: give 2 or more (step 1 includes loading)")
+    phases = None
+    if opts.phases:
+        from bench.phases import PhaseTimer
+
+        phases = PhaseTimer()
+        os.environ["BENCH_PHASES"] = "1"  # programs that know bench.phases add their own timers
+    rec = Recorder(opts.steps, opts.flops_step, phases)
     import torch
 
     if opts.threads:
@@ -150,6 +190,8 @@ def main(argv=None) -> int:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(rec.on_optimizer_step)
+    if phases is not None:
+        phases.install()
     if opts.trace_unet:
         rec.trace_unet()
 

@@ -85,7 +85,44 @@ def format_table(results: dict) -> str:
     if any(r["section"] == "scaling" for r in rows):
         parts.append("\n== scaling of our trainer: step time vs resolution and vs number of instance images ==")
         parts.append(scaling_table(rows))
-    if any(r["section"] == "comfy" for r in rows):
-        parts.append("\n== inside ComfyUI, same MODEL, rank, resolution, steps, batch 1, no prior, fp32 ==")
-        parts.append(training_table(rows, sections=("comfy",), ref_who="ComfyUI TrainLoraNode"))
+    if results.get("comfy"):
+        parts.append("\n== inside ComfyUI: the host's TrainLoraNode and ours on the same MODEL, LoRA rank "
+                     f"{plan['rank']}, batch 1, no prior, AdamW; matched = same modules, dtype, checkpointing ==")
+        parts.append(comfy_table(results["comfy"]))
+        phases = phase_table(results["comfy"])
+        if phases:
+            parts.append("\n== where a matched step's time goes (s per step; bench.phases) ==")
+            parts.append(phases)
     return "\n".join(parts)
+
+
+def comfy_table(rows: List[dict]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r["host"], r["model"], r["case"]), {})[r["who"]] = r
+    body = []
+    for r in rows:
+        other = by[(r["host"], r["model"], r["case"])].get("host")
+        ref = other if (r["who"] == "ours" and other) else None
+        speed = ref["s_per_step"] / r["s_per_step"] if ref and ref["s_per_step"] and r["s_per_step"] else None
+        mem = r["peak_rss_mib"] / ref["peak_rss_mib"] if ref else None
+        who = "TrainLoraNode" if r["who"] == "host" else "ours (Train node)"
+        share = r.get("share_of_peak")
+        body.append([r["host"], r["model"], r["case"] + ("" if r["matched"] else " (not matched)"), who,
+                     f"{r['trainable_params']:,}", _f(r["s_per_step"], "{:.3f}"), _f(speed, "x{:.2f}"),
+                     _f(r["peak_rss_mib"], "{:.0f}"), _f(mem), _f(r["training_peak_rss_mib"], "{:.0f}"),
+                     _f(r["flops_per_step"] / 1e9 if r.get("flops_per_step") else None, "{:.2f}"),
+                     _f(r.get("peak_gflops"), "{:.0f}"), _f(100 * share if share else None, "{:.1f}%"), r.get("note", "")])
+    return _table(["ComfyUI", "model", "case", "trainer", "trainable", "s/step", "speedup", "peak RSS MiB",
+                   "ours/host", "train-steps RSS MiB", "GFLOP/step", "peak GFLOP/s", "share of peak", ""], body)
+
+
+def phase_table(rows: List[dict]) -> str:
+    sel = [r for r in rows if r.get("detail", {}).get("phases")]
+    if not sel:
+        return ""
+    keys = ("data", "forward", "weight_wrappers", "backward", "optimizer", "other", "total")
+    body = [[r["host"], r["model"], "TrainLoraNode" if r["who"] == "host" else "ours",
+             *(_f(r["detail"]["phases"].get(k), "{:.3f}") for k in keys)] for r in sel]
+    return _table(["ComfyUI", "model", "trainer", "data", "forward", "(of it: weight wrappers)", "backward",
+                   "optimizer", "other", "step"], body)

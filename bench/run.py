@@ -149,8 +149,8 @@ class Bench:
         self.work = self.out / "work"
         self.logs = self.out / "logs"
         self.python = args.python or default_python()
-        self.comfy_python = args.comfy_python or str(REPO / ".venv-comfyui" / "bin" / "python")
         self.rows: List[Row] = []
+        self.comfy: List[dict] = []  # the ComfyUI section (bench.comfy_rows.Measured as dicts)
         self.notes: List[str] = []
         self.env = base_env(plan.threads, hf_home=self.work / "hf_home_empty")
         if plan.device == "cpu":
@@ -328,22 +328,22 @@ class Bench:
 
     # -- ComfyUI -----------------------------------------------------------------------------------
     def run_comfy(self) -> None:
-        p = self.plan
-        if not Path(self.comfy_python).is_file():
-            self.notes.append(f"ComfyUI: skipped ({self.comfy_python} missing: run bash tools/setup_comfyui_env.sh)")
-            return
-        steps = p.comfy_warmup + p.comfy_measure
-        for which, who in (("host", "ComfyUI TrainLoraNode"), ("ours", "ours: DreamBooth Train node")):
-            info_path = self.logs / f"comfy_{which}.info.json"
-            r = self.child(f"comfy_{which}", ["--module", "bench.comfy_child"],
-                           ["--which", which, "--work", str(self.work / f"comfy_{which}"), "--resolution",
-                            str(p.comfy_resolution), "--steps", str(steps), "--rank", str(p.rank), "--lr",
-                            str(p.lr), "--images", str(p.instance_images), "--info", str(info_path)],
-                           steps=steps, python=self.comfy_python)
-            info = json.loads(info_path.read_text())
-            row = self.train_row(r, "comfy", "mini SD1.5 checkpoint (ComfyUI)", who, p.comfy_resolution, p.comfy_warmup,
-                                 p.instance_images, note=f"{info['trainable_params']:,} trainable parameters")
-            row.detail["trainable_params"] = info["trainable_params"]
+        from bench.comfy_rows import default_hosts, run_comfy_section
+
+        p, a = self.plan, self.args
+        hosts = [h for h in default_hosts(a.comfy_python, a.comfy_current_python)
+                 if h.version in a.comfy_hosts.split(",")]
+
+        def child(name, wrapper, target, steps, python, env):
+            return self.child(name, ["--module", "bench.comfy_child", *wrapper], target, steps=steps, python=python,
+                              env=env)
+
+        measured = run_comfy_section(hosts=hosts, models=a.comfy_models.split(","), quick=a.quick,
+                                     warmup=p.comfy_warmup, measure=p.comfy_measure, resolution=p.comfy_resolution,
+                                     rank=p.rank, lr=p.lr, images=p.instance_images, threads=p.threads,
+                                     env=self.env, work=self.logs, child=child, log=self.log, notes=self.notes,
+                                     profile=a.profile)
+        self.comfy = [asdict(m) | {"share_of_peak": m.share_of_peak} for m in measured]
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -353,22 +353,23 @@ class Bench:
             ignore.write_text("# written by python -m bench\n*\n")
         self.work.mkdir(exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        self.check_environment()
-        self.log(f"trainers run with {self.python} ({self.versions}); {self.plan.threads} thread(s); "
-                 f"device {self.plan.device}")
         failures = []
-        for run in self.plan.models:
+        if not self.args.only_comfy:
+            self.check_environment()
+            self.log(f"trainers run with {self.python} ({self.versions}); {self.plan.threads} thread(s); "
+                     f"device {self.plan.device}")
+        for run in ([] if self.args.only_comfy else self.plan.models):
             try:
                 self.run_model(run)
             except ChildFailed as exc:
                 failures.append(str(exc))
                 self.log(f"FAILED: {str(exc)[:2000]}")
         for name, step in (("scaling", self.run_scaling), ("comfy", self.run_comfy)):
-            if getattr(self.args, f"no_{name}"):
+            if getattr(self.args, f"no_{name}") or (self.args.only_comfy and name != "comfy"):
                 continue
             try:
                 step()
-            except ChildFailed as exc:
+            except (ChildFailed, RuntimeError) as exc:
                 failures.append(str(exc))
                 self.log(f"FAILED: {str(exc)[:2000]}")
         return self.report(failures)
@@ -405,14 +406,14 @@ class Bench:
                      "memory": ours.peak_rss_mib / ref.peak_rss_mib} for ref, ours in pairs]
         results = {"plan": asdict(self.plan), "versions": getattr(self, "versions", {}), "python": self.python,
                    "machine": machine(), "rows": [asdict(r) for r in self.rows], "notes": self.notes,
-                   "failures": failures, "repeat": self.args.repeat,
+                   "failures": failures, "repeat": self.args.repeat, "comfy": self.comfy,
                    "headline": {"model": pick, "speedup": speedup, "memory": memory, "pairs": per_pair},
                    "seconds": round(time.time() - self.t0, 1)}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
-        chart = subprocess.run([self.python, "-m", "bench.chart", str(self.out / "results.json"),
-                                str(self.out / "chart.png")], cwd=str(REPO), env=self.env, capture_output=True,
-                               text=True)
-        if chart.returncode != 0:
+        chart = None if self.args.only_comfy else subprocess.run(
+            [self.python, "-m", "bench.chart", str(self.out / "results.json"), str(self.out / "chart.png")],
+            cwd=str(REPO), env=self.env, capture_output=True, text=True)
+        if chart is not None and chart.returncode != 0:
             self.notes.append(f"chart not drawn: {chart.stderr[-500:]}")
         print()
         print(format_table(results))
@@ -421,6 +422,11 @@ class Bench:
         for f in failures:
             print(f"FAILED: {f.splitlines()[0]}")
         print(f"results: {self.out / 'results.json'}; chart: {self.out / 'chart.png'}; logs: {self.logs}")
+        comfy_line = comfy_headline(self.comfy)
+        if comfy_line:
+            print(comfy_line)
+        if self.args.only_comfy:
+            return 1 if failures or not comfy_line else 0
         if speedup is None:
             print("speedup=nan memory=nan")
             return 1
@@ -435,6 +441,17 @@ class Bench:
                   + "; the headline is their median")
         print(f"speedup={speedup:.2f} memory={memory:.2f}")
         return 1 if failures else 0
+
+
+def comfy_headline(comfy: List[dict]) -> Optional[str]:
+    """The ComfyUI section's line: the matched ratios on every host and model that ran."""
+    from bench.comfy_rows import ratios
+
+    r = ratios(comfy)
+    parts = [f"{host} {model}: x{s:.2f} at {m:.2f}" for (host, model, case), (s, m) in sorted(r.items())
+             if case == "matched"]
+    return ("ComfyUI matched (speedup = TrainLoraNode s/step / ours; memory = our peak RSS / its): " + "; ".join(parts)
+            if parts else None)
 
 
 def machine() -> dict:
@@ -466,7 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of every trainer process (default 1 on CPU, min(8, cores) on CUDA)")
     p.add_argument("--python", default=None, help="Python that runs both trainers (default .venv-bench/bin/python)")
-    p.add_argument("--comfy-python", default=None, help="the ComfyUI host's Python (default .venv-comfyui/bin/python)")
+    p.add_argument("--comfy-python", default=None,
+                   help="ComfyUI 0.3.64's Python (default .venv-comfyui/bin/python; its folder: COMFYUI_DIR)")
+    p.add_argument("--comfy-current-python", default=None,
+                   help="ComfyUI 0.33's Python (default .venv-comfyui-current/bin/python; its folder: "
+                        "COMFYUI_CURRENT_DIR)")
+    p.add_argument("--comfy-hosts", default="0.3.64,0.33", help="which ComfyUI versions the ComfyUI section runs")
+    p.add_argument("--comfy-models", default="sd15,sd3",
+                   help="models of the ComfyUI section: sd15 (mini SD1.5), sd3 (tiny SD3, flow matching)")
+    p.add_argument("--only-comfy", action="store_true",
+                   help="only the ComfyUI section (no .venv-bench or reference script needed)")
+    p.add_argument("--profile", action="store_true",
+                   help="ComfyUI section: also split each trainer's matched step into phases (bench.phases)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the reference and ours N times, alternating, and report the median of the N pairs' "
                         "ratios (for a machine whose speed drifts over minutes)")

@@ -54,3 +54,28 @@ def test_repeat_must_be_positive():
 
     with pytest.raises(SystemExit, match="--repeat 0"):
         main(["--repeat", "0", "--device", "cpu"])
+
+
+def _comfy(host, model, case, who, s, rss, params=100, matched=True):
+    return {"host": host, "model": model, "case": case, "who": who, "matched": matched, "s_per_step": s,
+            "peak_rss_mib": rss, "training_peak_rss_mib": rss, "trainable_params": params, "flops_per_step": 2e9,
+            "peak_gflops": 10.0, "share_of_peak": 2e9 / s / 10e9, "note": "", "detail": {}}
+
+
+def test_the_comfy_section_compares_each_case_within_its_host_and_model():
+    from bench.comfy_rows import ratios
+    from bench.report import comfy_table
+    from bench.run import comfy_headline
+
+    rows = [_comfy("0.33", "sd15", "matched", "host", 1.5, 3000), _comfy("0.33", "sd15", "matched", "ours", 1.0, 2400),
+            _comfy("0.3.64", "sd15", "matched", "host", 1.0, 2000),
+            _comfy("0.3.64", "sd15", "matched", "ours", 2.0, 2000),
+            _comfy("0.33", "sd15", "host offloading", "host", 4.0, 1000, matched=False)]
+    r = ratios(rows)
+    assert r[("0.33", "sd15", "matched")] == pytest.approx((1.5, 0.8))
+    assert r[("0.3.64", "sd15", "matched")] == pytest.approx((0.5, 1.0))
+    assert ("0.33", "sd15", "host offloading") not in r  # no equivalent on our side: no ratio
+    line = comfy_headline(rows)
+    assert "0.33 sd15: x1.50 at 0.80" in line and "0.3.64 sd15: x0.50 at 1.00" in line
+    table = comfy_table(rows)
+    assert "x1.50" in table and "20.0%" in table and "(not matched)" in table  # 2 GFLOP / 1 s / 10 GFLOP/s

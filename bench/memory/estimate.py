@@ -37,7 +37,7 @@ def predict(spec: architectures.Spec, setting: Setting, *, cuda_norms: bool = Tr
     mode = fake.fake_mode()
     prepared = step.prepare(spec, setting, mode=mode)
     tracker = StorageTracker()
-    with mode, fake.cuda_autocast_norms(cuda_norms and setting.autocast):
+    with mode, fake.cuda_autocast_norms(cuda_norms and setting.autocast, prepared.step_modules):
         step.tracked_steps(prepared, tracker, steps=steps)
     result = from_tracker(tracker)
     if setting.optimizer == "adamw8bit" and not step.bitsandbytes_present():

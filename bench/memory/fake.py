@@ -72,9 +72,27 @@ class _Fp32Norms(TorchFunctionMode):
 
 
 @contextmanager
-def cuda_autocast_norms(enabled: bool) -> Iterator[None]:
+def cuda_autocast_norms(enabled: bool, modules: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Norms as CUDA's autocast runs them, in the step and in checkpointing's recomputation, which
+    runs in the backward pass where torch-function modes are not active: diffusers' checkpointed
+    modules get a `context_fn` that enters the same mode around their recomputation."""
     if not enabled:
         yield
         return
-    with _Fp32Norms():
-        yield
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    recompute = partial(checkpoint, use_reentrant=False, context_fn=lambda: (_Fp32Norms(), _Fp32Norms()))
+    patched = []
+    for root in modules:
+        for m in root.modules():
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+                patched.append((m, m._gradient_checkpointing_func))
+                m._gradient_checkpointing_func = recompute
+    try:
+        with _Fp32Norms():
+            yield
+    finally:
+        for m, func in patched:
+            m._gradient_checkpointing_func = func

@@ -1,0 +1,194 @@
+"""The ComfyUI section of `python -m bench`: our Train node against the host's own TrainLoraNode,
+on each ComfyUI version present, each model, matched settings by default, plus the host's levers.
+
+Stdlib only (the orchestrator never imports torch): every run is a bench.comfy_child process under
+that host's own Python, wrapped by bench.child, which also counts one extra step's FLOPs; the
+matmul peak (bench.peak) is measured with the same Python and thread count in the same run.
+
+A case is one comparison: the host's trainer with some inputs against ours with the equivalent
+ones (or none: "no equivalent"). In a matched case both adapt the same modules at the same rank,
+dtype, batch (1), optimizer (AdamW) and checkpointing, and the trainable-parameter counts, printed
+beside each row, must be equal (the bench stops otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from bench.proc import REPO
+
+
+@dataclass
+class ComfyHost:
+    version: str  # "0.3.64" | "0.33"
+    dir: Path
+    python: Path
+
+    def missing(self) -> Optional[str]:
+        if not (self.dir / "main.py").is_file():
+            return f"no ComfyUI in {self.dir}"
+        if not self.python.is_file():
+            return f"{self.python} missing (COMFYUI_DIR={self.dir} COMFYUI_VENV=... bash tools/setup_comfyui_env.sh)"
+        return None
+
+
+def default_hosts(python_0364: Optional[str] = None, python_033: Optional[str] = None) -> List[ComfyHost]:
+    """The two supported versions, where tools/test.sh finds them (same variables)."""
+    shared = REPO.parent / "shared"
+    return [ComfyHost("0.3.64", Path(os.environ.get("COMFYUI_DIR", shared / "comfyui")),
+                      Path(python_0364 or REPO / ".venv-comfyui" / "bin" / "python")),
+            ComfyHost("0.33", Path(os.environ.get("COMFYUI_CURRENT_DIR", shared / "comfyui-0.33")),
+                      Path(python_033 or REPO / ".venv-comfyui-current" / "bin" / "python"))]
+
+
+@dataclass
+class Case:
+    """One comparison. `host`/`ours` are bench.comfy_child flags; `ours=None`: no equivalent."""
+    name: str
+    host: List[str]
+    ours: Optional[List[str]]
+    matched: bool
+    versions: Tuple[str, ...] = ("0.3.64", "0.33")
+    dtype: str = "fp32"
+    note: str = ""
+
+
+MODELS = {"sd15": "mini SD1.5 checkpoint", "sd3": "tiny SD3 (MMDiT, flow matching)"}
+
+
+def cases(model: str, quick: bool) -> List[Case]:
+    """The matched case first, then (full run) the host's levers, each against ours."""
+    # Our flow path always recomputes each transformer block (nodes/flow_path.py); the host's
+    # depth-1 checkpointing recomputes the same top-level blocks. The UNet runs without on both.
+    gc = ["--checkpointing"] if model == "sd3" else []
+    out = [Case("matched", ["--lora-set", "matched", *gc], [*gc], True)]
+    if quick:
+        return out
+    out.append(Case("host's LoRA set as shipped (every Linear/Conv + bias/norm differences) vs our default",
+                    ["--lora-set", "shipped", *gc], [*gc], False))
+    if model == "sd15":
+        out.append(Case("gradient checkpointing (host depth 1)", ["--lora-set", "matched", "--checkpointing"],
+                        ["--checkpointing"], True))
+        out.append(Case("gradient checkpointing (host depth 2)", ["--lora-set", "matched", "--checkpointing",
+                                                                  "--depth", "2"], ["--checkpointing"], True,
+                        versions=("0.33",)))
+    out.append(Case("bf16 training dtype", ["--lora-set", "matched", "--dtype", "bf16", *gc], ["--dtype", "bf16", *gc],
+                    True, dtype="bf16"))
+    out.append(Case("host offloading", ["--lora-set", "matched", "--offloading", *gc], None, False,
+                    versions=("0.33",), note="CPU: nothing to offload to; ours has no equivalent"))
+    out.append(Case("host bypass mode", ["--lora-set", "matched", "--bypass", *gc], None, False,
+                    versions=("0.33",), note="ours has no equivalent (for fp8 or offloaded base weights)"))
+    return out
+
+
+@dataclass
+class Measured:
+    host: str
+    model: str
+    case: str
+    who: str  # "host" | "ours"
+    matched: bool
+    s_per_step: Optional[float]
+    peak_rss_mib: float
+    training_peak_rss_mib: Optional[float]
+    trainable_params: int
+    flops_per_step: Optional[float]
+    peak_gflops: Optional[float]
+    note: str = ""
+    detail: Dict = field(default_factory=dict)
+
+    @property
+    def share_of_peak(self) -> Optional[float]:
+        if not (self.flops_per_step and self.s_per_step and self.peak_gflops):
+            return None
+        return self.flops_per_step / self.s_per_step / (self.peak_gflops * 1e9)
+
+
+def measure_peak(host: ComfyHost, env: dict, threads: int, dtype: str, seconds: float) -> dict:
+    proc = subprocess.run([str(host.python), "-m", "bench.peak", "--threads", str(threads), "--dtype", dtype,
+                           "--seconds", str(seconds)], cwd=str(REPO), env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.peak under {host.python} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool, warmup: int, measure: int,
+                      resolution: int, rank: int, lr: float, images: int, threads: int, env: dict, work: Path,
+                      child: Callable, log: Callable, notes: List[str], profile: bool = False) -> List[Measured]:
+    """Run every case on every host present; `child(name, wrapper, target, steps, python, env)` is the
+    orchestrator's measured launcher (bench.run.Bench.child). With `profile`, the matched case runs
+    once more per trainer with bench.phases' hooks (not timed rows: their phase split goes into
+    the timed row's detail)."""
+    out: List[Measured] = []
+    for host in hosts:
+        why = host.missing()
+        if why:
+            notes.append(f"ComfyUI {host.version}: skipped ({why})")
+            continue
+        henv = dict(env, COMFYUI_DIR=str(host.dir))
+        peaks: Dict[str, dict] = {}
+        for model in models:
+            for case in cases(model, quick):
+                if host.version not in case.versions:
+                    continue
+                if case.dtype not in peaks:
+                    peaks[case.dtype] = measure_peak(host, henv, threads, case.dtype, 1.0 if quick else 2.0)
+                    log(f"ComfyUI {host.version}: {case.dtype} matmul peak {peaks[case.dtype]['gflops']:.1f} GFLOP/s "
+                        f"({threads} thread(s))")
+                pair = []
+                for who, flags in (("host", case.host), ("ours", case.ours)):
+                    if flags is None:
+                        continue
+                    tag = f"comfy{host.version.replace('.', '')}_{model}_{_slug(case.name)}_{who}"
+                    info_path = work / f"{tag}.info.json"
+                    steps = warmup + measure
+                    r = child(tag, ["--flops-step", str(steps + 1)],
+                              ["--which", who, "--model", model, "--work", str(work / tag), "--resolution",
+                               str(resolution), "--steps", str(steps + 1), "--rank", str(rank), "--lr", str(lr),
+                               "--images", str(images), "--info", str(info_path), *flags],
+                              steps, str(host.python), henv)
+                    info = json.loads(info_path.read_text())
+                    s = r.summary(warmup)
+                    m = Measured(host.version, model, case.name, who, case.matched, s.get("s_per_step"),
+                                 s["peak_rss_mib"], s.get("training_peak_rss_mib"), info["trainable_params"],
+                                 r.record.get("flops_per_step"), peaks[case.dtype]["gflops"], case.note,
+                                 {"info": info, "summary": s, "peak": peaks[case.dtype]})
+                    if profile and case.name == "matched":
+                        p = child(tag + "_phases", ["--phases"],
+                                  ["--which", who, "--model", model, "--work", str(work / (tag + "_phases")),
+                                   "--resolution", str(resolution), "--steps", str(steps), "--rank", str(rank),
+                                   "--lr", str(lr), "--images", str(images), *flags], steps, str(host.python), henv)
+                        m.detail["phases"] = phase_means(p.record.get("phases", []), warmup)
+                    out.append(m)
+                    pair.append(m)
+                if case.matched and len(pair) == 2 and pair[0].trainable_params != pair[1].trainable_params:
+                    raise RuntimeError(f"ComfyUI {host.version} {model} '{case.name}': not matched, the host trains "
+                                       f"{pair[0].trainable_params:,} parameters and ours {pair[1].trainable_params:,}")
+    return out
+
+
+def phase_means(steps: List[dict], warmup: int) -> Dict[str, float]:
+    """Mean seconds per phase over the steps after the warm-up (bench.phases' step records)."""
+    sel = steps[warmup:] or steps
+    return {k: sum(s[k] for s in sel) / len(sel) for k in sel[0]} if sel else {}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower())[:40].strip("_")
+
+
+def ratios(rows: List[dict]) -> Dict[Tuple[str, str, str], Tuple[Optional[float], Optional[float]]]:
+    """(host version, model, case) → (speedup = host s/step / ours, memory = ours peak RSS / host's)."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["host"], r["model"], r["case"]), {})[r["who"]] = r
+    out = {}
+    for key, pair in by.items():
+        h, o = pair.get("host"), pair.get("ours")
+        if h and o and h["s_per_step"] and o["s_per_step"]:
+            out[key] = (h["s_per_step"] / o["s_per_step"], o["peak_rss_mib"] / h["peak_rss_mib"])
+    return out
