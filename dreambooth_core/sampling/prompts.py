@@ -5,6 +5,7 @@ modification (colour, material), accessories, class hybrids, plus product shots 
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -58,6 +59,27 @@ TOY_PROMPT_SETS: Dict[str, List[str]] = {
 
 def fill(template: str, token: str, class_noun: str) -> str:
     return template.replace("{token}", token).replace("{class}", class_noun)
+
+
+SUBJECT_PLACEHOLDER = re.compile(r"\{subject(?:_(\d+))?\}")
+
+
+def fill_subjects(text: str, subjects: Sequence[str]) -> str:
+    """`{subject}` (or `{subject_1}`) -> the first phrase, `{subject_2}` -> the second, ... A text with no
+    placeholder gets the phrases in front ("sks dog, a photo on a beach"), so an existing prompt works
+    unchanged. A placeholder without its phrase is an error naming it."""
+    phrases = [s.strip() for s in subjects]
+
+    def phrase(match) -> str:
+        n = int(match.group(1) or 1)
+        if not 1 <= n <= len(phrases) or not phrases[n - 1]:
+            raise ValueError(f"text uses {match.group(0)} but subject_{n} has no phrase: connect a Load Subject's "
+                             f"subject output to subject_{n}, or remove the placeholder")
+        return phrases[n - 1]
+
+    if SUBJECT_PLACEHOLDER.search(text):
+        return SUBJECT_PLACEHOLDER.sub(phrase, text)
+    return ", ".join([p for p in phrases if p] + ([text.strip()] if text.strip() else []))
 
 
 def prompt_set(name: str, token: str, class_noun: str, toy: bool = False) -> List[str]:

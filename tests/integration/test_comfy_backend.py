@@ -74,7 +74,8 @@ def sample_latent(model, clip, seed=0, prompt="a photo of sks dog", steps=3):
 
 def test_pack_exports_nodes(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == {"DreamBoothDataset", "DreamBoothClassImages", "DreamBoothTrain",
-                                             "DreamBoothSampleGrid"}
+                                             "DreamBoothSampleGrid", "DreamBoothLoadSubject",
+                                             "DreamBoothSubjectPrompt"}
     assert pack.WEB_DIRECTORY == "./js"
     for cls in pack.NODE_CLASS_MAPPINGS.values():
         assert cls.CATEGORY == "DreamBooth"
@@ -368,7 +369,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "new": sorted(set(sys.mod
     assert not foreign, foreign
     assert not info["path_changed"]
     assert info["seconds"] < 0.5, info
-    assert len(info["nodes"]) == 4
+    assert len(info["nodes"]) == 6
 
 
 @pytest.fixture(scope="module")

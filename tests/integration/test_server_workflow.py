@@ -125,7 +125,8 @@ def test_pack_imports_and_lists_its_nodes(server, object_info):
     assert "comfyui-dreambooth" in log
     assert not [line for line in log.splitlines() if "IMPORT FAILED" in line], log[-3000:]
     ours = {k: v for k, v in object_info.items() if v.get("category") == "DreamBooth"}
-    assert set(ours) == {"DreamBoothDataset", "DreamBoothClassImages", "DreamBoothTrain", "DreamBoothSampleGrid"}
+    assert set(ours) == {"DreamBoothDataset", "DreamBoothClassImages", "DreamBoothTrain", "DreamBoothSampleGrid",
+                         "DreamBoothLoadSubject", "DreamBoothSubjectPrompt"}
     for name, info in ours.items():
         for section in ("required", "optional"):
             for input_name, spec in info["input"].get(section, {}).items():
@@ -181,6 +182,38 @@ def test_workflow_trains_and_the_base_model_stays_untouched(server, workflow):
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
     # the LoRA file (fp16) reproduces the trained MODEL (fp32 adapters) closely
     assert np.abs(via_loader - trained).mean() < 0.25 * np.abs(trained - base_before).mean()
+
+
+def test_the_trained_subject_loads_by_name_with_its_phrase_as_the_stock_loader_loads_it(server, workflow):
+    """Load Subject -> Subject Prompt -> CLIP Text Encode gives the image the stock LoraLoader and the typed
+    prompt give; the page's listing has the subject's phrase and preview."""
+    listed = {s["name"]: s for s in server.get("/dreambooth/subjects")["subjects"]}
+    assert listed[f"{LORA}.safetensors"]["phrase"] == "sks dog"
+    assert listed[f"{LORA}.safetensors"]["thumbnail"].startswith("data:image/jpeg;base64,")
+    choices = server.get("/object_info/DreamBoothLoadSubject")["DreamBoothLoadSubject"]["input"]["required"]
+    assert f"{LORA}.safetensors" in choices["subject"][0]
+    sampler = workflow["18"]["inputs"]
+    graph = subgraph(workflow, ("1", "12"))
+    graph["60"] = {"class_type": "DreamBoothLoadSubject",
+                   "inputs": {"model": ["1", 0], "clip": ["1", 1], "subject": f"{LORA}.safetensors",
+                              "strength_model": 1.0, "strength_clip": 1.0}}
+    graph["61"] = {"class_type": "DreamBoothSubjectPrompt",
+                   "inputs": {"text": "a photo of {subject} in the snow", "subject": ["60", 2]}}
+    graph["30"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                          "lora_name": f"{LORA}.safetensors", "strength_model": 1.0,
+                                                          "strength_clip": 1.0}}
+    for first, (loader, text) in {"62": ("60", ["61", 0]), "72": ("30", PROMPT)}.items():
+        i = int(first)
+        graph[str(i)] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": [loader, 1]}}
+        graph[str(i + 1)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [loader, 1]}}
+        graph[str(i + 2)] = {"class_type": "KSampler", "inputs": dict(sampler, model=[loader, 0], positive=[str(i), 0],
+                                                                      negative=[str(i + 1), 0])}
+        graph[str(i + 3)] = {"class_type": "VAEDecode", "inputs": {"samples": [str(i + 2), 0], "vae": ["1", 2]}}
+        graph[str(i + 4)] = {"class_type": "SaveImage", "inputs": {"images": [str(i + 3), 0],
+                                                                   "filename_prefix": f"it/subject_{first}"}}
+    entry = run(server, graph)
+    assert entry["outputs"]["60"]["text"] == ["sks dog (sd1)"]
+    assert np.array_equal(saved_image(server, entry, "66"), saved_image(server, entry, "76"))
 
 
 def test_queueing_again_reuses_the_class_images(server, workflow):
