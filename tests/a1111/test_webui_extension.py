@@ -127,6 +127,42 @@ def test_train_lora_with_prior_preservation(webui, subject_dir):
     assert read["modelspec.trigger_phrase"] == "sks ball" and read["ss_output_name"] == "dbtest"
 
 
+def test_the_webui_card_reads_the_subject_its_base_and_its_picture(webui, tmp_path):
+    """The LoRA the job wrote, read by the WebUI's extra-networks page in-process (read_card.py): filed as
+    SD1, the trigger words from ss_tag_frequency, the embedded picture served by its cover-image route; and
+    the same keys through safetensors: the subject, its base (the UNet's fingerprint), a sample of it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    lora = webui.root / "models" / "Lora" / "dbtest.safetensors"
+    (tmp_path / "data").mkdir()
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("read_card.py")), str(webui.root),
+                          str(tmp_path / "data"), str(lora.parent), "dbtest"], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("CARD ")]
+    assert lines, out.stdout[-2000:] + out.stderr[-4000:]
+    card = json.loads(lines[-1][5:])
+    assert card["alias"] == "dbtest" and card["sd_version"] == "SD1"
+    assert card["tags"] == [["sks ball", 3]], "the card's trigger words"
+    assert card["preview"].endswith("cover-images?page=lora&item=dbtest")
+    assert card["cover"]["media_type"] == "image/jpeg" and card["cover"]["bytes"] > 300
+    read = card["metadata"]
+    assert read["ss_tag_frequency"] == {"1_sks ball": {"sks ball": 3}} and read["ss_resolution"] == "(64, 64)"
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in read if isinstance(read[k], str)} == {k: v for k, v in read.items() if isinstance(v, str)}
+    assert meta["modelspec.trigger_phrase"] == "sks ball" and meta["dreambooth_instance_prompt"] == "a photo of sks ball"
+    assert meta["dreambooth_base_family"] == "sd1" and len(meta["dreambooth_base_fingerprint"]) == 16
+    assert (meta["dreambooth_resolution"], meta["ss_steps"], meta["dreambooth_rank"]) == ("64", "2", "4")
+    assert meta["dreambooth_thumbnail_source"] == "sample", "the WebUI samples: the picture shows the trained subject"
+    assert meta["modelspec.thumbnail"].startswith("data:image/jpeg;base64,")
+
+
 def test_second_job_reuses_the_cached_class_images(webui, subject_dir):
     job = webui.post(TRAIN, _job(subject_dir, steps=1, save_name="dbtest_again")).json()
     status = webui.wait_job(job["id"])
@@ -166,6 +202,9 @@ def test_full_fine_tune_saves_a_checkpoint_and_restores_the_loaded_model(webui, 
         assert set(new.keys()) == set(old.keys()), "the saved checkpoint's keys differ from the loaded one's"
         key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
         assert not new.get_tensor(key).equal(old.get_tensor(key)), "full fine-tuning changed no UNet weight"
+        meta = new.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.trigger_phrase"] == "sks ball"
+    assert meta["dreambooth_kind"] == "checkpoint" and meta["modelspec.thumbnail"].startswith("data:image/jpeg")
     # The WebUI's loaded model is back to the checkpoint's weights.
     assert np.array_equal(before, _txt2img(webui, "a photo of sks ball", seed=3))
 
