@@ -44,5 +44,5 @@ def predict(spec: architectures.Spec, setting: Setting, *, cuda_norms: bool = Tr
         # The step ran with AdamW; its state is swapped for AdamW8bit's layout (bitsandbytes is absent here).
         adamw, eight = step.state_bytes(prepared.optimizer), step.adamw8bit_state_bytes(prepared.params)
         result.lora_optim += eight - adamw
-        result.notes.append("AdamW8bit state computed from bitsandbytes' layout (not installed here)")
+        result.notes.append("state from bitsandbytes' layout; not installed here")
     return result

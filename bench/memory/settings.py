@@ -51,7 +51,7 @@ def sd_settings() -> List[Setting]:
         Setting("gc-full-adafactor", "+ full + Adafactor", checkpointing="full", optimizer="adafactor",
                 option="--gradient-checkpointing full --optimizer adafactor"),
         Setting("gc-full-8bit", "+ full + AdamW8bit", checkpointing="full", optimizer="adamw8bit",
-                option="--gradient-checkpointing full --optimizer adamw8bit (needs bitsandbytes)"),
+                option="--gradient-checkpointing full --optimizer adamw8bit"),
     ]
 
 
