@@ -78,7 +78,16 @@ class FreshCopy:
 FRESH_COPY = FreshCopy()
 
 
-# -- flow families: frozen Linears without a weight copy ----------------------------------------------
+# -- frozen Linears and convolutions without a weight copy -------------------------------------------
+
+def _frozen_weight(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The module's weight as its forward sees it, cast like `like` (no graph is recorded)."""
+    if hasattr(module, "weight_function"):
+        import comfy.ops
+
+        return comfy.ops.cast_bias_weight(module, like)[0]
+    return module.weight.to(device=like.device, dtype=like.dtype)
+
 
 class _FrozenLinear(torch.autograd.Function):
     """y = the host's own Linear forward; dL/dx from the weight read again in backward.
@@ -96,18 +105,29 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        module = ctx.module
         with torch.no_grad():
-            if hasattr(module, "weight_function"):
-                import comfy.ops
-
-                weight = comfy.ops.cast_bias_weight(module, grad)[0]
-            else:
-                weight = module.weight.to(device=grad.device, dtype=grad.dtype)
-            return (grad @ weight).to(ctx.x_dtype), None, None
+            return (grad @ _frozen_weight(ctx.module, grad)).to(ctx.x_dtype), None, None
 
 
-class FlowState:
+class _FrozenConv2d(torch.autograd.Function):
+    """_FrozenLinear for a 2-D convolution: dL/dx is the transposed convolution of the gradient with
+    the weight read again in backward; only the input's shape is kept."""
+
+    @staticmethod
+    def forward(ctx, x, module, host_forward):
+        ctx.module, ctx.x_dtype, ctx.x_shape = module, x.dtype, x.shape
+        return host_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m = ctx.module
+        with torch.no_grad():
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, _frozen_weight(m, grad), grad, m.stride, m.padding,
+                                            m.dilation, m.groups)
+        return gx.to(ctx.x_dtype), None, None
+
+
+class FrozenState:
     """Shared switch of one backend's patched forwards: off while the host samples (class images,
     previews: the result MODEL carries the deltas as weight wrappers then) and after training."""
 
@@ -115,19 +135,21 @@ class FlowState:
         self.active = True
 
 
-class FrozenLinearForward:
-    """The forward a flow model's Linear runs while it trains: the host's forward through
-    _FrozenLinear, plus the LoRA's x·downᵀ·upᵀ·scale where one is attached (no W + ΔW is made)."""
+class FrozenForward:
+    """The forward a frozen Linear or Conv2d runs while a LoRA trains: the host's forward through
+    _FrozenLinear/_FrozenConv2d, plus the LoRA's up(down(x))·scale where one is attached (no
+    W + ΔW is made, no weight is copied)."""
 
-    def __init__(self, module: nn.Module, state: FlowState, adapter: "nn.Module | None" = None):
+    def __init__(self, module: nn.Module, state: FrozenState, adapter: "nn.Module | None" = None):
         self.module, self.state, self.adapter = module, state, adapter
         self.host_forward = module.forward  # bound: the class's forward or a previous instance patch
+        self.op = _FrozenConv2d if isinstance(module, nn.Conv2d) else _FrozenLinear
 
     def __call__(self, x, *args, **kwargs):
         if not self.state.active or args or kwargs:
             return self.host_forward(x, *args, **kwargs)
         if torch.is_grad_enabled() and x.requires_grad:
-            y = _FrozenLinear.apply(x, self.module, self.host_forward)
+            y = self.op.apply(x, self.module, self.host_forward)
         else:
             y = self.host_forward(x)
         if self.adapter is not None:
@@ -135,16 +157,23 @@ class FrozenLinearForward:
         return y
 
 
-def frozen_linear_patchable(module: nn.Module) -> bool:
-    """A Linear whose forward is the host's plain (optionally manual-cast) one over an ordinary tensor:
-    quantized / scaled-fp8 variants keep the host's own path (with a fresh copy)."""
-    if not isinstance(module, nn.Linear) or type(module.weight) not in (torch.Tensor, nn.Parameter):
+def frozen_patchable(module: nn.Module) -> bool:
+    """A Linear or zero-padded Conv2d whose forward is the host's plain (optionally manual-cast) one
+    over an ordinary tensor: quantized / scaled-fp8 variants keep the host's own path (with a
+    fresh copy)."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return False
+    elif not isinstance(module, nn.Linear):
+        return False
+    if type(module.weight) not in (torch.Tensor, nn.Parameter):
         return False
     try:
         import comfy.ops
     except ImportError:
         return True
-    plain = {getattr(comfy.ops, ns).Linear.forward_comfy_cast_weights
+    kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+    plain = {getattr(getattr(comfy.ops, ns), kind).forward_comfy_cast_weights
              for ns in ("disable_weight_init", "manual_cast") if hasattr(comfy.ops, ns)}
     own = getattr(type(module), "forward_comfy_cast_weights", None)
     return own is None or own in plain

@@ -18,8 +18,9 @@
   (input, timestep, dtype casts, `process_timestep`, the diffusion model) without the final
   `calculate_denoised` (x − σ·v): no division by σ (flow_path.py). A MODEL whose options wrap `apply_model` goes
   through `apply_model` itself and v = (x − denoised)/σ. The frozen Linears run the host's forward but
-  pass gradients from the weight read again in backward (adapters.FrozenLinearForward), and the LoRA is
+  pass gradients from the weight read again in backward (adapters.FrozenForward), and the LoRA is
   added to their output: no copy of the transformer's weights, frozen or patched, exists while it trains.
+  A UNet's LoRA trains the same way (its Linears and convolutions through FrozenForward).
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its
   seed (noise from `comfy.sample.prepare_noise`, one image per call), so a class image equals
   what a stock KSampler makes with that seed.
@@ -39,7 +40,7 @@ from torch import nn
 from ..dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 from . import families
 from .flow_path import FlowModelPath
-from .adapters import FRESH_COPY, DiffWeight, FlowState, LoRAWeight, comfy_op_modules, text_targets, unet_targets
+from .adapters import FRESH_COPY, DiffWeight, FrozenState, LoRAWeight, comfy_op_modules, text_targets, unet_targets
 
 log = logging.getLogger("dreambooth")
 
@@ -218,10 +219,10 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             raise ValueError("train_text_encoder is on but no CLIP is connected")
         self._family = families.detect(model)
         self.model_sampling = self.model.get_model_object("model_sampling")
-        self._flow_state: Optional[FlowState] = None
+        self._frozen_state: Optional[FrozenState] = None
         self._swapped: List[Tuple[nn.Module, str, torch.Tensor]] = []  # (module, name, original) for the run
         #: bytes of frozen tensors copied for a flow run (norm scales and the like; no Linear weight)
-        self.flow_copied_bytes = 0
+        self.frozen_copied_bytes = 0
         self._kernels_before: Optional[bool] = None  # the host's in_training flag before this run set it
         if self._family.flow:
             self._refuse_flow_settings(mode)
@@ -453,15 +454,21 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         return self.model if kind == "unet" else self.clip.patcher
 
     def _install(self) -> None:
-        """Register the trained deltas on the training clones, plus fresh-copy wrappers for the
-        other weights that are inference tensors (see adapters.FreshCopy), then load."""
+        """Put the trained deltas into the training run, then load. A LoRA's UNet side runs through
+        the frozen path (flow_path._install_frozen: LoRA on the activations, no weight copied); the
+        text encoder's, and a full fine-tune's diffs, as weight wrappers of the training clones,
+        with fresh-copy wrappers for the other weights that are inference tensors (adapters.FreshCopy)."""
         if self._installed:
             return
         if self._family.flow:
             self._install_flow()
             self._installed = True
             return
-        roots = [("unet", self.model.model)] + ([("clip", self.clip.cond_stage_model)] if self.train_text_encoder else [])
+        frozen_unet = self.mode == "lora"
+        if frozen_unet:
+            self._install_frozen()
+        roots = ([] if frozen_unet else [("unet", self.model.model)]) + (
+            [("clip", self.clip.cond_stage_model)] if self.train_text_encoder else [])
         for kind, root in roots:
             # The host's loader leaves requires_grad=True on the (frozen) weights: autograd would
             # then compute and keep a .grad for every weight of the shared model at each step.
@@ -470,6 +477,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
                     p.requires_grad_(False)
         wrapped = set()
         for kind, key, wrapper in self._wrappers:
+            if kind == "unet" and frozen_unet:
+                continue  # FrozenForward adds this LoRA to the module's output
             self._patcher(kind).add_weight_wrapper(key, wrapper)
             wrapped.add((kind, key))
         for kind, root in roots:
@@ -540,13 +549,13 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
 
     def unwrap(self) -> None:
         """After training: the patched forwards of a flow model pass through to the host's."""
-        if self._flow_state is not None:
-            self._flow_state.active = False
+        if self._frozen_state is not None:
+            self._frozen_state.active = False
             self._training_kernels(False)
 
     def use_wrapped(self, models: List[nn.Module]) -> None:
-        if self._flow_state is not None:
-            self._flow_state.active = True
+        if self._frozen_state is not None:
+            self._frozen_state.active = True
             self._training_kernels(True)
 
     def release(self) -> None:
@@ -554,8 +563,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         self.set_gradient_checkpointing(False)
         self._unpatch_forwards(0)
         self._restore_swapped()
-        if self._flow_state is not None:
-            self._flow_state.active = False
+        if self._frozen_state is not None:
+            self._frozen_state.active = False
             self._training_kernels(False)
 
     # -- results -------------------------------------------------------------------------------
@@ -600,7 +609,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
                 hook()
 
         images: List[np.ndarray] = []
-        state = self._flow_state
+        state = self._frozen_state
         active = state is not None and state.active
         if state is not None:  # the host samples the result MODEL (its deltas as weight wrappers)
             state.active = False

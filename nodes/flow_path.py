@@ -13,7 +13,7 @@ from torch import nn
 
 from ..dreambooth_core.backends.base import UnsupportedModel
 from . import families
-from .adapters import FlowState, FrozenLinearForward, frozen_linear_patchable
+from .adapters import FrozenForward, FrozenState, frozen_patchable
 
 log = logging.getLogger("dreambooth")
 
@@ -164,15 +164,23 @@ class FlowModelPath:
         return out
 
     def _install_flow(self) -> None:
-        """Patch the shared transformer's forwards for the run (restored by release()): every plain
-        Linear through FrozenLinearForward (with its LoRA where the network has one), every block
-        checkpointed, and the remaining frozen inference tensors (norm scales, pad tokens, the patch
-        embedding: small) swapped for ordinary copies, which autograd may save."""
+        """The frozen path (below), with every transformer block checkpointed."""
+        self._install_frozen()
+        dm = self.model.model.diffusion_model
+        for block in families.flow_blocks(self._family, dm):
+            self._patch_forward(block, functools.partial(_checkpointed_all, block.forward))
+
+    def _install_frozen(self) -> None:
+        """Patch the shared diffusion model's forwards for the run (restored by release()): every
+        plain Linear and Conv2d through FrozenForward (with its LoRA where the network has one), and
+        the remaining frozen inference tensors (norm scales, pad tokens, embeddings: small) swapped
+        for ordinary copies, which autograd may save. No weight is copied per forward, none is
+        kept for backward, and no W + ΔW is made."""
         dm = self.model.model.diffusion_model
         for p in self.model.model.parameters():
             if p.requires_grad:
                 p.requires_grad_(False)
-        self._flow_state = state = FlowState()
+        self._frozen_state = state = FrozenState()
         self._training_kernels(True)
         adapters = {}
         if self._network is not None:
@@ -183,11 +191,12 @@ class FlowModelPath:
                     adapters[id(module)] = self._network.adapters[name]
         patched = set()
         for path, module in dm.named_modules():
-            if frozen_linear_patchable(module):
-                self._patch_forward(module, FrozenLinearForward(module, state, adapters.pop(id(module), None)))
+            if frozen_patchable(module):
+                self._patch_forward(module, FrozenForward(module, state, adapters.pop(id(module), None)))
                 patched.add(id(module))
         if adapters:
-            raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears of the host; cannot train them")
+            raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears or convolutions of the host; "
+                               "cannot train them")
         self._ensure_loaded()  # the copies below are made where the memory manager put the weights
         with torch.inference_mode(False):
             for module in dm.modules():
@@ -198,9 +207,7 @@ class FlowModelPath:
                         copy = nn.Parameter(t.clone(), requires_grad=False)
                         self._swapped.append((module, name, t))
                         module._parameters[name] = copy
-                        self.flow_copied_bytes += t.nelement() * t.element_size()
-        for block in families.flow_blocks(self._family, dm):
-            self._patch_forward(block, functools.partial(_checkpointed_all, block.forward))
+                        self.frozen_copied_bytes += t.nelement() * t.element_size()
 
     def _training_kernels(self, on: bool) -> None:
         """The host's switch (0.3.65 on: `comfy.model_management.in_training`, what its own trainer sets)

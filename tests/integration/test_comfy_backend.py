@@ -212,6 +212,38 @@ def test_train_lora_in_process(pack, host, loaded, instance_folder, caplog):
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
 
 
+def test_a_unet_lora_trains_without_copies_of_the_frozen_weights(pack, host, loaded, instance_folder, monkeypatch):
+    """The UNet's Linears and convolutions run through the frozen path while a LoRA trains: no weight
+    wrapper on the training clone (the host would cast a fresh copy of each weight per forward and
+    autograd would keep it until backward), only the small norm tensors copied once; the LoRA is
+    added to the activations, and the MODEL the node hands on carries it as W + ΔW, which samples
+    like the training path (test_train_lora_in_process checks the stock loader against it)."""
+    model, clip, vae = loaded
+    n = nodes(pack)
+    cb = backend_module(pack)
+    seen = []
+    install = cb.ComfyBackend._install
+
+    def spy(self):
+        seen.append(self)
+        return install(self)
+
+    monkeypatch.setattr(cb.ComfyBackend, "_install", spy)
+    before = sample_latent(model, clip)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
+        out = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, False, 2, 5e-3, 0.0, 1, 0,
+                                         "frozen_unet", False, 0)["result"]
+    backend = seen[0]
+    assert not [k for k in backend.model.weight_wrapper_patches if k.startswith("diffusion_model.")]
+    unet_bytes = sum(p.nelement() * p.element_size() for p in model.model.diffusion_model.parameters())
+    assert 0 < backend.frozen_copied_bytes < 0.02 * unet_bytes, (backend.frozen_copied_bytes, unet_bytes)
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules()), "a patch was left"
+    assert [k for k in out[0].weight_wrapper_patches if k.startswith("diffusion_model.")], "no LoRA on the result"
+    assert not torch.equal(before, sample_latent(out[0], out[1]))
+    assert torch.equal(before, sample_latent(model, clip))
+
+
 def test_second_run_in_same_process_other_settings_text_encoder(pack, host, loaded, instance_folder, monkeypatch):
     """Runs in a row with other settings: here the text encoder trains too, with gradient
     checkpointing, no prior, the host's low-VRAM loading path, and accelerate's process-wide state

@@ -367,7 +367,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     assert result.status == "completed" and result.lora_path is not None
     assert state["no_wrappers"], "a frozen Linear was read through a weight wrapper (a full copy per forward)"
     model_bytes = sum(p.nelement() * p.element_size() for p in model.model.diffusion_model.parameters())
-    assert backend.flow_copied_bytes < 0.01 * model_bytes, (backend.flow_copied_bytes, model_bytes)
+    assert backend.frozen_copied_bytes < 0.01 * model_bytes, (backend.frozen_copied_bytes, model_bytes)
     assert trained < untrained, (untrained, trained)
     dm = model.model.diffusion_model
     assert all("forward" not in vars(m) for m in dm.modules()), "a forward patch was left on the shared model"
