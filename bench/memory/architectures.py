@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -166,5 +166,3 @@ def modules_of(backend) -> Tuple[list, list]:
         return [backend.transformer], []
     return [backend.unet], [backend.vae, *backend.text_encoders]
 
-
-Factory = Callable[[], object]

@@ -69,10 +69,9 @@ class FluxBackend(BackendDefaults):
             raise ValueError("text_encoder: the flow path trains no text encoder (LoRA on the transformer only)")
         targets: Dict[str, nn.Module] = {}
         for name, module in self.transformer.named_modules():
-            if isinstance(module, nn.Linear) and ".transformer_blocks." in f".{name}" or \
-                    isinstance(module, nn.Linear) and ".single_transformer_blocks." in f".{name}":
-                if name.endswith(_LORA_LEAVES):
-                    targets[kohya_name("lora_unet", name)] = module
+            in_block = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+            if in_block and isinstance(module, nn.Linear) and name.endswith(_LORA_LEAVES):
+                targets[kohya_name("lora_unet", name)] = module
         return targets
 
     def trainable_models(self, unet: bool, text_encoder: bool) -> List[nn.Module]:
