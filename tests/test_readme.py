@@ -41,11 +41,25 @@ def commands(text: str) -> Iterator[List[str]]:
 
 
 def cli_args(words: List[str], module: str) -> List[str] | None:
-    """The arguments after `-m MODULE` (also under `accelerate launch`), or None."""
+    """The arguments after `-m MODULE` (also under `accelerate launch`; `bench/run.py` is `-m bench`), or None."""
     for i in range(len(words) - 1):
         if words[i] == "-m" and words[i + 1] == module:
             return words[i + 2:]
+    if module == "bench" and "bench/run.py" in words:
+        return words[words.index("bench/run.py") + 1:]
     return None
+
+
+def _bench_parse(args: List[str]) -> None:
+    """`python -m bench memory ...` goes to the memory tool, anything else to bench.run (bench/__main__.py)."""
+    if args[:1] == ["memory"]:
+        from bench.memory.cli import parse
+
+        parse(args[1:])
+    else:
+        from bench.run import build_parser
+
+        build_parser().parse_args(args)
 
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -67,15 +81,14 @@ def test_links_and_images_resolve(readme: Path):
 
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_commands_parse_with_the_real_cli(readme: Path):
-    from bench.run import build_parser as bench_parser
     from dreambooth_core.cli.main import parser as core_parser
 
     for words in commands(readme.read_text(encoding="utf-8")):
-        for module, make in (("dreambooth_core", core_parser), ("bench", bench_parser)):
+        for module, parse in (("dreambooth_core", lambda a: core_parser().parse_args(a)), ("bench", _bench_parse)):
             args = cli_args(words, module)
             if args is not None:
                 try:
-                    make().parse_args(args)
+                    parse(args)
                 except SystemExit:
                     pytest.fail(f"{readme.name}: `{' '.join(words)}` does not parse with `python -m {module}`")
         if words[0] in ("bash", "sh") or (len(words) > 1 and words[1].startswith("tools/")):
