@@ -366,10 +366,10 @@ class DreamBoothTrainer:
         if not self._released:
             res = c.resolution or self.backend.native_resolution
             try:
-                # the run's class-image sampler: a name the host's sampler knows (the WebUI's differ)
+                # the run's class-image sampler and guidance: names the host's sampler knows (the WebUI's differ)
                 image = self.backend.generate([c.resolved_instance_prompt()], [c.seed], SampleSettings(
-                    steps=THUMBNAIL_STEPS, sampler=c.class_sampler, width=res, height=res,
-                    negative_prompt=c.negative_prompt))[0]
+                    steps=THUMBNAIL_STEPS, guidance=c.class_guidance, sampler=c.class_sampler, width=res,
+                    height=res, negative_prompt=c.negative_prompt))[0]
                 return thumbnail_uri(image), "sample"
             except (ValueError, RuntimeError, NotImplementedError, *self.callbacks.cancelled_by) as exc:
                 self._phase(f"thumbnail: sampling failed ({exc}); the file shows the first instance photo")
