@@ -12,13 +12,23 @@ from torch import nn
 from .base import Adapter, LoRAError, register
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or a host's own Linear class that is not one (Forge's `ForgeOperations.Linear`
+    subclasses nn.Module): `in_features`, `out_features` and a 2-D weight of that shape."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.ndim == 2 and
+            tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+
+
 @register("lora")
 class LoRAModule(Adapter):
     """`up` starts at zero, so training starts at the base model exactly."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__(rank, alpha)
-        if isinstance(base, nn.Linear):
+        if is_linear_like(base):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
         elif isinstance(base, nn.Conv2d):
@@ -33,7 +43,11 @@ class LoRAModule(Adapter):
         self.to(device=device if device.type != "meta" else "cpu", dtype=torch.float32)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        # Under autocast the down projection casts its input itself; casting here first would give
+        # every adapter its own saved copy of the input (q, k and v: three) instead of sharing it.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        return self.lora_up(self.lora_down(x))
 
     def weight_delta(self) -> torch.Tensor:
         up, down = self.lora_up.weight, self.lora_down.weight

@@ -320,8 +320,12 @@ def test_cancel_inside_the_backward_pass_keeps_the_last_finished_step(pack, host
     args = dict(mode="lora", rank=4, alpha=0.0, train_text_encoder=False, steps=3, learning_rate=5e-3,
                 prior_weight=0.0, batch_size=1, seed=0, checkpoint_every=0, gradient_checkpointing=True)
     runs = {"n": 0}  # a layer deep in the UNet: gradient checkpointing runs it again in each backward pass
-    counter = model.model.diffusion_model.output_blocks[0][0].in_layers[2].register_forward_pre_hook(
-        lambda *_: runs.__setitem__("n", runs["n"] + 1))
+
+    def count(*_):  # training calls only (the thumbnail sampled after the last step runs without grad)
+        if torch.is_grad_enabled():
+            runs["n"] += 1
+
+    counter = model.model.diffusion_model.output_blocks[0][0].in_layers[2].register_forward_pre_hook(count)
     try:
         with torch.inference_mode():
             ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
