@@ -86,6 +86,7 @@ class TrainConfig:
     resume: bool = False
     sample_every: int = 0
     sample_prompts: list = field(default_factory=list)
+    thumbnail_steps: int = 20  # the saved file's picture: a sample with this many steps (0: the first photo)
 
     def __post_init__(self) -> None:
         self.gradient_checkpointing = _checkpointing_scope(self.gradient_checkpointing)
@@ -126,6 +127,8 @@ class TrainConfig:
             bad("crop", f"{self.crop!r} is not one of {CROPS}")
         if self.save_precision not in ("fp16", "bf16", "fp32"):
             bad("save_precision", "use fp16, bf16 or fp32")
+        if self.thumbnail_steps < 0:
+            bad("thumbnail_steps", "must be 0 (the file shows the first instance photo) or more sampling steps")
         for name in ("steps", "rank", "batch_size", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")

@@ -70,6 +70,10 @@ def test_the_last_preview_is_the_picture_and_a_released_model_shows_the_first_ph
     meta = fileio.read_metadata(released.lora_path)
     assert meta["dreambooth_thumbnail_source"] == "instance image"
     assert meta["modelspec.thumbnail"] == thumbnail_uri(INSTANCE[0].image)
+    unsampled = train(make_tiny_backend(), config(tmp_path / "c", steps=1, thumbnail_steps=0), INSTANCE, CLASS)
+    meta = fileio.read_metadata(unsampled.lora_path)  # thumbnail_steps=0: no sampling, the first photo
+    assert meta["dreambooth_thumbnail_source"] == "instance image"
+    assert meta["modelspec.thumbnail"] == thumbnail_uri(INSTANCE[0].image)
 
 
 def test_a_resumed_run_writes_the_same_description(tmp_path):

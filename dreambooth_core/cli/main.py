@@ -93,6 +93,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action=BOOL, default=S, help="continue from output-dir/checkpoint.safetensors")
     g.add_argument("--sample-every", type=int, default=S)
     g.add_argument("--sample-prompts", nargs="+", default=S)
+    g.add_argument("--thumbnail-steps", type=int, default=S,
+                   help="sampling steps of the picture stored in the saved file (default 20; 0: the first photo)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -30,7 +30,6 @@ from ..adapters.metadata import checkpoint_metadata, lora_metadata, thumbnail_ur
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 #: sampler steps of the subject's picture in the saved file's metadata (a 128 px thumbnail)
-THUMBNAIL_STEPS = 20
 
 
 class TrainingDiverged(RuntimeError):
@@ -357,18 +356,19 @@ class DreamBoothTrainer:
     def _thumbnail(self, step: int) -> Tuple[str, str]:
         """The file's preview of the subject (data URI, what it shows): a sample of the instance prompt
         made with the trained weights (the last preview where one was made at this step), or the first
-        instance photo where the backend cannot sample now (encoders released, no VAE) or Cancel came."""
+        instance photo where the backend cannot sample now (encoders released, no VAE), Cancel came or
+        `thumbnail_steps` is 0."""
         from ..backends.base import SampleSettings
 
         c = self.config
         if self._last_preview and self._last_preview[0] == step and not c.sample_prompts:
             return thumbnail_uri(self._last_preview[1][0]), "sample"
-        if not self._released:
+        if not self._released and c.thumbnail_steps > 0:
             res = c.resolution or self.backend.native_resolution
             try:
                 # the run's class-image sampler and guidance: names the host's sampler knows (the WebUI's differ)
                 image = self.backend.generate([c.resolved_instance_prompt()], [c.seed], SampleSettings(
-                    steps=THUMBNAIL_STEPS, guidance=c.class_guidance, sampler=c.class_sampler, width=res,
+                    steps=c.thumbnail_steps, guidance=c.class_guidance, sampler=c.class_sampler, width=res,
                     height=res, negative_prompt=c.negative_prompt))[0]
                 return thumbnail_uri(image), "sample"
             except (ValueError, RuntimeError, NotImplementedError, *self.callbacks.cancelled_by) as exc:
