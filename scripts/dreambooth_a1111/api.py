@@ -42,10 +42,10 @@ def add_routes(app) -> None:
     def token(request: Dict[str, Any] = Body(...)) -> dict:
         from dreambooth_core.dataset.tokens import check_token
 
-        from .backend import A1111Backend
+        from .loaded import make_backend
 
         try:
-            check = check_token(A1111Backend().tokenizers(), str(request.get("token", "")))
+            check = check_token(make_backend().tokenizers(), str(request.get("token", "")))
         except ValueError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         return {"token": check.word, "pieces": check.pieces, "single": check.single, "common": check.common,

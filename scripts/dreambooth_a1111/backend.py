@@ -254,32 +254,23 @@ class A1111Backend(BackendDefaults):
 
     # -- sampling ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings, progress=None) -> List[np.ndarray]:
-        """txt2img through the WebUI's processing, one image per seed."""
-        from modules import processing, sd_samplers, shared
+        return txt2img_images(self.m, prompts, seeds, settings, progress)
 
-        if len(prompts) != len(seeds):
-            raise ValueError("generate: one seed per prompt")
-        name, _, scheduler = str(settings.sampler or DEFAULT_SAMPLER).partition(":")
-        if sd_samplers.find_sampler_config(name) is None:
-            raise ValueError(f"sampler {name!r} is not one of the WebUI's samplers "
-                             f"(e.g. {DEFAULT_SAMPLER!r}, 'Euler a')")
-        images: List[np.ndarray] = []
-        for prompt, seed in zip(prompts, seeds):
-            p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=self.m, prompt=prompt, negative_prompt=settings.negative_prompt, seed=int(seed),
-                steps=int(settings.steps), cfg_scale=float(settings.guidance), width=int(settings.width),
-                height=int(settings.height), sampler_name=name, scheduler=scheduler or None, batch_size=1,
-                n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
-            try:
-                processed = processing.process_images(p)
-            finally:
-                p.close()
-            if shared.state.interrupted or not processed.images:  # a half-sampled image is not kept
-                raise Interrupted("image generation was interrupted")
-            images.append(np.asarray(processed.images[0].convert("RGB"), dtype=np.uint8))
-            if progress is not None:
-                progress(len(images), len(prompts))
-        return images
+    # -- around the job ------------------------------------------------------------------------
+    def begin_job(self, optimized: bool) -> None:
+        """Before class images and training: the LoRAs of the last prompt released, and (unless the user
+        opted in) the WebUI's attention optimisations undone, as for its own embedding training."""
+        clear_active_loras()
+        if not optimized:
+            from modules import sd_hijack
+
+            sd_hijack.undo_optimizations()
+
+    def end_job(self, optimized: bool) -> None:
+        if not optimized:
+            from modules import sd_hijack
+
+            sd_hijack.apply_optimizations()
 
     # -- full fine-tune ------------------------------------------------------------------------
     def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
@@ -292,6 +283,36 @@ class A1111Backend(BackendDefaults):
                    for k, v in self.m.state_dict().items()}
         fileio.save_tensors(out, tensors, metadata or {"dreambooth_base_model": self.describe()})
         return [out]
+
+
+def txt2img_images(sd_model, prompts: Sequence[str], seeds: Sequence[int], settings,
+                   progress=None) -> List[np.ndarray]:
+    """txt2img through the WebUI's processing (A1111's and Forge's alike), one image per seed."""
+    from modules import processing, sd_samplers, shared
+
+    if len(prompts) != len(seeds):
+        raise ValueError("generate: one seed per prompt")
+    name, _, scheduler = str(settings.sampler or DEFAULT_SAMPLER).partition(":")
+    if sd_samplers.find_sampler_config(name) is None:
+        raise ValueError(f"sampler {name!r} is not one of the WebUI's samplers "
+                         f"(e.g. {DEFAULT_SAMPLER!r}, 'Euler a')")
+    images: List[np.ndarray] = []
+    for prompt, seed in zip(prompts, seeds):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=sd_model, prompt=prompt, negative_prompt=settings.negative_prompt, seed=int(seed),
+            steps=int(settings.steps), cfg_scale=float(settings.guidance), width=int(settings.width),
+            height=int(settings.height), sampler_name=name, scheduler=scheduler or None, batch_size=1,
+            n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+        try:
+            processed = processing.process_images(p)
+        finally:
+            p.close()
+        if shared.state.interrupted or not processed.images:  # a half-sampled image is not kept
+            raise Interrupted("image generation was interrupted")
+        images.append(np.asarray(processed.images[0].convert("RGB"), dtype=np.uint8))
+        if progress is not None:
+            progress(len(images), len(prompts))
+    return images
 
 
 def clear_active_loras() -> None:

@@ -25,7 +25,7 @@ from dreambooth_core.fileio import ALLOW_ANY_PATH_ENV, any_path_allowed, inside
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
 from dreambooth_core.training.accel import mixed_precision_for
 
-from .backend import Interrupted, clear_active_loras
+from .backend import Interrupted
 
 log = logging.getLogger("dreambooth")
 #: request keys that are not TrainConfig fields
@@ -175,7 +175,7 @@ def start(request: Dict[str, Any]) -> Job:
     from dreambooth_core.dataset.tokens import TokenError
     from modules import sd_samplers
 
-    from .backend import A1111Backend
+    from .loaded import make_backend
 
     config = _config(request)
     images = request.get("instance_images") or None
@@ -192,7 +192,7 @@ def start(request: Dict[str, Any]) -> Job:
     with _lock:
         if _current is not None and _current.running:
             raise RuntimeError(f"a DreamBooth job is already running ({_current.id}); cancel it or wait for it")
-        backend = A1111Backend(mode=config.mode, train_text_encoder=config.train_text_encoder)
+        backend = make_backend(mode=config.mode, train_text_encoder=config.train_text_encoder)
         config.model = backend.describe()
         config.mixed_precision = mixed_precision_for(config.mixed_precision, backend.weight_dtype, backend.device)
         host = _JobHost()
@@ -232,7 +232,7 @@ def cancel(job_id: Optional[str] = None) -> Job:
 
 
 def _run(job: Job, host, backend, data) -> None:
-    from modules import sd_hijack, shared
+    from modules import shared
     from modules.call_queue import queue_lock
 
     with queue_lock:
@@ -242,9 +242,9 @@ def _run(job: Job, host, backend, data) -> None:
             if job.cancel_event.is_set():
                 job.state = "cancelled"
                 return
-            clear_active_loras()
-            if not optimized:  # as the WebUI's own training: plain attention unless the user opted in
-                sd_hijack.undo_optimizations()
+            # The LoRAs of the last prompt released, the host's attention set for training (the backend
+            # knows how: A1111's sd_hijack, or Forge's LoRA loader and memory manager).
+            backend.begin_job(optimized)
             try:
                 result = run_job(backend, job.config, data, host)
             except Exception as exc:
@@ -272,8 +272,7 @@ def _run(job: Job, host, backend, data) -> None:
             try:
                 backend.release()
             finally:
-                if not optimized:
-                    sd_hijack.apply_optimizations()
+                backend.end_job(optimized)
                 shared.state.end()
                 job.finished = time.time()
     log.info("DreamBooth job %s: %s %s", job.id, job.state, job.error or job.message)

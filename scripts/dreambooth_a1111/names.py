@@ -1,6 +1,6 @@
 """kohya LoRA names (diffusers layout) for the modules of the WebUI's ldm-layout model.
 
-The WebUI's own model is the original CompVis/Stability UNet (`input_blocks.{i}.{0|1}`,
+The WebUI's own model (and Forge's `IntegratedUNet2DConditionModel`) is the original CompVis/Stability UNet (`input_blocks.{i}.{0|1}`,
 `middle_block.{0,1,2}`, `output_blocks.{i}.{0|1|2}`) and, for SD1, the transformers CLIP text
 model. The names come from dreambooth_core.adapters.kohya (the ldm → diffusers map is there), so the
 LoRA file is the same as one trained in ComfyUI or standalone.
@@ -12,6 +12,7 @@ from typing import Dict
 from torch import nn
 
 from dreambooth_core.adapters.kohya import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name, unet_diffusers_path
+from dreambooth_core.adapters.lora import is_linear_like
 
 
 def unet_lora_targets(diffusion_model: nn.Module, conv: bool = False) -> Dict[str, nn.Module]:
@@ -21,7 +22,7 @@ def unet_lora_targets(diffusion_model: nn.Module, conv: bool = False) -> Dict[st
     per_level = (n[0] if isinstance(n, (list, tuple)) else int(n)) + 1
     out: Dict[str, nn.Module] = {}
     for path, module in diffusion_model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not (isinstance(module, nn.Conv2d) or is_linear_like(module)):  # Forge's Linear is no nn.Linear
             continue
         parts = path.split(".")
         attention = (parts[0] == "output_blocks" and len(parts) > 2 and

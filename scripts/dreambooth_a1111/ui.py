@@ -39,10 +39,10 @@ def _poll():
 def _check_token(token: str) -> str:
     from dreambooth_core.dataset.tokens import check_token
 
-    from .backend import A1111Backend
+    from .loaded import make_backend
 
     try:
-        return check_token(A1111Backend().tokenizers(), token).message
+        return check_token(make_backend().tokenizers(), token).message
     except ValueError as exc:
         return str(exc)
 

@@ -1,0 +1,56 @@
+"""Integration tests against the real Forge WebUI (lllyasviel's Forge, read-only at ../shared/forge).
+
+They need Forge's Python (tools/setup_forge_env.sh makes .venv-forge):
+
+    bash tools/setup_forge_env.sh
+    .venv-forge/bin/python -m pytest tests/forge
+
+Forge is copied to a temporary folder with this repository linked as `extensions/dreambooth`, seeded
+mini SD1.5 checkpoints (forge_checkpoint.py: one text-to-image, one inpainting) in its models folder,
+and started API-only on CPU in fp32. Under any other Python every test here is skipped with the reason.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forge_server import FORGE_DIR, SKIP_REASON, start_forge, stop_webui  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if SKIP_REASON:
+        here = Path(__file__).parent
+        for item in items:
+            if here in Path(str(item.fspath)).parents:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def checkpoints() -> dict:
+    from forge_checkpoint import ensure_checkpoint
+
+    return {"sd15": ensure_checkpoint(FORGE_DIR), "inpaint": ensure_checkpoint(FORGE_DIR, inpaint=True)}
+
+
+@pytest.fixture(scope="session")
+def forge(tmp_path_factory, checkpoints):
+    server = start_forge(tmp_path_factory.mktemp("forge"), checkpoints.values(), checkpoints["sd15"])
+    yield server
+    stop_webui(server)
+
+
+@pytest.fixture(scope="session")
+def subject_dir(forge) -> Path:
+    """Three 64×64 photos of a 'subject' (a red disc on different backgrounds), in Forge's folder."""
+    from PIL import Image, ImageDraw
+
+    folder = forge.root / "inputs" / "subject"
+    folder.mkdir(parents=True)
+    for i, bg in enumerate([(30, 90, 200), (40, 160, 60), (220, 210, 190)]):
+        im = Image.new("RGB", (64, 64), bg)
+        ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))
+        im.save(folder / f"subject_{i}.png")
+    return folder
