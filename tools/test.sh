@@ -6,6 +6,8 @@
 #   ComfyUI 0.33, the current one          COMFYUI_CURRENT_DIR  (../shared/comfyui-0.33)  .venv-comfyui-current
 #   Automatic1111 WebUI 1.10               A1111_DIR            (../shared/a1111)         .venv-a1111
 #     (+ its repositories/)                A1111_REPOSITORIES   ($A1111_DIR/repositories)
+#   Forge (lllyasviel's, 2.0.1v1.10.1)     FORGE_DIR            (../shared/forge)         .venv-forge
+#     (+ its repositories/huggingface_guess, which its launcher clones)
 #
 # Each ComfyUI gets tests/integration and tests/browser (the live view in Debian's chromium, installed
 # when missing and possible, else that test skips with the reason). A host whose copy is missing is
@@ -32,7 +34,8 @@ host_missing() {
 
 bash tools/setup_env.sh || { echo "FAILED: could not set up .venv" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/python -m pytest -q tests --ignore=tests/integration --ignore=tests/browser --ignore=tests/a1111 "$@" \
+.venv/bin/python -m pytest -q tests --ignore=tests/integration --ignore=tests/browser --ignore=tests/a1111 \
+  --ignore=tests/forge "$@" \
   || fail "unit tests"
 
 # comfyui_host LABEL DIR VAR VENV: integration + browser tests against the ComfyUI at DIR.
@@ -69,6 +72,19 @@ else
   A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" bash tools/setup_a1111_env.sh || fail "setting up .venv-a1111"
   [ -x .venv-a1111/bin/python ] && { A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" \
     .venv-a1111/bin/python -m pytest -q tests/a1111 "$@" || fail "tests/a1111"; }
+fi
+
+# Forge WebUI (tests/forge): the same extension on Forge's ForgeDiffusionEngine, in its own venv.
+forge="${FORGE_DIR:-$shared/forge}"
+if [ ! -f "$forge/launch.py" ] || [ ! -d "$forge/backend/diffusion_engine" ]; then
+  host_missing "tests/forge" "no Forge WebUI at $forge" "set FORGE_DIR to a Forge folder to run them"
+elif [ ! -d "$forge/repositories/huggingface_guess/huggingface_guess" ]; then
+  host_missing "tests/forge" "Forge cannot load a checkpoint without repositories/huggingface_guess (missing in $forge)" \
+    "place the repository its launcher clones there, see ../shared/FORGE_NOTES.md"
+else
+  FORGE_DIR="$forge" bash tools/setup_forge_env.sh || fail "setting up .venv-forge"
+  [ -x .venv-forge/bin/python ] && { FORGE_DIR="$forge" .venv-forge/bin/python -m pytest -q tests/forge "$@" \
+    || fail "tests/forge"; }
 fi
 
 if [ "${#missing_hosts[@]}" -gt 0 ]; then
