@@ -4,7 +4,7 @@ side-by-side with the host's own trainer. Run under the host's Python (.venv-com
 every optimizer step, records peak memory and, with --flops-step, counts one step's FLOPs):
 
     python -m bench.child --record R.json --steps N --module bench.comfy_child -- \
-        --which ours|host --model sd15|sd3 --work DIR --resolution 64 --steps N --rank 4 --lr 1e-4 \
+        --which ours|host --model sd15|sd3|sd3_d8 --work DIR --resolution 64 --steps N --rank 4 --lr 1e-4 \
         [--lora-set matched|shipped] [--checkpointing] [--depth D] [--offloading] [--bypass] [--dtype fp32|bf16]
 
 - ours: DreamBoothDataset → DreamBoothTrain (LoRA on our default module set, prior preservation
@@ -16,8 +16,9 @@ every optimizer step, records peak memory and, with --flops-step, counts one ste
 
 Both on the same MODEL/CLIP/VAE, loaded by the host's own loaders on CPU under
 torch.inference_mode() as the executor runs nodes: the seeded mini SD1.5 checkpoint of the
-integration tests (tests/integration/mini_checkpoint.py) or the tiny SD3 (MMDiT, a flow-matching
-family) of tests/integration/family_checkpoints.py.
+integration tests (tests/integration/mini_checkpoint.py) or an SD3 (MMDiT, a flow-matching family)
+of tests/integration/family_checkpoints.py: the tests' tiny one (2 blocks, 128 wide) or, for timing, one
+of 8 blocks, 512 wide (~60 M parameters).
 """
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def load_model(name: str):
         import family_checkpoints
 
         files = family_checkpoints.ensure_family(name)
-        return files.load_model(), files.load_clip(), files.load_vae(), f"tiny {files.model_class} (flow matching)"
+        shape = files.layout
+        return (files.load_model(), files.load_clip(), files.load_vae(),
+                f"{files.model_class} {shape.get('depth')} blocks, {shape.get('hidden')} wide (flow matching)")
 
 
 def our_module_names(pack, model, clip, scope: str = "transformer") -> set:
@@ -104,7 +107,8 @@ def lora_file_params(path: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--which", choices=("ours", "host"), required=True)
-    p.add_argument("--model", choices=("sd15", "sd3"), default="sd15")
+    p.add_argument("--model", choices=("sd15", "sd3", "sd3_d8"), default="sd15",
+                   help="sd3: the tests' tiny SD3 (2 blocks, 128 wide); sd3_d8: 8 blocks, 512 wide")
     p.add_argument("--work", default=None)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)

@@ -57,14 +57,11 @@ class Case:
     note: str = ""
 
 
-MODELS = {"sd15": "mini SD1.5 checkpoint", "sd3": "tiny SD3 (MMDiT, flow matching)"}
-
-
 def cases(model: str, quick: bool) -> List[Case]:
     """The matched case first, then (full run) the host's levers, each against ours."""
     # Our flow path always recomputes each transformer block (nodes/flow_path.py); the host's
     # depth-1 checkpointing recomputes the same top-level blocks. The UNet runs without on both.
-    gc = ["--checkpointing"] if model == "sd3" else []
+    gc = ["--checkpointing"] if model.startswith("sd3") else []
     out = [Case("matched", ["--lora-set", "matched", *gc], [*gc], True)]
     if quick:
         return out

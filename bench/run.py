@@ -489,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ComfyUI 0.33's Python (default .venv-comfyui-current/bin/python; its folder: "
                         "COMFYUI_CURRENT_DIR)")
     p.add_argument("--comfy-hosts", default="0.3.64,0.33", help="which ComfyUI versions the ComfyUI section runs")
-    p.add_argument("--comfy-models", default="sd15,sd3",
-                   help="models of the ComfyUI section: sd15 (mini SD1.5), sd3 (tiny SD3, flow matching)")
+    p.add_argument("--comfy-models", default="sd15,sd3_d8",
+                   help="models of the ComfyUI section: sd15 (mini SD1.5), sd3_d8 (SD3, 8 blocks, 512 wide: flow "
+                        "matching), sd3 (the tests' tiny SD3)")
     p.add_argument("--only-comfy", action="store_true",
                    help="only the ComfyUI section (no .venv-bench or reference script needed)")
     p.add_argument("--profile", action="store_true",

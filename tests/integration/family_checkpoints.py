@@ -445,16 +445,18 @@ def _flux(name: str, guidance: bool, seed: int) -> FamilyFiles:
         layout=info, expect={"image_model": "flux", "guidance_embed": guidance, "hidden_size": info["hidden"]})
 
 
-def _sd3(name: str, sd35: bool, seed: int) -> FamilyFiles:
+def _sd3(name: str, sd35: bool, seed: int, depth: int = 2) -> FamilyFiles:
+    """SD3's MMDiT is 64·depth wide with `depth` heads (the host reads the depth from the tensors)."""
     adm = 2 * CLIP_OVERRIDES["hidden_size"]  # pooled clip_l (unprojected) + clip_g (projected)
-    info, layout = _choose([(_mmdit_skeleton(2, adm, sd35), {"depth": 2, "hidden": 128, "heads": 2})], "SD3")
+    info, layout = _choose([(_mmdit_skeleton(depth, adm, sd35), {"depth": depth, "hidden": 64 * depth,
+                                                                  "heads": depth})], "SD3")
     return FamilyFiles(
         name=name, model_class="SD3",
         diffusion_model=_write(name, layout, seed),
         text_encoders=(clip_file("clip_l", seed), clip_file("clip_g", seed), t5_file(T5_4096, seed)),
         clip_type="sd3", vae=vae_file(seed),
         te_model_options={"model_config": dict(CLIP_OVERRIDES), "t5xxl_model_config": dict(T5_4096)},
-        layout=info, expect={"depth": 2, "adm_in_channels": adm, "qk_norm": "rms" if sd35 else None,
+        layout=info, expect={"depth": depth, "adm_in_channels": adm, "qk_norm": "rms" if sd35 else None,
                              "x_block_self_attn_layers": [0] if sd35 else []})
 
 
@@ -490,6 +492,8 @@ FAMILIES = {
     "flux_schnell": lambda seed: _flux("flux_schnell", False, seed),
     "sd3": lambda seed: _sd3("sd3", False, seed),
     "sd35": lambda seed: _sd3("sd35", True, seed),
+    # for bench/ only: an SD3 big enough that a step is not all overhead (8 blocks, 512 wide, ~60 M parameters)
+    "sd3_d8": lambda seed: _sd3("sd3_d8", False, seed, depth=8),
     "chroma": lambda seed: _chroma("chroma", seed),
     "lumina2": lambda seed: _lumina2("lumina2", seed),
 }
