@@ -102,3 +102,15 @@ def pack(host):
     from comfy_pack import import_pack
 
     return import_pack()
+
+
+@pytest.fixture(scope="module")
+def loaded(host, pack, mini_checkpoint):
+    """(MODEL, CLIP, VAE) of the mini SD1.5 checkpoint through the stock loader, under inference mode as
+    the executor loads it; once per test module (tests may leave patches on their clones)."""
+    import comfy.sd
+    import torch
+
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint))[:3]
+    return model, clip, vae

@@ -19,15 +19,6 @@ from stock_graph import stock_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def loaded(host, pack, mini_checkpoint):
-    import comfy.sd
-
-    with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint))[:3]
-    return model, clip, vae
-
-
-@pytest.fixture(scope="module")
 def instance_folder(host):
     from PIL import Image
 

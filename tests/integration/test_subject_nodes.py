@@ -16,15 +16,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module")
-def loaded(host, pack, mini_checkpoint):
-    import comfy.sd
-
-    with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint))[:3]
-    return model, clip, vae
-
-
 def _nodes(pack):
     return {k: v() for k, v in pack.NODE_CLASS_MAPPINGS.items()}
 
