@@ -37,9 +37,11 @@ def training_table(rows: List[dict], sections=("train", "train-extra"), ref_who=
                      "" if is_ref else _f(speed, "x{:.2f}"), _f(r["wall_s"], "{:.0f}"), _f(r["setup_s"], "{:.1f}"),
                      _f(r["peak_rss_mib"], "{:.0f}"), "" if is_ref else _f(mem), _f(r["training_peak_rss_mib"], "{:.0f}"),
                      "" if is_ref else _f(tmem), _f(r.get("cuda_peak_mib"), "{:.0f}"),
-                     f"{r['warmup']}+{max(0, r['steps'] - r['warmup'])}"])
+                     f"{r['warmup']}+{max(0, r['steps'] - r['warmup'])}",
+                     _f(r["detail"].get("flops_per_step", 0) / 1e9 or None, "{:.1f}"),
+                     _f(100 * r["detail"]["share_of_peak"] if r["detail"].get("share_of_peak") else None, "{:.1f}%")])
     return _table(["model", "trainer", "px", "s/step", "speedup", "wall s", "setup s", "peak RSS MiB", "ours/ref",
-                   "train-steps RSS MiB", "ours/ref", "CUDA MiB", "steps"], body)
+                   "train-steps RSS MiB", "ours/ref", "CUDA MiB", "steps", "GFLOP/step", "share of peak"], body)
 
 
 def classgen_table(rows: List[dict]) -> str:

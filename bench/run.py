@@ -151,6 +151,7 @@ class Bench:
         self.python = args.python or default_python()
         self.rows: List[Row] = []
         self.comfy: List[dict] = []  # the ComfyUI section (bench.comfy_rows.Measured as dicts)
+        self.peaks: Dict[str, float] = {}  # dtype -> measured matmul GFLOP/s of self.python
         self.notes: List[str] = []
         self.env = base_env(plan.threads, hf_home=self.work / "hf_home_empty")
         if plan.device == "cpu":
@@ -218,13 +219,38 @@ class Bench:
                 "--output-dir", str(out), *OURS_SETTINGS, *extra]
 
     def train_row(self, r: ChildResult, section: str, model: str, who: str, res: int, warmup: int,
-                  images: int, note: str = "", pair: int = 1) -> Row:
+                  images: int, note: str = "", pair: int = 1, dtype: Optional[str] = None) -> Row:
         s = r.summary(warmup)
+        if dtype and r.record.get("flops_per_step"):
+            s["flops_per_step"] = r.record["flops_per_step"]
+            s["peak_gflops"] = self.peak(dtype)
+            if s.get("s_per_step"):
+                s["share_of_peak"] = s["flops_per_step"] / s["s_per_step"] / (s["peak_gflops"] * 1e9)
         row = Row(section, model, who, res, images, s.get("s_per_step"), s["wall_s"], s["peak_rss_mib"],
                   s.get("training_peak_rss_mib"), s.get("cuda_peak_mib"), s.get("to_first_step_end_s"),
                   s["steps_recorded"], warmup, note, s, pair)
         self.rows.append(row)
         return row
+
+    @staticmethod
+    def flops_flags(measured_steps: int) -> List[str]:
+        """bench.child's flags that count the FLOPs of the step after the measured ones."""
+        return ["--flops-step", str(measured_steps + 1)]
+
+    def dtype_of(self, run: "ModelRun") -> str:
+        return "bf16" if (run.mixed_precision or self.plan.mixed_precision) == "bf16" else "fp32"
+
+    def peak(self, dtype: str) -> float:
+        """The matmul peak (GFLOP/s) of the trainers' Python, threads and device (bench.peak), once per dtype."""
+        if dtype not in self.peaks:
+            proc = subprocess.run([self.python, "-m", "bench.peak", "--threads", str(self.plan.threads), "--dtype",
+                                   dtype, "--device", self.plan.device], cwd=str(REPO), env=self.env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ChildFailed(f"bench.peak failed:\n{proc.stderr[-2000:]}")
+            self.peaks[dtype] = json.loads(proc.stdout.strip().splitlines()[-1])["gflops"]
+            self.log(f"{dtype} matmul peak: {self.peaks[dtype]:.1f} GFLOP/s")
+        return self.peaks[dtype]
 
     def reference_script(self, model_name: str) -> Path:
         sdxl = model_name in ("sdxl", "tiny-sdxl")
@@ -247,29 +273,35 @@ class Bench:
         # headline is the median over the pairs.
         for pair in range(1, self.args.repeat + 1):
             tag = "" if pair == 1 else f"_pair{pair}"
-            ref = self.child(f"{run.name}_reference{tag}", ["--script", str(self.reference_script(run.name))],
-                             self.reference_args(model, inst, cls, n_class, res, run.steps,
+            # One step more than measured: the last one's FLOPs are counted (bench.child --flops-step).
+            ref = self.child(f"{run.name}_reference{tag}", ["--script", str(self.reference_script(run.name)),
+                                                            *self.flops_flags(run.steps)],
+                             self.reference_args(model, inst, cls, n_class, res, run.steps + 1,
                                                  wd / f"reference{tag}_out", run.mixed_precision), steps=run.steps)
             self.train_row(ref, "train", label, "reference", res, run.warmup, self.plan.instance_images, note=mp,
-                           pair=pair)
-            ours = self.child(f"{run.name}_ours{tag}", ["--module", "dreambooth_core"],
-                              self.ours_args(model, inst, cls, n_class, res, run.steps, wd / f"ours{tag}_out",
+                           pair=pair, dtype=self.dtype_of(run))
+            ours = self.child(f"{run.name}_ours{tag}", ["--module", "dreambooth_core", *self.flops_flags(run.steps)],
+                              self.ours_args(model, inst, cls, n_class, res, run.steps + 1, wd / f"ours{tag}_out",
                                              mixed_precision=run.mixed_precision), steps=run.steps)
             self.train_row(ours, "train", label, "ours", res, run.warmup, self.plan.instance_images, note=mp,
-                           pair=pair)
+                           pair=pair, dtype=self.dtype_of(run))
         if run.extras and not self.args.no_extras and self.plan.device == "cpu":
             env = dict(self.env, GLIBC_TUNABLES=REFERENCE_MALLOC_TUNABLES)
-            r = self.child(f"{run.name}_reference_malloc", ["--script", str(self.reference_script(run.name))],
-                           self.reference_args(model, inst, cls, n_class, res, run.steps, wd / "reference_malloc_out"),
+            r = self.child(f"{run.name}_reference_malloc", ["--script", str(self.reference_script(run.name)),
+                                                            *self.flops_flags(run.steps)],
+                           self.reference_args(model, inst, cls, n_class, res, run.steps + 1,
+                                               wd / "reference_malloc_out"),
                            steps=run.steps, env=env)
             self.train_row(r, "train-extra", label, "reference + our malloc settings", res, run.warmup,
-                           self.plan.instance_images, note=f"GLIBC_TUNABLES={REFERENCE_MALLOC_TUNABLES}")
+                           self.plan.instance_images, note=f"GLIBC_TUNABLES={REFERENCE_MALLOC_TUNABLES}",
+                           dtype=self.dtype_of(run))
         if run.extras and not self.args.no_extras:
             for suffix, flags, who in OURS_EXTRAS:
-                r = self.child(f"{run.name}_ours_{suffix}", ["--module", "dreambooth_core"],
-                               self.ours_args(model, inst, cls, n_class, res, run.steps, wd / f"ours_{suffix}_out",
+                r = self.child(f"{run.name}_ours_{suffix}", ["--module", "dreambooth_core", *self.flops_flags(run.steps)],
+                               self.ours_args(model, inst, cls, n_class, res, run.steps + 1, wd / f"ours_{suffix}_out",
                                               flags, mixed_precision=run.mixed_precision), steps=run.steps)
-                self.train_row(r, "train-extra", label, who, res, run.warmup, self.plan.instance_images, note=mp)
+                self.train_row(r, "train-extra", label, who, res, run.warmup, self.plan.instance_images, note=mp,
+                               dtype=self.dtype_of(run))
 
     def class_images(self, run: ModelRun, model: Path, label: str, res: int) -> Path:
         """Generate the class images with ours (timed), time the reference's pipeline on the same
