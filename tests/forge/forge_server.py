@@ -40,7 +40,8 @@ def skip_reason() -> str:
 SKIP_REASON = skip_reason()
 
 
-def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, start_timeout: float = 600) -> WebUI:
+def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, ui: bool = False,
+                start_timeout: float = 600) -> WebUI:
     """Copy Forge into `tmp`, add the extension and the checkpoints, start it with `selected` chosen;
     returns once the API answers (the checkpoint loads at the first generation, as in Forge)."""
     root = tmp / "forge"
@@ -59,9 +60,9 @@ def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, start_ti
     env = {k: v for k, v in os.environ.items() if k != "HF_HOME"}  # Forge points it at its own folder
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
     args = [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-            "--skip-python-version-check", "--always-cpu", "--all-in-fp32", "--api", "--nowebui",
+            "--skip-python-version-check", "--always-cpu", "--all-in-fp32", "--api",
             "--server-name", "127.0.0.1", "--port", str(port), "--skip-version-check", "--no-download-sd-model",
-            "--ckpt", str(models / selected.name)]
+            "--ckpt", str(models / selected.name)] + ([] if ui else ["--nowebui"])
     log_path = tmp / "forge.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -73,7 +74,7 @@ def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, start_ti
         if proc.poll() is not None:
             raise RuntimeError(f"Forge exited with {proc.returncode}:\n{webui.log()[-4000:]}")
         try:
-            if requests.get(webui.url + "/sdapi/v1/options", timeout=5).status_code == 200:
+            if requests.get(webui.url + ("/config" if ui else "/sdapi/v1/options"), timeout=5).status_code == 200:
                 return webui
         except requests.RequestException:
             pass

@@ -147,6 +147,26 @@ def test_a_job_after_a_lora_prompt_trains_the_checkpoint_itself(forge, subject_d
     assert np.array_equal(base, _txt2img(forge, "a photo of sks ball", seed=5))
 
 
+def test_cancel_keeps_a_checkpoint_and_resume_finishes(forge, subject_dir):
+    body = _job(subject_dir, steps=500, save_name="dbforge_cancel")
+    job = forge.post(TRAIN, body).json()
+    status = forge.wait_job(job["id"], until=lambda s: s["step"] >= 2, timeout=600)
+    assert status["running"] and status["state"] == "training" and status["loss"] is not None
+    assert forge.get("/sdapi/v1/options").status_code == 200  # the server answers while the job trains
+    assert forge.post("/dreambooth/v1/cancel", {"id": job["id"]}).status_code == 200
+    status = forge.wait_job(job["id"])
+    assert status["state"] == "cancelled", status
+    stopped = status["step"]
+    assert 2 <= stopped < 500
+    checkpoint = forge.root / "outputs" / "dreambooth" / "dbforge_cancel" / "checkpoint.safetensors"
+    assert status["checkpoint_path"] == str(checkpoint) and checkpoint.is_file()
+    resumed = forge.post(TRAIN, dict(body, steps=stopped + 1, resume=True)).json()
+    status = forge.wait_job(resumed["id"], timeout=600)
+    assert status["state"] == "completed", status
+    assert [h["step"] for h in status["history"]] == list(range(1, stopped + 2))  # continued, not restarted
+    assert (forge.root / "models" / "Lora" / "dbforge_cancel.safetensors").is_file()
+
+
 def test_a_model_forge_loads_that_cannot_train_is_refused_before_any_work(forge, subject_dir, checkpoints):
     """The inpainting variant (Forge's StableDiffusion engine with a 9-channel UNet) is named and refused;
     no job starts and no class image is made. Full fine-tuning is refused on any Forge model."""
@@ -167,3 +187,20 @@ def test_a_model_forge_loads_that_cannot_train_is_refused_before_any_work(forge,
     finally:
         assert forge.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoints["sd15"].stem}).status_code == 200
     _txt2img(forge, "a photo of sks ball")
+
+
+def test_the_tab_is_in_forges_ui(tmp_path_factory, checkpoints):
+    """With its Gradio 4 UI on, Forge lists the DreamBooth tab and reports no error from the extension."""
+    from forge_server import start_forge, stop_webui
+
+    server = start_forge(tmp_path_factory.mktemp("forge_ui"), [checkpoints["sd15"]], checkpoints["sd15"], ui=True)
+    try:
+        config = server.get("/config").json()
+        labels = {c.get("props", {}).get("label") for c in config["components"]}
+        assert "DreamBooth" in labels, sorted(str(x) for x in labels)[:40]
+        ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        assert {"dreambooth_train", "dreambooth_token"} <= ids
+        log = server.log()
+        assert "Error loading script" not in log and "Traceback" not in log, log[-4000:]
+    finally:
+        stop_webui(server)
