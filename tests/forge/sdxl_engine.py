@@ -8,7 +8,7 @@ weights loaded under inference mode, so they are inference tensors; Forge's SDXL
 tokenizers), only smaller: two CLIPs (32 and 64 wide), a 3-level UNet with SDXL's layout (no attention
 at the first level, ADM `y` from CLIP-G's pooled output and the size embeddings), a small VAE. Then the
 extension's ForgeBackend trains a LoRA with prior preservation and the text encoders on it through the
-core trainer, and Forge's own LoRA code (`model_lora_keys_unet` / `_clip`, `load_lora`, the patchers'
+core trainer (with gradient checkpointing, Forge having no switch of its own), and Forge's own LoRA code (`model_lora_keys_unet` / `_clip`, `load_lora`, the patchers'
 `add_patches` + `refresh_loras`) must take every key and change the prediction. Prints `RESULT {json}`.
 """
 from __future__ import annotations
@@ -142,7 +142,8 @@ def main(forge: Path, out_dir: Path) -> dict:
     classes = [Item(disc(bg, (90, 90, 90)), "a photo of ball") for bg in ((200, 200, 200), (20, 20, 20))]
     config = TrainConfig.from_mapping(dict(token="sks", class_noun="ball", steps=2, resolution=64, rank=4,
                                            learning_rate=5e-3, train_text_encoder=True, prior=True,
-                                           output_dir=str(out_dir / "run"), save_name="dbxl", sample_every=0),
+                                           output_dir=str(out_dir / "run"), save_name="dbxl", sample_every=0,
+                                           gradient_checkpointing="full"),  # the UNet's blocks recomputed
                                       source="test")
     result = train(backend, config, instance, classes)
     history = result.history
