@@ -1,7 +1,7 @@
 """The machine's measured matmul peak, for the share-of-peak column (FLOPs per step / s per step /
 peak; on a GPU that share is the MFU).
 
-    python -m bench.peak [--threads N] [--dtype fp32|bf16] [--seconds 2]
+    python -m bench.peak [--threads N] [--dtype fp32|bf16] [--seconds 2] [--sizes 4096,8192]
 
 Square matmuls of a few sizes, each repeated for about --seconds; the best rate is the peak. Run
 by the orchestrator with each trainer's own Python and thread count, in the same run as the rows
@@ -46,11 +46,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seconds", type=float, default=2.0, help="per size")
+    p.add_argument("--sizes", default=None, help="comma-separated square sizes (default 512,1024,2048; a big GPU "
+                   "needs 4096-8192 to reach its peak)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    by_size = {n: round(matmul_gflops(n, dtype, a.device, a.seconds), 2) for n in SIZES}
+    sizes = tuple(int(n) for n in a.sizes.split(",")) if a.sizes else SIZES
+    by_size = {n: round(matmul_gflops(n, dtype, a.device, a.seconds), 2) for n in sizes}
     print(json.dumps({"dtype": a.dtype, "threads": torch.get_num_threads(), "device": a.device,
                       "gflops": max(by_size.values()), "by_size": by_size, "torch": torch.__version__}))
     return 0

@@ -19,6 +19,7 @@ class Setting:
     optimizer: str = "adamw"  # config.OPTIMIZERS
     encoders_on_gpu: bool = False  # VAE + text encoders stay resident during the steps
     prior: bool = True  # batch 1 instance + 1 class image (else 1 instance image)
+    lora_targets: str = "transformer"  # config.LORA_TARGETS: kohya's set, or "attention" (the GPU run's rows)
     option: str = ""  # how a user gets it
 
     @property

@@ -50,9 +50,16 @@ def prepare(spec: architectures.Spec, setting: Setting, *, mode: Optional[fake.F
             seed: int = 0) -> Prepared:
     """The trainer's setup. With `mode` (a fake mode) the model is built on meta and made fake;
     without it, real seeded weights on the CPU."""
-    meta = mode is not None
     build_dtype = torch.bfloat16 if setting.base == "fp8" else setting.storage_dtype
-    backend = architectures.build(spec, build_dtype, meta=meta, seed=seed)
+    backend = architectures.build(spec, build_dtype, meta=mode is not None, seed=seed)
+    return attach(backend, spec, setting, mode=mode, seed=seed)
+
+
+def attach(backend, spec: architectures.Spec, setting: Setting, *, mode: Optional[fake.FakeTensorMode] = None,
+           seed: int = 0) -> Prepared:
+    """The trainer's setup on a built backend (`prepare`'s second half; bench/gpu_flux.py gives it
+    one built on a GPU). With `mode`, the backend was built on meta and is made fake here."""
+    meta = mode is not None
     step_modules, encoders = architectures.modules_of(backend)
     if spec.kind == "flux":
         # The host's flow path: frozen Linears read their weight again in backward; fp8 re-stores them.
@@ -62,7 +69,7 @@ def prepare(spec: architectures.Spec, setting: Setting, *, mode: Optional[fake.F
         raise ValueError(f"setting {setting.key!r}: an fp8 base is modelled for the flow path (flux) only")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        targets = select_lora_targets(backend.lora_targets(True, False, conv=False), "transformer")
+        targets = select_lora_targets(backend.lora_targets(True, False, conv=False), setting.lora_targets)
         network = LoRANetwork(targets, rank=RANK, alpha=RANK)
     backend.attach_lora(network)
     if meta:
@@ -108,10 +115,10 @@ def _cached_inputs(spec: architectures.Spec, setting: Setting) -> List[tuple]:
     return out
 
 
-def _autocast(setting: Setting):
+def _autocast(setting: Setting, device_type: str = fake.DEVICE.type):
     if not setting.autocast:
         return contextlib.nullcontext()
-    return torch.autocast(fake.DEVICE.type, dtype=setting.compute_dtype)
+    return torch.autocast(device_type, dtype=setting.compute_dtype)
 
 
 def train_step(p: Prepared, generator: torch.Generator, tracker: Optional[StorageTracker] = None) -> torch.Tensor:
@@ -120,7 +127,7 @@ def train_step(p: Prepared, generator: torch.Generator, tracker: Optional[Storag
     draws = [(lat, objective.sample_noise(lat.shape, generator), p.schedule.sample_timesteps(lat.shape[0], generator),
               cond) for lat, cond in p.inputs]
     batches = [p.schedule.noised(lat.to(dev), noise.to(dev), t.to(dev), None) for lat, noise, t, _ in draws]
-    with _autocast(p.setting):
+    with _autocast(p.setting, dev.type):
         merged = objective.NoisedBatch(*(torch.cat([getattr(b, f) for b in batches])
                                          for f in ("noisy", "timesteps", "target", "weight")))
         pred = p.backend.predict(merged.noisy, merged.timesteps, cat_conds([c for *_, c in draws]))
