@@ -20,6 +20,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from ..dreambooth_core.adapters.frozen import FrozenForward, FrozenState, plain_weight
+from ..dreambooth_core.adapters.frozen import frozen_patchable as core_frozen_patchable
 from ..dreambooth_core.adapters.kohya import TEXT_TARGETS, is_unet_target, kohya_name, text_layer_name
 
 
@@ -78,95 +80,27 @@ class FreshCopy:
 FRESH_COPY = FreshCopy()
 
 
-# -- frozen Linears and convolutions without a weight copy -------------------------------------------
+# -- frozen Linears and convolutions without a weight copy (dreambooth_core.adapters.frozen) ---------
 
-def _frozen_weight(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
-    """The module's weight as its forward sees it, cast like `like` (no graph is recorded)."""
+def comfy_weight(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The module's weight as its forward sees it, through the host's `cast_bias_weight` (so lowvram
+    patches and manual-cast dtypes apply in backward as in forward)."""
     if hasattr(module, "weight_function"):
         import comfy.ops
 
         return comfy.ops.cast_bias_weight(module, like)[0]
-    return module.weight.to(device=like.device, dtype=like.dtype)
+    return plain_weight(module, like)
 
 
-class _FrozenLinear(torch.autograd.Function):
-    """y = the host's own Linear forward; dL/dx from the weight read again in backward.
-
-    A frozen weight is needed only to pass the gradient on to the Linear's input. Saving it for
-    backward (what F.linear does) fails for the inference tensors the host's loader makes, and the
-    usual way round it, a fresh copy per forward (FreshCopy), keeps a second copy of every weight
-    alive until the backward pass. Here nothing is saved: backward casts the module's weight through
-    the host's `cast_bias_weight` (so lowvram patches and manual-cast dtypes apply as in forward)."""
-
-    @staticmethod
-    def forward(ctx, x, module, host_forward):
-        ctx.module, ctx.x_dtype = module, x.dtype
-        return host_forward(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        with torch.no_grad():
-            return (grad @ _frozen_weight(ctx.module, grad)).to(ctx.x_dtype), None, None
-
-
-class _FrozenConv2d(torch.autograd.Function):
-    """_FrozenLinear for a 2-D convolution: dL/dx is the transposed convolution of the gradient with
-    the weight read again in backward; only the input's shape is kept."""
-
-    @staticmethod
-    def forward(ctx, x, module, host_forward):
-        ctx.module, ctx.x_dtype, ctx.x_shape = module, x.dtype, x.shape
-        return host_forward(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        m = ctx.module
-        with torch.no_grad():
-            gx = torch.nn.grad.conv2d_input(ctx.x_shape, _frozen_weight(m, grad), grad, m.stride, m.padding,
-                                            m.dilation, m.groups)
-        return gx.to(ctx.x_dtype), None, None
-
-
-class FrozenState:
-    """Shared switch of one backend's patched forwards: off while the host samples (class images,
-    previews: the result MODEL carries the deltas as weight wrappers then) and after training."""
-
-    def __init__(self):
-        self.active = True
-
-
-class FrozenForward:
-    """The forward a frozen Linear or Conv2d runs while a LoRA trains: the host's forward through
-    _FrozenLinear/_FrozenConv2d, plus the LoRA's up(down(x))·scale where one is attached (no
-    W + ΔW is made, no weight is copied)."""
-
-    def __init__(self, module: nn.Module, state: FrozenState, adapter: "nn.Module | None" = None):
-        self.module, self.state, self.adapter = module, state, adapter
-        self.host_forward = module.forward  # bound: the class's forward or a previous instance patch
-        self.op = _FrozenConv2d if isinstance(module, nn.Conv2d) else _FrozenLinear
-
-    def __call__(self, x, *args, **kwargs):
-        if not self.state.active or args or kwargs:
-            return self.host_forward(x, *args, **kwargs)
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = self.op.apply(x, self.module, self.host_forward)
-        else:
-            y = self.host_forward(x)
-        if self.adapter is not None:
-            y = y + self.adapter.delta(x).to(y.dtype) * self.adapter.scale
-        return y
+def frozen_forward(module: nn.Module, state: FrozenState, adapter: "nn.Module | None" = None) -> FrozenForward:
+    """The core's FrozenForward reading the weight the way ComfyUI's ops cast it."""
+    return FrozenForward(module, adapter, comfy_weight, state=state)
 
 
 def frozen_patchable(module: nn.Module) -> bool:
-    """A Linear or zero-padded Conv2d whose forward is the host's plain (optionally manual-cast) one
-    over an ordinary tensor: quantized / scaled-fp8 variants keep the host's own path (with a
-    fresh copy)."""
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return False
-    elif not isinstance(module, nn.Linear):
-        return False
-    if type(module.weight) not in (torch.Tensor, nn.Parameter):
+    """The core's frozen_patchable, and the module's forward is the host's plain (optionally
+    manual-cast) one: quantized / scaled-fp8 op variants keep the host's own path (with a fresh copy)."""
+    if not core_frozen_patchable(module):
         return False
     try:
         import comfy.ops

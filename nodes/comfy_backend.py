@@ -18,7 +18,7 @@
   (input, timestep, dtype casts, `process_timestep`, the diffusion model) without the final
   `calculate_denoised` (x − σ·v): no division by σ (flow_path.py). A MODEL whose options wrap `apply_model` goes
   through `apply_model` itself and v = (x − denoised)/σ. The frozen Linears run the host's forward but
-  pass gradients from the weight read again in backward (adapters.FrozenForward), and the LoRA is
+  pass gradients from the weight read again in backward (dreambooth_core.adapters.frozen), and the LoRA is
   added to their output: no copy of the transformer's weights, frozen or patched, exists while it trains.
   A UNet's LoRA trains the same way (its Linears and convolutions through FrozenForward).
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..dreambooth_core.backends.base import UnsupportedModel
 from . import families
-from .adapters import FrozenForward, FrozenState, frozen_patchable
+from .adapters import FrozenState, frozen_forward, frozen_patchable
 
 log = logging.getLogger("dreambooth")
 
@@ -192,7 +192,7 @@ class FlowModelPath:
         patched = set()
         for path, module in dm.named_modules():
             if frozen_patchable(module):
-                self._patch_forward(module, FrozenForward(module, state, adapters.pop(id(module), None)))
+                self._patch_forward(module, frozen_forward(module, state, adapters.pop(id(module), None)))
                 patched.add(id(module))
         if adapters:
             raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears or convolutions of the host; "

@@ -62,20 +62,29 @@ def frozen_patchable(module: nn.Module) -> bool:
     return type(getattr(module, "weight", None)) in (torch.Tensor, nn.Parameter)
 
 
+class FrozenState:
+    """A switch shared by one run's patched forwards, for hosts that sample through the same modules
+    with the deltas elsewhere (ComfyUI's result MODEL carries them as weight wrappers): off, each
+    patched forward is the host's own."""
+
+    def __init__(self) -> None:
+        self.active = True
+
+
 class FrozenForward:
     """The forward a frozen Linear or Conv2d runs while adapters train: the host's forward, dL/dx from
     the weight read again in backward, plus the LoRA's up(down(x))·scale where one is attached (no
     W + ΔW is made). Install it as the module's instance `forward`; without grad (sampling) it is
-    the host's forward plus the LoRA."""
+    the host's forward plus the LoRA, or the host's alone while `state` is off."""
 
     def __init__(self, module: nn.Module, adapter: Optional[nn.Module] = None,
-                 read_weight: WeightReader = plain_weight):
-        self.module, self.adapter, self.read_weight = module, adapter, read_weight
+                 read_weight: WeightReader = plain_weight, state: Optional[FrozenState] = None):
+        self.module, self.adapter, self.read_weight, self.state = module, adapter, read_weight, state
         self.host_forward = module.forward  # bound: the class's forward or a previous instance patch
         self.op = _FrozenConv2d if isinstance(module, nn.Conv2d) else _FrozenLinear
 
     def __call__(self, x, *args, **kwargs):
-        if args or kwargs:
+        if args or kwargs or (self.state is not None and not self.state.active):
             return self.host_forward(x, *args, **kwargs)
         if torch.is_grad_enabled() and x.requires_grad:
             y = self.op.apply(x, self.module, self.host_forward, self.read_weight)

@@ -229,7 +229,10 @@ def test_a_unet_lora_trains_without_copies_of_the_frozen_weights(pack, host, loa
     assert not [k for k in backend.model.weight_wrapper_patches if k.startswith("diffusion_model.")]
     unet_bytes = sum(p.nelement() * p.element_size() for p in model.model.diffusion_model.parameters())
     assert 0 < backend.frozen_copied_bytes < 0.02 * unet_bytes, (backend.frozen_copied_bytes, unet_bytes)
-    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules()), "a patch was left"
+    # No forward of ours is left (the host's bypass loader, used by another test, leaves its own bound ones).
+    left = [n for n, m in model.model.diffusion_model.named_modules()
+            if "forward" in vars(m) and getattr(vars(m)["forward"], "__self__", None) is not m]
+    assert not left, left[:3]
     assert [k for k in out[0].weight_wrapper_patches if k.startswith("diffusion_model.")], "no LoRA on the result"
     assert not torch.equal(before, sample_latent(out[0], out[1]))
     assert torch.equal(before, sample_latent(model, clip))
