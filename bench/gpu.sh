@@ -33,7 +33,7 @@ for a in "$@"; do
     case "$a" in --dry-run) DRY=1; ARGS+=("$a") ;; --setup-only) SETUP_ONLY=1 ;; *) ARGS+=("$a") ;; esac
 done
 log() { echo "[gpu.sh $(( $(date +%s) - START ))s] $*"; }
-MODULES="torch torchvision diffusers transformers accelerate peft safetensors PIL"
+MODULES="${BENCH_GPU_MODULES:-torch torchvision diffusers transformers accelerate peft safetensors PIL}"
 GPU_VENV="$ROOT/.venv-gpu"
 
 # check PY: prints "missing=<modules that do not import> cuda=<True|False|none> torch=<version>"; false if
