@@ -89,7 +89,8 @@ def test_result_row_mfu_and_measured_over_predicted():
     for col in ("it/s", "peak alloc GiB", "nvidia-smi GiB", "TFLOP/step", "MFU (measured peak)", "MFU (datasheet)",
                 "predicted GiB", "measured/predicted"):
         assert col in header
-    assert "| SD1.5-shaped (random) | ours | 512 | 2.00 | 3.00 | 5.00 | 200.00 | 50.0 % | 40.0 % | 2.00 | 1.50 |" in table
+    assert ("| SD1.5-shaped (random) | ours | 512 | 2.00 | 3.00 | 5.00 | 200.00 | 50.0 % | 40.0 % | 2.00 | 1.50 |"
+            in table)
     assert "FAILED: boom" in lines[-1] and "trace" not in lines[-1]
     assert speedups(results["rows"]) == ["SD1.5-shaped (random) 512 px: ours x2.00 the reference's it/s at 0.75 of "
                                          "its peak allocated"]

@@ -57,7 +57,8 @@ class GpuRow:
 def _sd(model: str, res: int, warmup: int, measure: int) -> List[GpuRow]:
     name = {"sd15": "SD1.5", "sdxl": "SDXL"}[model]
     ref = GpuRow(f"{model}_reference", model, "reference", res, warmup, measure, "bf16",
-                 f"{REFERENCE_SCRIPTS[model]} as shipped: --mixed_precision bf16, LoRA rank 4 on to_q/to_k/to_v/to_out.0, "
+                 f"{REFERENCE_SCRIPTS[model]} as shipped: --mixed_precision bf16, LoRA rank 4 on "
+                 "to_q/to_k/to_v/to_out.0, "
                  "prior preservation (1 + 1 images), no checkpointing (its default), VAE encodes every step",
                  f"{model}:reference", f"{name} baseline: diffusers' own DreamBooth LoRA script")
     ours = GpuRow(f"{model}_ours", model, "ours", res, warmup, measure, "bf16",

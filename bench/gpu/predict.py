@@ -48,8 +48,8 @@ def settings() -> Dict[str, Tuple[str, object]]:
     flux = {s.key: s for s in flux_settings()}
     out: Dict[str, Tuple[str, object]] = {}
     for fam in ("sd15", "sdxl"):
-        out[f"{fam}:reference"] = (fam, Setting("reference", "bf16, encoders kept, attention LoRA set, no checkpointing",
-                                                encoders_on_gpu=True, lora_targets="attention",
+        out[f"{fam}:reference"] = (fam, Setting("reference", "bf16, encoders kept, attention LoRA set, no "
+                                                "checkpointing", encoders_on_gpu=True, lora_targets="attention",
                                                 option="diffusers' script's choices"))
         out[f"{fam}:ours"] = (fam, Setting("ours", "bf16, encoders off, attention LoRA set, checkpointing "
                                            "attention-hires", checkpointing="attention-hires",

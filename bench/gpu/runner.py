@@ -161,7 +161,8 @@ class GpuRun:
         """The stored predictions; missing or stale ones recomputed in a background CPU process."""
         data = predict.load()
         fresh = data.get("fingerprint") == predict.estimator_fingerprint()
-        need = sorted({r.prediction for r in self.rows if r.prediction} - set(data.get("predictions", {}) if fresh else ()))
+        have = set(data.get("predictions", {}) if fresh else ())
+        need = sorted({r.prediction for r in self.rows if r.prediction} - have)
         proc = None
         if need:
             path = self.out / "predictions.json"

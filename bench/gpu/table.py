@@ -75,13 +75,15 @@ def format_table(results: Dict) -> str:
         who = r["trainer"] + ("" if r["precision"] == "bf16" else f" ({r['precision']})")
         if r["status"] != "ok":
             why = (r.get("error") or "").splitlines()[0][:80] if r.get("error") else ""
-            lines.append(f"| {r['label']} | {who} | {r['resolution']} | {r['status'].upper()}{': ' + why if why else ''}"
-                         f" | | | | | | {_f(r.get('predicted_gib'), '.2f')} | |")
+            status = r["status"].upper() + (f": {why}" if why else "")
+            lines.append(f"| {r['label']} | {who} | {r['resolution']} | {status} | | | | | | "
+                         f"{_f(r.get('predicted_gib'), '.2f')} | |")
             continue
         stale = " (stale)" if r.get("prediction_stale") else ""
         lines.append(f"| {r['label']} | {who} | {r['resolution']} | {_f(r['it_per_s'], '.2f')} | "
                      f"{_f(r['peak_alloc_gib'], '.2f')} | {_f(r['smi_peak_gib'], '.2f')} | "
-                     f"{_f(r['tflop_per_step'], '.2f')} | {_pct(r['mfu_measured_peak'])} | {_pct(r['mfu_datasheet'])} | "
+                     f"{_f(r['tflop_per_step'], '.2f')} | {_pct(r['mfu_measured_peak'])} | "
+                     f"{_pct(r['mfu_datasheet'])} | "
                      f"{_f(r['predicted_gib'], '.2f')}{stale} | {_f(r['measured_over_predicted'], '.2f')} |")
     return "\n".join(lines)
 
