@@ -58,7 +58,7 @@ class Case:
 
 
 def cases(model: str, quick: bool) -> List[Case]:
-    """The matched case first, then (full run) the host's levers, each against ours."""
+    """The matched case first, then (unless `quick`: matched only) the host's levers, each against ours."""
     # Our flow path always recomputes each transformer block (nodes/flow_path.py); the host's
     # depth-1 checkpointing recomputes the same top-level blocks. The UNet runs without on both.
     gc = ["--checkpointing"] if model.startswith("sd3") else []
@@ -115,7 +115,8 @@ def measure_peak(host: ComfyHost, env: dict, threads: int, dtype: str, seconds: 
 
 def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool, warmup: int, measure: int,
                       resolution: int, rank: int, lr: float, images: int, threads: int, env: dict, work: Path,
-                      child: Callable, log: Callable, notes: List[str], profile: bool = False) -> List[Measured]:
+                      child: Callable, log: Callable, notes: List[str], profile: bool = False,
+                      matched_only: bool = False) -> List[Measured]:
     """Run every case on every host present; `child(name, wrapper, target, steps, python, env)` is the
     orchestrator's measured launcher (bench.run.Bench.child). With `profile`, the matched case runs
     once more per trainer with bench.phases' hooks (not timed rows: their phase split goes into
@@ -129,7 +130,7 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
         henv = dict(env, COMFYUI_DIR=str(host.dir))
         peaks: Dict[str, dict] = {}
         for model in models:
-            for case in cases(model, quick):
+            for case in cases(model, quick or matched_only):
                 if host.version not in case.versions:
                     continue
                 if case.dtype not in peaks:

@@ -374,7 +374,7 @@ class Bench:
                                      warmup=p.comfy_warmup, measure=p.comfy_measure, resolution=p.comfy_resolution,
                                      rank=p.rank, lr=p.lr, images=p.instance_images, threads=p.threads,
                                      env=self.env, work=self.logs, child=child, log=self.log, notes=self.notes,
-                                     profile=a.profile)
+                                     profile=a.profile, matched_only=a.comfy_matched_only)
         self.comfy = [asdict(m) | {"share_of_peak": m.share_of_peak} for m in measured]
 
     # -- the whole run -----------------------------------------------------------------------------
@@ -526,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "matching), sd3 (the tests' tiny SD3)")
     p.add_argument("--only-comfy", action="store_true",
                    help="only the ComfyUI section (no .venv-bench or reference script needed)")
+    p.add_argument("--comfy-matched-only", action="store_true",
+                   help="ComfyUI section: only the matched rows (what --quick runs), at the full plan's size")
     p.add_argument("--profile", action="store_true",
                    help="ComfyUI section: also split each trainer's matched step into phases (bench.phases)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
