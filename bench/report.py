@@ -64,9 +64,13 @@ def classgen_table(rows: List[dict]) -> str:
 def scaling_table(rows: List[dict]) -> str:
     sel = sorted((r for r in rows if r["section"] == "scaling"), key=lambda r: (r["images"], r["resolution"]))
     body = [[r["model"], f"{r['images']}", f"{r['resolution']}", _f(r["s_per_step"], "{:.3f}"), _f(r["setup_s"], "{:.1f}"),
-             _f(r["peak_rss_mib"], "{:.0f}"), _f(r["training_peak_rss_mib"], "{:.0f}"), r.get("note", "")]
+             _f(r["peak_rss_mib"], "{:.0f}"), _f(r["training_peak_rss_mib"], "{:.0f}"),
+             _f(r["detail"].get("flops_per_step", 0) / 1e9 or None, "{:.1f}"),
+             _f(100 * r["detail"]["share_of_peak"] if r["detail"].get("share_of_peak") else None, "{:.1f}%"),
+             r.get("note", "")]
             for r in sel]
-    return _table(["model (ours)", "images", "px", "s/step", "setup s", "peak RSS MiB", "train-steps RSS MiB", ""], body)
+    return _table(["model (ours)", "images", "px", "s/step", "setup s", "peak RSS MiB", "train-steps RSS MiB",
+                   "GFLOP/step", "share of peak", ""], body)
 
 
 def format_table(results: dict) -> str:

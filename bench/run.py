@@ -353,10 +353,11 @@ class Bench:
         for res, n in cases:
             inst = Path(self.helper("instances", str(self.work), str(res), str(n))["path"])
             cls = Path(self.helper("resize", str(src), str(self.work / "scaling" / f"class_{res}px"), str(res))["path"])
-            r = self.child(f"scaling_{res}px_{n}img", ["--module", "dreambooth_core"],
-                           self.ours_args(model, inst, cls, n_class, res, steps,
+            r = self.child(f"scaling_{res}px_{n}img", ["--module", "dreambooth_core", *self.flops_flags(steps)],
+                           self.ours_args(model, inst, cls, n_class, res, steps + 1,
                                           self.work / "scaling" / f"out_{res}_{n}"), steps=steps)
-            self.train_row(r, "scaling", label, "ours", res, p.scaling_warmup, n)
+            self.train_row(r, "scaling", label, "ours", res, p.scaling_warmup, n, dtype=self.plan.mixed_precision
+                           if self.plan.mixed_precision == "bf16" else "fp32")
 
     # -- ComfyUI -----------------------------------------------------------------------------------
     def run_comfy(self) -> None:
