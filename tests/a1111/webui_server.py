@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -103,12 +103,11 @@ class WebUI:
         raise AssertionError(f"job {job_id} still running after {timeout} s: {status}\n{self.log()[-3000:]}")
 
 
-def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[Path] = None,
-                start_timeout: float = 600) -> WebUI:
-    """Copy the WebUI into `tmp`, add the extension and the checkpoint, start it; returns once the API answers."""
-    root = tmp / "webui"
-    _writable_copy(A1111_DIR, root)
-    (root / "repositories").symlink_to(repositories_dir(), target_is_directory=True)
+def prepare_copy(source: Path, root: Path, repositories: Path, checkpoints: Iterable[Path]) -> Path:
+    """A writable copy of a WebUI at `root` with its `repositories/` linked, this extension installed and
+    `checkpoints` in its models folder (returned). Shared by the A1111 and Forge helpers."""
+    _writable_copy(source, root)
+    (root / "repositories").symlink_to(repositories, target_is_directory=True)
     # The extension as a user's clone holds it (the parts the WebUI loads, linked from this checkout;
     # not the checkout itself, whose git remotes the WebUI would try to read).
     ext = root / "extensions" / "dreambooth"
@@ -119,7 +118,39 @@ def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[
     (root / "config.json").write_text(json.dumps({"live_previews_enable": False}))
     models = root / "models" / "Stable-diffusion"
     models.mkdir(parents=True, exist_ok=True)
-    (models / checkpoint.name).symlink_to(checkpoint)
+    for ckpt in checkpoints:
+        (models / ckpt.name).symlink_to(ckpt)
+    return models
+
+
+def launch(root: Path, args: List[str], env: dict, log_path: Path, port: int, probe: str, name: str,
+           start_timeout: float) -> WebUI:
+    """Start `args` in `root` and return once GET `probe` answers 200; a start that exits or times out
+    raises with the log's tail."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    webui = WebUI(root, port, log_path, proc)
+    import requests
+
+    deadline = time.time() + start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{webui.log()[-4000:]}")
+        try:
+            if requests.get(webui.url + probe, timeout=5).status_code == 200:
+                return webui
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"{name} did not answer within {start_timeout:.0f} s:\n{webui.log()[-4000:]}")
+
+
+def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[Path] = None,
+                start_timeout: float = 600) -> WebUI:
+    """Copy the WebUI into `tmp`, add the extension and the checkpoint, start it; returns once the API answers."""
+    root = tmp / "webui"
+    models = prepare_copy(A1111_DIR, root, repositories_dir(), [checkpoint])
     shutil.copyfile(checkpoint.with_suffix(".yaml"), models / checkpoint.with_suffix(".yaml").name)
     port = _free_port()
     env = dict(os.environ, HF_HOME=str(hf_home()), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -130,24 +161,7 @@ def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[
             "--loglevel", "DEBUG", "--ckpt", str(models / checkpoint.name)]
     if not ui:
         args.append("--nowebui")
-    log_path = tmp / "webui.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    webui = WebUI(root, port, log_path, proc)
-    import requests
-
-    deadline = time.time() + start_timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the WebUI exited with {proc.returncode}:\n{webui.log()[-4000:]}")
-        try:
-            if requests.get(webui.url + "/sdapi/v1/options", timeout=5).status_code == 200:
-                return webui
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"the WebUI did not answer within {start_timeout:.0f} s:\n{webui.log()[-4000:]}")
+    return launch(root, args, env, tmp / "webui.log", port, "/sdapi/v1/options", "the WebUI", start_timeout)
 
 
 def stop_webui(webui: WebUI) -> None:

@@ -5,17 +5,14 @@ object, the port and the stop are the A1111 helper's (tests/a1111/webui_server.p
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "a1111"))
-from webui_server import WebUI, _free_port, _writable_copy, stop_webui  # noqa: E402,F401
+from webui_server import WebUI, _free_port, launch, prepare_copy, stop_webui  # noqa: E402,F401
 
 REPO = HERE.parents[1]
 FORGE_DIR = Path(os.environ.get("FORGE_DIR", REPO.parent / "shared" / "forge")).resolve()
@@ -45,17 +42,7 @@ def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, ui: bool
     """Copy Forge into `tmp`, add the extension and the checkpoints, start it with `selected` chosen;
     returns once the API answers (the checkpoint loads at the first generation, as in Forge)."""
     root = tmp / "forge"
-    _writable_copy(FORGE_DIR, root)
-    (root / "repositories").symlink_to(FORGE_DIR / "repositories", target_is_directory=True)
-    ext = root / "extensions" / "dreambooth"
-    ext.mkdir(parents=True)
-    for part in ("scripts", "dreambooth_core", "install.py"):
-        (ext / part).symlink_to(REPO / part)
-    (root / "config.json").write_text(json.dumps({"live_previews_enable": False}))
-    models = root / "models" / "Stable-diffusion"
-    models.mkdir(parents=True, exist_ok=True)
-    for ckpt in checkpoints:
-        (models / ckpt.name).symlink_to(ckpt)
+    models = prepare_copy(FORGE_DIR, root, FORGE_DIR / "repositories", checkpoints)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "HF_HOME"}  # Forge points it at its own folder
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
@@ -63,21 +50,5 @@ def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, ui: bool
             "--skip-python-version-check", "--always-cpu", "--all-in-fp32", "--api",
             "--server-name", "127.0.0.1", "--port", str(port), "--skip-version-check", "--no-download-sd-model",
             "--ckpt", str(models / selected.name)] + ([] if ui else ["--nowebui"])
-    log_path = tmp / "forge.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    webui = WebUI(root, port, log_path, proc)
-    import requests
-
-    deadline = time.time() + start_timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Forge exited with {proc.returncode}:\n{webui.log()[-4000:]}")
-        try:
-            if requests.get(webui.url + ("/config" if ui else "/sdapi/v1/options"), timeout=5).status_code == 200:
-                return webui
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"Forge did not answer within {start_timeout:.0f} s:\n{webui.log()[-4000:]}")
+    return launch(root, args, env, tmp / "forge.log", port, "/config" if ui else "/sdapi/v1/options", "Forge",
+                  start_timeout)

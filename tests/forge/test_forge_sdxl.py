@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from forge_server import FORGE_DIR, _writable_copy
+from forge_server import FORGE_DIR
+from webui_server import _writable_copy
 
 
 def test_sdxl_lora_with_prior_preservation_on_forges_engine(tmp_path):
