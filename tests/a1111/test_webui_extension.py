@@ -7,13 +7,12 @@ Cancel keeps a checkpoint that resume finishes from; the LoRA lands in models/Lo
 """
 from __future__ import annotations
 
-import base64
-import io
 import re
 import time
 
 import numpy as np
 import pytest
+from webui_server import job_body, txt2img
 
 TRAIN = "/dreambooth/v1/train"
 STATUS = "/dreambooth/v1/status"
@@ -22,23 +21,7 @@ UNMATCHED = "didn't match keys"
 
 
 def _job(subject_dir, **overrides) -> dict:
-    body = {"instance_dir": str(subject_dir), "token": "sks", "class_noun": "ball", "num_class_images": 2,
-            "class_steps": 2, "resolution": 64, "steps": 2, "learning_rate": 5e-3, "save_name": "dbtest"}
-    body.update(overrides)
-    return body
-
-
-def _txt2img(webui, prompt: str, seed: int = 7) -> np.ndarray:
-    from PIL import Image
-
-    # The WebUI's default emphasis ("Original"), as a user has it: the test checkpoint keeps the mean it
-    # divides by away from zero (a1111_checkpoint._init).
-    r = webui.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed,
-                                          "sampler_name": "Euler"})
-    assert r.status_code == 200, r.text[:2000]
-    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=float)
-    assert np.isfinite(image).all() and image.std() > 0, "txt2img gave a blank image"
-    return image
+    return job_body(subject_dir, "dbtest", **overrides)
 
 
 def _alive(webui) -> None:
@@ -173,9 +156,9 @@ def test_second_job_reuses_the_cached_class_images(webui, subject_dir):
 def test_lora_prompt_changes_the_image_with_every_key_matched(webui):
     from safetensors.torch import load_file, save_file
 
-    base = _txt2img(webui, "a photo of sks ball")
-    assert np.array_equal(base, _txt2img(webui, "a photo of sks ball")), "txt2img is not reproducible"
-    with_lora = _txt2img(webui, "<lora:dbtest:1> a photo of sks ball")
+    base = txt2img(webui, "a photo of sks ball")
+    assert np.array_equal(base, txt2img(webui, "a photo of sks ball")), "txt2img is not reproducible"
+    with_lora = txt2img(webui, "<lora:dbtest:1> a photo of sks ball")
     assert np.abs(with_lora - base).mean() > 0.5, "the trained LoRA does not change the image"
     assert UNMATCHED not in webui.log(), re.findall(r".*didn't match keys.*", webui.log())[:1]
     # Control: the same LoRA with one key of no layer is reported at this log level.
@@ -184,14 +167,14 @@ def test_lora_prompt_changes_the_image_with_every_key_matched(webui):
     down = next(k for k in tensors if k.endswith("lora_down.weight"))
     tensors["lora_unet_no_such_block.lora_down.weight"] = tensors[down].clone()
     save_file(tensors, str(lora_dir / "control.safetensors"))
-    _txt2img(webui, "<lora:control:1> a photo of sks ball")
+    txt2img(webui, "<lora:control:1> a photo of sks ball")
     assert "control.safetensors didn't match keys" in webui.log()
 
 
 def test_full_fine_tune_saves_a_checkpoint_and_restores_the_loaded_model(webui, subject_dir, mini_checkpoint):
     from safetensors import safe_open
 
-    before = _txt2img(webui, "a photo of sks ball", seed=3)
+    before = txt2img(webui, "a photo of sks ball", seed=3)
     job = webui.post(TRAIN, _job(subject_dir, mode="full", steps=1, prior=False, learning_rate=1e-3,
                                  save_name="dbfull")).json()
     status = webui.wait_job(job["id"])
@@ -206,7 +189,7 @@ def test_full_fine_tune_saves_a_checkpoint_and_restores_the_loaded_model(webui, 
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.trigger_phrase"] == "sks ball"
     assert meta["dreambooth_kind"] == "checkpoint" and meta["modelspec.thumbnail"].startswith("data:image/jpeg")
     # The WebUI's loaded model is back to the checkpoint's weights.
-    assert np.array_equal(before, _txt2img(webui, "a photo of sks ball", seed=3))
+    assert np.array_equal(before, txt2img(webui, "a photo of sks ball", seed=3))
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes(webui, subject_dir):

@@ -8,11 +8,10 @@ model is as before once the job ends; a model Forge loads that cannot train is r
 """
 from __future__ import annotations
 
-import base64
-import io
 import re
 
 import numpy as np
+from webui_server import job_body, txt2img
 
 TRAIN = "/dreambooth/v1/train"
 STATUS = "/dreambooth/v1/status"
@@ -23,21 +22,7 @@ UNMATCHED = ("unmatched keys", "version mismatch", "Mismatch ")
 
 
 def _job(subject_dir, **overrides) -> dict:
-    body = {"instance_dir": str(subject_dir), "token": "sks", "class_noun": "ball", "num_class_images": 2,
-            "class_steps": 2, "resolution": 64, "steps": 2, "learning_rate": 5e-3, "save_name": "dbforge"}
-    body.update(overrides)
-    return body
-
-
-def _txt2img(forge, prompt: str, seed: int = 7) -> np.ndarray:
-    from PIL import Image
-
-    r = forge.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed,
-                                         "sampler_name": "Euler"})
-    assert r.status_code == 200, r.text[:2000]
-    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=float)
-    assert np.isfinite(image).all() and image.std() > 0, "txt2img gave a blank image"
-    return image
+    return job_body(subject_dir, "dbforge", **overrides)
 
 
 def test_extension_loads_and_the_placeholder_model_is_loaded_on_demand(forge):
@@ -66,7 +51,7 @@ def test_train_lora_with_prior_preservation(forge, subject_dir):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    before = _txt2img(forge, "a photo of sks ball", seed=3)
+    before = txt2img(forge, "a photo of sks ball", seed=3)
     r = forge.post(TRAIN, _job(subject_dir, train_text_encoder=True))
     assert r.status_code == 200, r.text
     seen = []
@@ -101,16 +86,16 @@ def test_train_lora_with_prior_preservation(forge, subject_dir):
     folder = forge.root / "outputs" / "dreambooth_class_images"
     assert len(list(folder.glob("*/0000[01].png"))) == 2 and list(folder.glob("*/manifest.json"))
     # The shared model is as it was: adapters, patched forwards and swapped tensors are gone.
-    assert np.array_equal(before, _txt2img(forge, "a photo of sks ball", seed=3)), "training changed the loaded model"
+    assert np.array_equal(before, txt2img(forge, "a photo of sks ball", seed=3)), "training changed the loaded model"
 
 
 def test_forge_lora_support_applies_every_key_and_changes_the_image(forge):
     from safetensors.torch import load_file, save_file
 
-    base = _txt2img(forge, "a photo of sks ball")
-    assert np.array_equal(base, _txt2img(forge, "a photo of sks ball")), "txt2img is not reproducible"
+    base = txt2img(forge, "a photo of sks ball")
+    assert np.array_equal(base, txt2img(forge, "a photo of sks ball")), "txt2img is not reproducible"
     start = len(forge.log())
-    with_lora = _txt2img(forge, "<lora:dbforge:1> a photo of sks ball")
+    with_lora = txt2img(forge, "<lora:dbforge:1> a photo of sks ball")
     assert np.abs(with_lora - base).mean() > 0.5, "the trained LoRA does not change the image"
     log = forge.log()[start:]
     assert not any(word in log for word in UNMATCHED), re.findall(r".*\[LORA\].*", log)
@@ -125,7 +110,7 @@ def test_forge_lora_support_applies_every_key_and_changes_the_image(forge):
     down = next(k for k in tensors if k.endswith("lora_down.weight"))
     tensors["lora_unet_no_such_block.lora_down.weight"] = tensors[down].clone()
     save_file(tensors, str(forge.root / "models" / "Lora" / "dbcontrol.safetensors"))
-    _txt2img(forge, "<lora:dbcontrol:1> a photo of sks ball")
+    txt2img(forge, "<lora:dbcontrol:1> a photo of sks ball")
     assert re.search(r"dbcontrol\.safetensors.* with unmatched keys \['lora_unet_no_such_block", forge.log())
 
 
@@ -134,8 +119,8 @@ def test_a_job_after_a_lora_prompt_trains_the_checkpoint_itself(forge, subject_d
     (the UNet's fingerprint in the new file is the checkpoint's), and the base image is unchanged after."""
     from safetensors import safe_open
 
-    base = _txt2img(forge, "a photo of sks ball", seed=5)
-    _txt2img(forge, "<lora:dbforge:1> a photo of sks ball", seed=5)  # merged into the weights now
+    base = txt2img(forge, "a photo of sks ball", seed=5)
+    txt2img(forge, "<lora:dbforge:1> a photo of sks ball", seed=5)  # merged into the weights now
     job = forge.post(TRAIN, _job(subject_dir, steps=1, save_name="dbforge_again")).json()
     status = forge.wait_job(job["id"], timeout=600)
     assert status["state"] == "completed", status
@@ -144,7 +129,7 @@ def test_a_job_after_a_lora_prompt_trains_the_checkpoint_itself(forge, subject_d
     with safe_open(str(lora_dir / "dbforge.safetensors"), framework="pt") as a, \
             safe_open(str(lora_dir / "dbforge_again.safetensors"), framework="pt") as b:
         assert a.metadata()["dreambooth_base_fingerprint"] == b.metadata()["dreambooth_base_fingerprint"]
-    assert np.array_equal(base, _txt2img(forge, "a photo of sks ball", seed=5))
+    assert np.array_equal(base, txt2img(forge, "a photo of sks ball", seed=5))
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes(forge, subject_dir):
@@ -186,7 +171,7 @@ def test_a_model_forge_loads_that_cannot_train_is_refused_before_any_work(forge,
         assert not (forge.root / "models" / "Lora" / "dbinpaint.safetensors").exists()
     finally:
         assert forge.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoints["sd15"].stem}).status_code == 200
-    _txt2img(forge, "a photo of sks ball")
+    txt2img(forge, "a photo of sks ball")
 
 
 def test_the_tab_is_in_forges_ui(tmp_path_factory, checkpoints):
