@@ -198,3 +198,33 @@ def txt2img(webui: "WebUI", prompt: str, seed: int = 7):
     image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=float)
     assert np.isfinite(image).all() and image.std() > 0, "txt2img gave a blank image"
     return image
+
+
+def finished_lora(webui: "WebUI", job_id: str, save_name: str, timeout: float = 600):
+    """Wait for a LoRA job with prior preservation and the text encoder, check what every host must give
+    (the class-image phase reported, 2 class images made, steps 1-2 with a prior loss, the file in
+    models/Lora with UNet and text-encoder keys, its metadata); returns (status, keys, metadata)."""
+    from safetensors import safe_open
+
+    seen = []
+
+    def record(s: dict) -> bool:
+        seen.append(s["state"])
+        return False
+
+    status = webui.wait_job(job_id, until=record, timeout=timeout)
+    assert status["state"] == "completed", (status, webui.log()[-3000:])
+    assert "class_images" in seen, f"the class-image phase was never reported: {seen}"
+    assert status["class_images"]["generated"] == 2 and status["class_images"]["reused"] == 0
+    assert [h["step"] for h in status["history"]] == [1, 2]
+    assert all(h["prior_loss"] is not None for h in status["history"]), "prior preservation loss missing"
+    lora = webui.root / "models" / "Lora" / f"{save_name}.safetensors"
+    assert status["lora_path"] == str(lora) and lora.is_file()
+    with safe_open(str(lora), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    for part in ("lora_unet_down_blocks_", "lora_unet_mid_block_attentions_0_", "lora_unet_up_blocks_",
+                 "lora_te_text_model_encoder_layers_"):
+        assert any(k.startswith(part) for k in keys), f"no {part}* key in the LoRA"
+    assert meta["dreambooth_token"] == "sks" and meta["dreambooth_prior_preservation"] == "true"
+    return status, keys, meta
