@@ -90,6 +90,11 @@ def restricted_to(keep: Optional[Set[str]]) -> Iterator[Installed]:
             setattr(owner, name, fn)
 
 
+# The 0.33 levers' values that mean "off" (0.3.64 behaves so without the inputs).
+LEVER_DEFAULTS = dict(checkpoint_depth=1, offloading=False, bypass_mode=False, quantized_backward=False,
+                      bucket_mode=False)
+
+
 def is_v3() -> bool:
     from comfy_extras.nodes_train import TrainLoraNode
 
@@ -118,7 +123,7 @@ def train_host(model, latents: dict, positive, *, steps: int, rank: int, lr: flo
     extra = dict(checkpoint_depth=checkpoint_depth, offloading=offloading, bypass_mode=bypass_mode,
                  quantized_backward=False, bucket_mode=False)
     have = host_inputs()
-    asked = {k for k, v in extra.items() if v != {"checkpoint_depth": 1}.get(k, False)}
+    asked = {k for k, v in extra.items() if v != LEVER_DEFAULTS[k]}
     missing = sorted(asked - have)
     if missing:
         raise ValueError(f"this ComfyUI's TrainLoraNode has no input {', '.join(missing)}")

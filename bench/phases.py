@@ -81,13 +81,14 @@ class PhaseTimer:
                 timer._backward += time.perf_counter() - t0
 
         torch.autograd.backward = backward
+        self._grad_enabled = torch.is_grad_enabled  # read on every module call: no import there
         torch.nn.modules.module.register_module_forward_pre_hook(self._on_forward)
         register_optimizer_step_pre_hook(self._on_opt_start)
         self._start = time.perf_counter()
         self._wrappers_at_start = WRAPPER_SECONDS[0]
 
     def _on_forward(self, module, args) -> None:
-        if self._first_forward is None and torch_grad_enabled():
+        if self._first_forward is None and self._grad_enabled():
             self._first_forward = time.perf_counter()
 
     def _on_opt_start(self, optimizer, args, kwargs) -> None:
@@ -115,9 +116,3 @@ class PhaseTimer:
         if not steps:
             return {}
         return {k: sum(s[k] for s in steps) / len(steps) for k in (*self.PHASES, "total")}
-
-
-def torch_grad_enabled() -> bool:
-    import torch
-
-    return torch.is_grad_enabled()
