@@ -62,11 +62,11 @@ def flux_settings() -> List[Setting]:
         Setting("bf16-nogc", "bf16 base, no checkpointing", option=f"{NOT_YET} (the flow path always checkpoints)"),
         Setting("bf16", "bf16 base, checkpointing", checkpointing="full", option="ComfyUI, bf16 model"),
         Setting("fp8", "fp8 base, checkpointing", base="fp8", checkpointing="full",
-                option=f"{NOT_YET} (fp8 weights load; training on them is GPU work to do)"),
+                option="ComfyUI: Load Diffusion Model, weight_dtype fp8_e4m3fn (trains as loaded)"),
         Setting("fp8-adafactor", "fp8 base + Adafactor", base="fp8", checkpointing="full", optimizer="adafactor",
-                option=f"{NOT_YET} (fp8); optimizer=adafactor"),
+                option="fp8 as above; optimizer=adafactor"),
         Setting("fp8-noprior", "fp8 base, no prior (batch 1)", base="fp8", checkpointing="full", prior=False,
-                option=f"{NOT_YET} (fp8); prior off"),
+                option="fp8 as above; prior off"),
     ]
 
 
