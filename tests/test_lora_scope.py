@@ -183,3 +183,28 @@ def test_attention_scope_keeps_the_attention_projections_of_the_flow_transformer
     }
     picked = select_lora_targets({n: torch.nn.Linear(2, 2) for n in names}, "attention")
     assert set(picked) == {n for n, keep in names.items() if keep}
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_every_locon_name_is_one_the_webui_puts_on_that_convolution(arch):
+    """The Automatic1111 WebUI maps `up_blocks_{b}_upsamplers_0_conv` to module 1 of its output
+    block for b = 0 and module 2 otherwise (SD1's first up block has no attention). SDXL's first up
+    block has attentions: its upsampler is module 2, so that name would miss. Such a name must not
+    reach the file; SD1's keeps its first upsampler."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_core.adapters.kohya import is_unet_target, kohya_name
+    from fixtures_ldm import REDUCED
+
+    config = REDUCED[arch]["unet"]
+    unet = UNet2DConditionModel(**config)
+    targets = {kohya_name("lora_unet", path): m for path, m in unet.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and is_unet_target(path, conv=True)}
+    kept = select_lora_targets(targets, "transformer")
+    upsamplers = {b: f"lora_unet_up_blocks_{b}_upsamplers_0_conv" for b in range(len(config["up_block_types"]) - 1)}
+    assert all(name in targets for name in upsamplers.values())
+    for b, name in upsamplers.items():
+        ldm_index = 2 if "CrossAttn" in config["up_block_types"][b] else 1
+        webui_index = 1 if b == 0 else 2
+        assert (name in kept) == (ldm_index == webui_index), (arch, name)
+    assert set(targets) - set(kept) == ({upsamplers[0]} if arch == "sdxl" else set())

@@ -105,11 +105,25 @@ IN_TRANSFORMER = re.compile(r"_attentions_\d+_|^lora_te\d?_|^lora_unet_(double_b
                             r"|layers|noise_refiner|context_refiner)_\d+_")
 
 
+def webui_nameable(targets: Dict[str, torch.nn.Module]) -> Dict[str, torch.nn.Module]:
+    """`targets` without the one LoCon module the Automatic1111 WebUI would put on another module.
+    Its formula for `up_blocks_{b}_upsamplers_0_conv` assumes SD1's first up block, which has no
+    attention (the upsampler is then module 1 of its output block, else module 2). In SDXL that
+    block has attentions, so the name maps to a transformer and the key is left unloaded there;
+    kohya's own SDXL files avoid it with ldm names, which diffusers' loader drops when they come
+    mixed with diffusers names. Leaving that convolution out keeps every key loadable everywhere."""
+    first_up_has_attention = any(name.startswith("lora_unet_up_blocks_0_attentions_") for name in targets)
+    if not first_up_has_attention:
+        return dict(targets)
+    return {name: m for name, m in targets.items() if name != "lora_unet_up_blocks_0_upsamplers_0_conv"}
+
+
 def select_lora_targets(targets: Dict[str, torch.nn.Module], scope: str) -> Dict[str, torch.nn.Module]:
     """The backend's kohya-named targets narrowed to `scope` (config.LORA_TARGETS). Filtering by
     name here, not in each backend, gives every host the same set and the same file keys.
     "attention" drops proj_in/proj_out and the feed-forward (and the text encoder's MLP) but keeps
     what `lora_conv` added: it narrows the transformer blocks only."""
+    targets = webui_nameable(targets)
     if scope == "transformer":
         return dict(targets)
     if scope != "attention":
