@@ -609,3 +609,66 @@ def test_generate_is_the_stock_ksampler_image_and_latents_use_the_models_format(
         decoded = backend.decode_latents(latents)
     torch.testing.assert_close(latents, raw * 0.18215)  # SD1's latent scale: what the UNet consumes
     assert decoded.shape == (1, 3, 64, 64) and decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_sdxl_class_images_are_the_stock_ksampler_images(pack, mini_sdxl):
+    """SDXL's conditioning (pooled text, size and crop) through the host's sampler, as a stock graph makes it."""
+    import importlib
+
+    import nodes as host_nodes
+
+    model, clip, vae = mini_sdxl
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    backend = backend_module(pack).ComfyBackend(model, clip, vae)
+    settings = base.SampleSettings(steps=2, guidance=5.0, sampler="euler", width=64, height=64)
+    with torch.inference_mode():
+        ours = backend.generate(["a photo of a dog"], [3], settings)[0]
+        latent = host_nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    stock = stock_image(model, clip, vae, "a photo of a dog", "", latent, 3, 2, 5.0, "euler", "normal")
+    assert ours.shape == (64, 64, 3) and np.array_equal(ours, stock)
+
+
+def test_a_v_prediction_model_trains_on_its_v_objective(pack, loaded, instance_folder):
+    """A MODEL that samples as v-prediction (SD2-768-v, v-pred fine-tunes, or any model behind the stock
+    ModelSamplingDiscrete node) trains through the Train node on the v target: the held-out v loss
+    of the trained MODEL is below the untrained one's and below that of the same run on the ε model
+    (which lowers it too, less), and the result still predicts v."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from PIL import Image
+
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        v_model = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    cb = backend_module(pack)
+    import folder_paths
+
+    images = sorted((Path(folder_paths.get_input_directory()) / instance_folder).glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32)).permute(2, 0, 1)
+                          / 127.5 - 1 for p in images])
+
+    def held_out(m) -> float:
+        backend = cb.ComfyBackend(m, clip, vae)
+        assert backend.prediction_type == "v_prediction"
+        g = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            x0 = backend.encode_images(pixels)
+            cond = backend.encode_text(["a photo of sks dog"] * len(images), size=(64, 64))
+            eps = torch.randn(x0.shape, generator=g)
+            t = torch.tensor([200, 500, 800])[: len(images)]
+            a = backend.alphas_cumprod[t].view(-1, 1, 1, 1)
+            out = backend.predict(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, cond)
+        return float(((out - (a.sqrt() * eps - (1 - a).sqrt() * x0)) ** 2).mean())
+
+    n = nodes(pack)
+    with torch.inference_mode():
+        ds = n["DreamBoothDataset"].prepare(clip, instance_folder, "sks", "dog", 64, "center", False)["result"][0]
+        out = n["DreamBoothTrain"].train(v_model, clip, vae, ds, "lora", 4, 0.0, False, 6, 1e-2, 0.0, 1, 0,
+                                         "inproc_v", False, 0)
+    trained = out["result"][0]
+    # The same run on the plain ε MODEL, measured as v: what training on the wrong target would give.
+    with torch.inference_mode():
+        eps_trained = n["DreamBoothTrain"].train(model, clip, vae, ds, "lora", 4, 0.0, False, 6, 1e-2, 0.0, 1, 0,
+                                                 "inproc_eps", False, 0)["result"][0]
+        eps_trained = ModelSamplingDiscrete().patch(eps_trained, "v_prediction", False)[0]
+    untrained_loss, trained_loss, eps_loss = held_out(v_model), held_out(trained), held_out(eps_trained)
+    assert trained_loss < min(untrained_loss, eps_loss), (untrained_loss, trained_loss, eps_loss)
