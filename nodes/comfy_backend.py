@@ -530,7 +530,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint the UNet's blocks (and the text encoder's layers when it trains), as the
         host's trainer does: the shared modules' forwards are wrapped for the run and restored."""
-        if self._family.flow:  # a flow model's blocks are always checkpointed (_install_flow)
+        if self._family.flow:  # read by flow_path._flow_block at every block call
+            self._flow_checkpointing = bool(enabled)
             return
         if enabled and self._checkpoint_mark is None:
             self._checkpoint_mark = len(self._forward_patches)

@@ -10,8 +10,8 @@ Per flow family (rectified flow, `CONST` sampling):
   - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
     stores μ of BFL's exponential shift e^μ/(e^μ + 1/t − 1), which is the same map with s = e^μ;
     `ModelSamplingDiscreteFlow` stores s itself.
-  - `blocks`: the transformer block lists, checkpointed during training (their forwards update the
-    residual stream in place, which autograd only tolerates inside a recomputed block).
+  - `blocks`: the transformer block lists, run during training on copies of the residual stream they
+    update in place (flow_path._install_flow) and checkpointed when the user asks for it.
   - `lora`: which Linears of the blocks carry a LoRA (attention and MLP; the adaLN modulation
     Linears are left out: they are large, and a LoRA there mostly rescales the whole image).
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..dreambooth_core.backends.base import UnsupportedModel
@@ -18,23 +19,48 @@ from .adapters import FrozenState, frozen_forward, frozen_patchable
 log = logging.getLogger("dreambooth")
 
 
-def _checkpointed_all(forward, *args, **kwargs):
-    """Gradient checkpointing of a transformer block called with keyword tensors (Flux: img=, txt=):
-    every tensor argument is copied inside the recomputed region, since these blocks add to their
-    residual stream in place (`img += ...`), which autograd tolerates only in a recomputed block."""
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
+class _Streams:
+    """The storages of the tensors a flow block is running on (its copied inputs), while it runs."""
 
+    def __init__(self) -> None:
+        self.storages: Set[int] = set()
+
+
+def _storage(t) -> Optional[int]:
+    return t.untyped_storage().data_ptr() if torch.is_tensor(t) and t.layout == torch.strided else None
+
+
+def _reads_a_copy(streams: _Streams, forward, *args, **kwargs):
+    """A module inside a flow block, given a copy of any argument that is the block's residual stream:
+    the block adds to that stream in place after this module has read it, and whatever this module
+    saved for backward (a norm's input) must keep the values it read."""
+    if streams.storages:
+        def copy(v):
+            return v.clone() if _storage(v) in streams.storages else v
+
+        args = tuple(copy(a) for a in args)
+        kwargs = {k: copy(v) for k, v in kwargs.items()}
+    return forward(*args, **kwargs)
+
+
+def _block_on_copies(streams: _Streams, forward, *args, **kwargs):
+    """A flow block run on copies of its tensor arguments (the caller's tensors stay as they were),
+    whose storages its submodules copy again when they read them (_reads_a_copy)."""
     def fresh(v):
         return v.clone() if torch.is_tensor(v) else v
 
-    def run(*a, **k):
-        return forward(*(fresh(x) for x in a), **{n: fresh(v) for n, v in k.items()})
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    args = tuple(fresh(a) for a in args)
+    kwargs = {k: fresh(v) for k, v in kwargs.items()}
+    before = streams.storages
+    streams.storages = {p for p in map(_storage, list(args) + list(kwargs.values())) if p is not None}
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        streams.storages = before
 
 
 class FlowModelPath:
+    _flow_checkpointing: bool = False  # set_gradient_checkpointing's choice, read at every block call
     def _cap_tokens(self, key: str, windows: list) -> list:
         """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
         the whole prompt), a long-context one cut at the family's text_cap tokens (its end token kept)."""
@@ -164,11 +190,30 @@ class FlowModelPath:
         return out
 
     def _install_flow(self) -> None:
-        """The frozen path (below), with every transformer block checkpointed."""
+        """The frozen path (below), every transformer block through _flow_block. The host's blocks add
+        to their residual stream in place (Flux, Chroma: `img += ...`, `x.addcmul_(...)`) after their
+        norms saved it for backward: plain autograd refuses that, and a recomputed block
+        (torch.utils.checkpoint keeps aliases of what the recomputation saved) would silently use the
+        updated values. So each block runs on copies of its inputs and every module inside it reads
+        a copy of the stream: the gradients are exact, with checkpointing on or off."""
         self._install_frozen()
         dm = self.model.model.diffusion_model
+        streams = _Streams()
         for block in families.flow_blocks(self._family, dm):
-            self._patch_forward(block, functools.partial(_checkpointed_all, block.forward))
+            for module in block.modules():
+                if module is not block:
+                    self._patch_forward(module, functools.partial(_reads_a_copy, streams, module.forward))
+            self._patch_forward(block, functools.partial(self._flow_block, streams, block.forward))
+
+    def _flow_block(self, streams: _Streams, forward, *args, **kwargs):
+        """One transformer block: the host's forward when no gradient is taken; else on copies
+        (_block_on_copies), recomputed in the backward pass when gradient checkpointing is on."""
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        run = functools.partial(_block_on_copies, streams, forward)
+        if self._flow_checkpointing:
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return run(*args, **kwargs)
 
     def _install_frozen(self) -> None:
         """Patch the shared diffusion model's forwards for the run (restored by release()): every

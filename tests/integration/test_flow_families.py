@@ -6,7 +6,9 @@ torch.inference_mode(), as the executor runs nodes (so the weights are inference
     up front with a message that names them;
   - `predict` (σ in, velocity out) is the velocity of the host's own `apply_model` with the conds its
     own `extra_conds` make from the host's text encoding, for prompts of different lengths too;
-  - the LoRA gradient the trainer gets equals a finite difference of predict;
+  - the LoRA gradient the trainer gets is the same with gradient checkpointing on and off and equals a
+    finite difference of predict; checkpointing on lowers the bytes autograd keeps for backward
+    (Flux, and the SD UNet path);
   - every LoRA name is a key the stock loader maps to the weight it trains (all six families);
   - a few LoRA steps of the core trainer (Flux dev, SD3, Lumina 2; prior preservation on, two class
     images from `generate`) lower the held-out flow loss of the identifier prompt; the file carries
@@ -209,47 +211,130 @@ def test_predict_goes_through_apply_model_wrappers(comfy_host, pack):
     torch.testing.assert_close(v_wrapped, (x - 0.5 * denoised) / sigma, rtol=1e-3, atol=1e-3)
 
 
-def test_lora_gradient_through_frozen_linears_and_checkpointed_blocks(comfy_host, pack):
-    """The gradient the trainer gets (frozen Linears pass it on from the weight read again, blocks
-    recomputed) is the derivative of predict: a central finite difference along a random direction."""
+def _lora_setup(pack, backend, std=0.05):
+    """A rank-2 LoRA network on the backend's targets, attached, with non-zero `up` (every parameter
+    then gets a gradient)."""
+    adapters = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters")
+    torch.manual_seed(0)
+    network = adapters.LoRANetwork(backend.lora_targets(True, False), rank=2, alpha=2.0)
+    for a in network.adapters.values():
+        torch.nn.init.normal_(a.lora_up.weight, std=std)
+    backend.attach_lora(network)
+    return network
+
+
+def test_lora_gradient_is_exact_with_gradient_checkpointing_on_and_off(comfy_host, pack):
+    """The gradient the trainer gets (frozen Linears pass it on from the weight read again) is the same
+    with the blocks recomputed (checkpointing on) or kept (off), and is the derivative of predict: a
+    central finite difference along the double block's gradient, which reaches it back through the
+    single block's norm, whose saved input the host's in-place `x += ...` would otherwise overwrite
+    (that error was ~1e-3 of this derivative; the check allows 3e-4)."""
     files, model, clip, vae = _load("flux_dev")
     cb = _cb(pack)
-    adapters = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters")
     backend = cb.ComfyBackend(model, clip, vae)
     g = torch.Generator().manual_seed(3)
     x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4])
+    target = torch.randn(x.shape, generator=g)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             cond = backend.encode_text([PROMPT], size=(64, 64))
-            torch.manual_seed(0)
-            network = adapters.LoRANetwork(backend.lora_targets(True, False), rank=2, alpha=2.0)
-            for a in network.adapters.values():  # non-zero up: every LoRA parameter gets a gradient
-                torch.nn.init.normal_(a.lora_up.weight, std=0.05)
-            backend.attach_lora(network)
+            network = _lora_setup(pack, backend)
+            names = [n for n, a in network.adapters.items() for _ in a.parameters()]
             params = list(network.parameters())
-            target = torch.randn(x.shape, generator=g)
 
             def loss():
                 return ((backend.predict(x, sigma, cond) - target) ** 2).mean()
 
-            grads = torch.autograd.grad(loss(), params)
-            direction = [torch.randn(p.shape, generator=g) for p in params]
-            analytic = sum((gr * d).sum() for gr, d in zip(grads, direction))
-            eps = 1e-3
+            grads = {}
+            for on in (False, True):
+                backend.set_gradient_checkpointing(on)
+                grads[on] = torch.autograd.grad(loss(), params)
+            backend.set_gradient_checkpointing(False)
+            double = [i for i, n in enumerate(names) if "double_blocks" in n]
+            norm = sum(float((grads[False][i] ** 2).sum()) for i in double) ** 0.5
+            direction = {i: grads[False][i] / norm for i in double}
+            eps = 1e-2
             with torch.no_grad():
-                for p, d in zip(params, direction):
-                    p.add_(d, alpha=eps)
+                for i, d in direction.items():
+                    params[i].add_(d, alpha=eps)
                 plus = loss()
-                for p, d in zip(params, direction):
-                    p.add_(d, alpha=-2 * eps)
+                for i, d in direction.items():
+                    params[i].add_(d, alpha=-2 * eps)
                 minus = loss()
-                for p, d in zip(params, direction):
-                    p.add_(d, alpha=eps)
+                for i, d in direction.items():
+                    params[i].add_(d, alpha=eps)
     finally:
         backend.release()
-    numeric = (plus - minus) / (2 * eps)
-    assert float(analytic) == pytest.approx(float(numeric), rel=2e-2, abs=1e-5)
-    assert any(gr.abs().sum() > 0 for gr in grads[: len(grads) // 2])
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    numeric = float((plus - minus) / (2 * eps))
+    for on in (False, True):
+        analytic = sum(float((grads[on][i] * d).sum()) for i, d in direction.items())
+        assert analytic == pytest.approx(numeric, rel=3e-4), (on, analytic, numeric)
+    assert any(float(grads[False][i].abs().sum()) > 0 for i, n in enumerate(names) if "single_blocks" in n)
+
+
+def _saved_activation_bytes(run, exclude) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `run()` builds its graph (what a
+    checkpointed region keeps is only its inputs), the model's own tensors (`exclude`: storages) not
+    counted."""
+    seen = {}
+
+    def pack_hook(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        out = run()
+    out.float().pow(2).mean().backward()  # the graph works, with these saved tensors
+    return sum(seen.values())
+
+
+def _checkpointing_bytes(backend, network, predict) -> dict:
+    exclude = {t.untyped_storage().data_ptr() for t in backend.model.model.state_dict().values()}
+    exclude |= {p.untyped_storage().data_ptr() for p in network.parameters()}
+    out = {}
+    for on in (False, True):
+        backend.set_gradient_checkpointing(on)
+        out[on] = _saved_activation_bytes(predict, exclude)
+    backend.set_gradient_checkpointing(False)
+    return out
+
+
+def test_gradient_checkpointing_lowers_the_saved_activations_of_a_flow_family(comfy_host, pack):
+    """With checkpointing on, Flux's blocks keep only their inputs for backward: the bytes autograd
+    holds between forward and backward fall, for the same loss (the same graph, recomputed)."""
+    files, model, clip, vae = _load("flux_dev")
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    g = torch.Generator().manual_seed(4)
+    x, sigma = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.7])
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            cond = backend.encode_text([PROMPT, PROMPT], size=(64, 64))
+            network = _lora_setup(pack, backend)
+            saved = _checkpointing_bytes(backend, network, lambda: backend.predict(x, sigma, cond))
+    finally:
+        backend.release()
+    assert saved[True] < 0.25 * saved[False], saved
+
+
+def test_gradient_checkpointing_lowers_the_saved_activations_of_the_sd_unet(comfy_host, pack, loaded):
+    """The same on the SD path (mini SD1.5): checkpointing the layers of the host's UNet blocks (the
+    host runs them through forward_timestep_embed, not the blocks' forward) really applies."""
+    model, clip, vae = loaded
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    g = torch.Generator().manual_seed(5)
+    noisy, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([400])
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            cond = backend.encode_text([PROMPT], size=(128, 128))
+            network = _lora_setup(pack, backend, std=0.02)
+            saved = _checkpointing_bytes(backend, network, lambda: backend.predict(noisy, t, cond))
+    finally:
+        backend.release()
+    assert saved[True] < 0.25 * saved[False], saved
 
 
 @pytest.mark.parametrize("name", ["flux_dev", "flux_schnell", "sd3", "sd35", "chroma", "lumina2"])
@@ -317,6 +402,7 @@ TRAINED = {"flux_dev": ("lora_unet_double_blocks_0_img_attn_qkv", "flux1", "flux
            "sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd3", "stable-diffusion-3-medium/lora"),
            "sd35": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd3", "stable-diffusion-3-medium/lora"),
            "lumina2": ("lora_unet_layers_0_attention_qkv", "lumina2", "lumina-2/lora")}
+LEARNING_RATE = {"sd3": 1e-2}
 
 
 @pytest.mark.parametrize("name,steps", [("flux_dev", 3), ("flux_schnell", 3), ("sd3", 4), ("sd35", 4), ("lumina2", 2)])
@@ -349,7 +435,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     untrained = _flow_loss(backend, latents, cond)
 
     config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
-                                    rank=4, steps=steps, learning_rate=1e-2 if name == "sd3" else 3e-3, batch_size=1,
+                                    rank=4, steps=steps, learning_rate=LEARNING_RATE.get(name, 3e-3), batch_size=1,
                                     seed=0, output_dir=str(tmp_path), save_name=f"flow_{name}", save_precision="fp32",
                                     max_grad_norm=0.0, thumbnail_steps=2)  # 0.3.64's Flux is 3072 wide: keep it short
     state = {}
