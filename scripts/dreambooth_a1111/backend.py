@@ -1,11 +1,16 @@
 """The "a1111" backend: dreambooth_core's Backend protocol on the WebUI's loaded `shared.sd_model`.
 
 - Conditioning is the WebUI's own (`sd_model.get_learned_conditioning`, through its CLIP hijack),
-  so a caption is encoded in training exactly as the same text is in a txt2img prompt.
-- Latents come from the model's first stage (`encode_first_stage`, the posterior's mode, times
-  `scale_factor`); `predict` is the model's denoiser (`apply_model`) at integer timesteps; ε or v
-  and ᾱ_t come from the model itself (`parameterization`, `alphas_cumprod`), so SD1.x and SD2
-  (ε and v-prediction) need no special case. SDXL is refused (its conditioning has other parts).
+  so a caption is encoded in training exactly as the same text is in a txt2img prompt; for SDXL
+  (generative-models' `DiffusionEngine`) that is its conditioner's cross-attention context (CLIP-L and
+  CLIP-G) and ADM vector (CLIP-G's pooled output, the size and crop embeddings of the training size).
+- Latents are the posterior's mode times `scale_factor` (`encode_first_stage` for ldm; for SDXL, whose
+  `encode_first_stage` samples, the same posterior's mean); a host whose `encode_first_stage` returns a
+  tensor (reForge) has scaled it already. `predict` is the model's denoiser (`apply_model`) at integer
+  timesteps; ε or v and ᾱ_t come from the model itself (`parameterization`, `alphas_cumprod`), so SD1.x,
+  SD2 (ε and v-prediction) and SDXL need no special case there.
+- Text-encoder LoRAs: SD1's CLIP-L (`lora_te_`), SDXL's CLIP-L and OpenCLIP-G (`lora_te1_`, `lora_te2_`;
+  open_clip_lora.py puts LoRAs on OpenCLIP's fused attention). SD2's OpenCLIP-H does not train yet.
 - Class images and previews are made by the WebUI's own txt2img processing, so class image i is
   the image txt2img gives for that prompt, sampler and seed.
 - The model is shared with the rest of the WebUI: LoRA adapters are attached for the run only
@@ -14,6 +19,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sys
@@ -27,10 +33,13 @@ from dreambooth_core import fileio
 from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 from dreambooth_core.adapters import ADAPTER_ATTR
 
+from .common import checkpointed, conditioning_parts, prompt_batch, unet_blocks
 from .names import clip_lora_targets, unet_lora_targets
+from .open_clip_lora import open_clip_lora_targets
 
 log = logging.getLogger("dreambooth")
 DEFAULT_SAMPLER = "DPM++ 2M"
+_ABSENT = object()
 
 
 class Interrupted(Exception):
@@ -74,15 +83,16 @@ class A1111Backend(BackendDefaults):
 
     def __init__(self, sd_model=None, *, mode: str = "lora", train_text_encoder: bool = False):
         self.m = sd_model if sd_model is not None else loaded_model()
-        if getattr(self.m, "is_sdxl", False) or not hasattr(self.m, "cond_stage_model"):
-            raise UnsupportedModel("the loaded checkpoint is SDXL (or another non-SD1/SD2 model); DreamBooth in the "
-                                   "WebUI trains SD1.x and SD2.x checkpoints: load one of those")
+        self.is_sdxl = bool(getattr(self.m, "is_sdxl", False))
+        self._check_family()
         param = getattr(self.m, "parameterization", "eps")
         if param not in ("eps", "v"):
             raise UnsupportedModel(f"the loaded checkpoint predicts {param!r}; only ε and v-prediction train here")
         self.prediction_type = "epsilon" if param == "eps" else "v_prediction"
         self.is_sd2 = bool(getattr(self.m, "is_sd2", False))
-        self.family = "sd2" if self.is_sd2 else "sd1"
+        self.family = "sdxl" if self.is_sdxl else "sd2" if self.is_sd2 else "sd1"
+        if mode == "full" and self.is_sdxl:
+            raise ValueError("mode 'full': full fine-tuning of SDXL does not run in the WebUI; choose mode 'lora'")
         if train_text_encoder and self.is_sd2:
             raise UnsupportedModel("train_text_encoder: the SD2 text encoder (OpenCLIP) does not train here yet; "
                                    "turn it off (the UNet LoRA still binds the identifier)")
@@ -90,7 +100,8 @@ class A1111Backend(BackendDefaults):
         if alphas is None:
             alphas = self.m.alphas_cumprod
         self.alphas_cumprod = alphas.detach().float().cpu()
-        self.native_resolution = 768 if self.prediction_type == "v_prediction" and self.is_sd2 else 512
+        self.native_resolution = 1024 if self.is_sdxl else 768 if self.prediction_type == "v_prediction" and \
+            self.is_sd2 else 512
         encoder = getattr(self.m.first_stage_model, "encoder", None)
         self.latent_factor = 2 ** (getattr(encoder, "num_resolutions", 4) - 1)
         self.mode = mode
@@ -101,7 +112,26 @@ class A1111Backend(BackendDefaults):
         self._backup_dtypes: List[torch.dtype] = []
         self._grad_flags: List[Tuple[nn.Parameter, bool]] = []
         self._checkpointing = False
+        self._patches: List[Tuple[nn.Module, str, object]] = []  # (object, attribute, its previous value)
+        self._block_patches: List[Tuple[nn.Module, str, object]] = []  # SDXL's checkpointed UNet blocks
         self._fingerprint: Optional[str] = None
+
+    def _check_family(self) -> None:
+        """Refuse, by name, what the backend cannot train: it knows SD1/SD2 (ldm) and SDXL base (sgm)."""
+        m = self.m
+        what = f"{type(m).__name__} ({type(m).__module__})"
+        if getattr(m, "is_sd3", False) or not hasattr(m, "cond_stage_model"):
+            raise UnsupportedModel(f"the loaded checkpoint is a {what} model; DreamBooth in the WebUI trains SD1.x, "
+                                   "SD2.x and SDXL checkpoints: load one of those")
+        if self.is_sdxl:
+            if getattr(m, "is_sdxl_inpaint", False):
+                raise UnsupportedModel("the loaded checkpoint is an SDXL inpainting model (its UNet takes a mask and a "
+                                       "masked image too); DreamBooth trains text-to-image checkpoints: load the base")
+            kinds = [type(e.wrapped).__name__ for e in m.conditioner.embedders if hasattr(e, "wrapped")]
+            if kinds != ["FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2"]:
+                raise UnsupportedModel(f"the loaded SDXL checkpoint's text encoders are {kinds} (the SDXL refiner, or "
+                                       "another variant); DreamBooth trains the SDXL base (CLIP-L and OpenCLIP-G): "
+                                       "load an SDXL base checkpoint")
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -147,26 +177,38 @@ class A1111Backend(BackendDefaults):
     def _clip(self):
         return getattr(self.m.cond_stage_model, "wrapped", self.m.cond_stage_model)
 
-    def tokenizers(self) -> list:
-        clip = self._clip()
-        tok = getattr(clip, "tokenizer", None)
-        if tok is not None and hasattr(tok, "get_vocab"):
-            return [tok]
-        import open_clip
+    def _text_embedders(self) -> List[nn.Module]:
+        """The WebUI's text-encoder wrappers: SD1/SD2's one, SDXL's two (CLIP-L, OpenCLIP-G) in file order."""
+        if self.is_sdxl:
+            return [e for e in self.m.conditioner.embedders if hasattr(e, "wrapped")]
+        return [self.m.cond_stage_model]
 
-        return [OpenClipTokenizer(open_clip.tokenizer._tokenizer)]
+    def tokenizers(self) -> list:
+        out = []
+        for embedder in self._text_embedders():
+            tok = getattr(getattr(embedder, "wrapped", embedder), "tokenizer", None)
+            if tok is not None and hasattr(tok, "get_vocab"):
+                out.append(tok)
+            else:
+                import open_clip
+
+                out.append(OpenClipTokenizer(open_clip.tokenizer._tokenizer))
+        return out
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str], *, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-        cond = self.m.get_learned_conditioning(list(prompts))
-        # One 77-token chunk per prompt (as the other backends), so cached captions batch together.
-        return {"context": cond[:, :77].float()}
+        return conditioning_parts(self.m.get_learned_conditioning(prompt_batch(prompts, size)))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            dist = self.m.encode_first_stage(pixels.to(self.device, self._vae_dtype()))
-            z = dist.mode() if hasattr(dist, "mode") else dist
-        return (z * self.m.scale_factor).float()
+            x = pixels.to(self.device, self._vae_dtype())
+            if self.is_sdxl:  # its encode_first_stage samples the posterior; the core wants it reproducible
+                fsm = self.m.first_stage_model
+                return (fsm.quant_conv(fsm.encoder(x)).chunk(2, dim=1)[0] * self.m.scale_factor).float()
+            out = self.m.encode_first_stage(x)
+        if torch.is_tensor(out):  # reForge: the latent, scaled already (Tensor.mode is another thing)
+            return out.float()
+        return (out.mode() * self.m.scale_factor).float()
 
     def _vae_dtype(self) -> torch.dtype:
         return next(self.m.first_stage_model.parameters()).dtype
@@ -178,19 +220,41 @@ class A1111Backend(BackendDefaults):
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         dtype, dev = self.weight_dtype, self.device
-        out = self.m.apply_model(noisy.to(dev, dtype), timesteps.to(dev).long(), cond["context"].to(dev, dtype))
+        context = cond["context"].to(dev, dtype)
+        if self.is_sdxl:  # sgm's DiffusionEngine takes the conditioner's dict
+            context = {"crossattn": context, "vector": cond["vector"].to(dev, dtype)}
+        out = self.m.apply_model(noisy.to(dev, dtype), timesteps.to(dev).long(), context)
         return out.float()
 
     # -- training surface ----------------------------------------------------------------------
-    def _text_layers(self) -> nn.ModuleList:
-        return self._clip().transformer.text_model.encoder.layers
+    def _text_encoder_targets(self) -> Dict[str, nn.Module]:
+        """kohya name -> module in the text encoders (SDXL's OpenCLIP through open_clip_lora, whose attention
+        forwards are installed here for the run; and, since SDXL's conditioner encodes text without
+        gradients unless an embedder is trainable, both embedders marked trainable for the run)."""
+        embedders = self._text_embedders()
+        if not self.is_sdxl:
+            return clip_lora_targets(self._clip().transformer.text_model.encoder.layers)
+        clip_l, clip_g = (e.wrapped for e in embedders)
+        targets = clip_lora_targets(clip_l.transformer.text_model.encoder.layers, "lora_te1")
+        more, forwards = open_clip_lora_targets(clip_g.model.transformer.resblocks, "lora_te2")
+        targets.update(more)
+        for attention, forward in forwards:
+            self._set(attention, "forward", forward)
+        for embedder in embedders:
+            self._set(embedder, "is_trainable", True)
+        return targets
+
+    def _set(self, obj, name: str, value, into: Optional[list] = None) -> None:
+        """Set an attribute for the run only (release(), or _unset of `into`, puts back what was there)."""
+        (self._patches if into is None else into).append((obj, name, vars(obj).get(name, _ABSENT)))
+        setattr(obj, name, value)
 
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         targets: Dict[str, nn.Module] = {}
         if unet:
             targets.update(unet_lora_targets(self.m.model.diffusion_model, conv))
         if text_encoder:
-            targets.update(clip_lora_targets(self._text_layers()))
+            targets.update(self._text_encoder_targets())
         self._freeze()
         self._targets.update(targets)
         return targets
@@ -202,7 +266,7 @@ class A1111Backend(BackendDefaults):
         """The shared weights never collect gradients in LoRA mode (flags restored by release())."""
         if self._grad_flags:
             return
-        for root in (self.m.model.diffusion_model, self._clip()):
+        for root in [self.m.model.diffusion_model] + [getattr(e, "wrapped", e) for e in self._text_embedders()]:
             for p in root.parameters():
                 self._grad_flags.append((p, p.requires_grad))
                 p.requires_grad_(False)
@@ -225,11 +289,29 @@ class A1111Backend(BackendDefaults):
         return list(self._containers) if unet else []
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """The WebUI's own switch (the one its embedding/hypernetwork training uses)."""
-        from modules import sd_hijack_checkpoint
+        """The WebUI's own switch (the one its embedding/hypernetwork training uses) for its ldm UNet; SDXL's
+        (generative-models') UNet has none there, so its blocks are checkpointed as in Forge."""
+        if self.is_sdxl:
+            if enabled and not self._checkpointing:
+                for block in unet_blocks(self.m.model.diffusion_model):
+                    self._set(block, "forward", functools.partial(checkpointed, block.forward), self._block_patches)
+            elif not enabled:
+                self._unset(self._block_patches)
+        else:
+            from modules import sd_hijack_checkpoint
 
-        (sd_hijack_checkpoint.add if enabled else sd_hijack_checkpoint.remove)()
+            (sd_hijack_checkpoint.add if enabled else sd_hijack_checkpoint.remove)()
         self._checkpointing = enabled
+
+    def _unset(self, patches: Optional[list] = None) -> None:
+        """Put back the attributes _set changed (into `patches`), newest first."""
+        patches = self._patches if patches is None else patches
+        while patches:
+            obj, name, previous = patches.pop()
+            if previous is _ABSENT:
+                vars(obj).pop(name, None)
+            else:
+                setattr(obj, name, previous)
 
     def release(self) -> None:
         """Undo every change made to the shared model: adapters, grad flags, full-tune weights."""
@@ -240,6 +322,7 @@ class A1111Backend(BackendDefaults):
             if adapter is not None:
                 adapter.detach_from(module)
         self._targets.clear()
+        self._unset()
         if self._backup is not None:
             with torch.no_grad():
                 for i, root in enumerate(self._roots()):

@@ -48,6 +48,7 @@ from dreambooth_core.adapters.frozen import FrozenForward, frozen_patchable
 from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 
 from .backend import txt2img_images
+from .common import checkpointed, conditioning_parts, prompt_batch, unet_blocks, unet_inputs
 from .names import clip_lora_targets, unet_lora_targets
 
 log = logging.getLogger("dreambooth")
@@ -65,17 +66,6 @@ def _read_weight(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
     except ImportError:  # not inside Forge (the core's plain read)
         return module.weight.to(device=like.device, dtype=like.dtype)
     return get_weight_and_bias(module, dict(device=like.device, dtype=like.dtype))[0]
-
-
-def _checkpointed(forward, *args, **kwargs):
-    """Gradient checkpointing of one UNet block (its tensor arguments copied inside the recomputed region)."""
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-
-    def run(*a, **k):
-        return forward(*(x.clone() if torch.is_tensor(x) else x for x in a), **k)
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class _FreshInput:
@@ -209,19 +199,13 @@ class ForgeBackend(BackendDefaults):
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str], *, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-        from modules.prompt_parser import SdConditioning
-
-        height, width = size
-        texts = SdConditioning(list(prompts), width=width, height=height)  # SDXL's size conditioning
+        texts = prompt_batch(prompts, size)  # SDXL's size conditioning
         if self.train_text_encoder and torch.is_grad_enabled():
             self._ensure_loaded()
             cond = type(self.m).get_learned_conditioning.__wrapped__(self.m, texts)  # the same code, with grad
         else:
             cond = self.m.get_learned_conditioning(texts)
-        if isinstance(cond, dict):  # SDXL: cross-attention context and the ADM vector (pooled + sizes)
-            return {"context": _detached(cond["crossattn"][:, :77]).float(), "vector": _detached(cond["vector"]).float()}
-        # One 77-token chunk per prompt (as the other backends), so cached captions batch together.
-        return {"context": _detached(cond[:, :77]).float()}
+        return conditioning_parts(cond, _detached)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -237,10 +221,8 @@ class ForgeBackend(BackendDefaults):
         self._last_shape = list(noisy.shape)
         self._ensure_loaded()
         dev, dtype = self.device, self.weight_dtype
-        extra = {"y": cond["vector"].to(dev, dtype)} if "vector" in cond else {}
-        out = self.diffusion_model(noisy.to(dev, dtype), timesteps.to(dev).float(),
-                                   context=cond["context"].to(dev, dtype), control=None, transformer_options={},
-                                   **extra)
+        out = self.diffusion_model(noisy.to(dev, dtype), timesteps.to(dev).float(), control=None,
+                                   transformer_options={}, **unet_inputs(cond, dev, dtype))
         return out.float()
 
     # -- training surface ----------------------------------------------------------------------
@@ -322,9 +304,8 @@ class ForgeBackend(BackendDefaults):
         """Checkpoint the UNet's blocks (Forge has no switch of its own: its sd_hijack_checkpoint is empty)."""
         if enabled and self._checkpoint_mark is None:
             self._checkpoint_mark = len(self._patches)
-            dm = self.diffusion_model
-            for block in list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks):
-                self._patch(block, functools.partial(_checkpointed, block.forward))
+            for block in unet_blocks(self.diffusion_model):
+                self._patch(block, functools.partial(checkpointed, block.forward))
         elif not enabled and self._checkpoint_mark is not None:
             self._unpatch(self._checkpoint_mark)
             self._checkpoint_mark = None

@@ -7,7 +7,8 @@ its launcher would clone (`repositories/` inside the WebUI folder, or A1111_REPO
     .venv-a1111/bin/python -m pytest tests/a1111
 
 The WebUI is copied to a temporary folder with this repository linked as `extensions/dreambooth`,
-a seeded mini SD1.5 checkpoint (+ .yaml) in its models folder, and started API-only on CPU on a
+a seeded mini SD1.5 checkpoint (+ .yaml; the SDXL tests start their own with the mini SDXL) in its models
+folder, and started API-only on CPU on a
 free loopback port, at DEBUG log level (the Lora loader reports unmatched keys only there).
 Under any other Python every test here is skipped with the reason.
 """
@@ -38,6 +39,13 @@ def mini_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_checkpoint() -> Path:
+    from a1111_checkpoint import ensure_sdxl_checkpoint
+
+    return ensure_sdxl_checkpoint(repositories_dir(), CLIP_CONFIG)
+
+
+@pytest.fixture(scope="session")
 def webui(tmp_path_factory, mini_checkpoint):
     server = start_webui(tmp_path_factory.mktemp("a1111"), mini_checkpoint)
     yield server
@@ -48,12 +56,6 @@ def webui(tmp_path_factory, mini_checkpoint):
 def subject_dir(webui) -> Path:
     """Three 64×64 photos of a 'subject' (a red disc on different backgrounds), in the WebUI's folder (the
     API refuses folders outside it)."""
-    from PIL import Image, ImageDraw
+    from webui_server import write_subject
 
-    folder = webui.root / "inputs" / "subject"
-    folder.mkdir(parents=True)
-    for i, bg in enumerate([(30, 90, 200), (40, 160, 60), (220, 210, 190)]):
-        im = Image.new("RGB", (64, 64), bg)
-        ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))
-        im.save(folder / f"subject_{i}.png")
-    return folder
+    return write_subject(webui.root / "inputs" / "subject")

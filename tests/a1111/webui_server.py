@@ -148,7 +148,10 @@ def launch(root: Path, args: List[str], env: dict, log_path: Path, port: int, pr
 
 def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[Path] = None,
                 start_timeout: float = 600) -> WebUI:
-    """Copy the WebUI into `tmp`, add the extension and the checkpoint, start it; returns once the API answers."""
+    """Copy the WebUI into `tmp`, add the extension and the checkpoint (with its .yaml), start it; returns once
+    the API answers. One checkpoint per server: A1111 1.10 loads the start's checkpoint while its Lora support
+    patches the norms' state-dict loading, and a later switch to a checkpoint of another config then fails
+    ("Cannot copy out of meta tensor")."""
     root = tmp / "webui"
     models = prepare_copy(A1111_DIR, root, repositories_dir(), [checkpoint])
     shutil.copyfile(checkpoint.with_suffix(".yaml"), models / checkpoint.with_suffix(".yaml").name)
@@ -200,10 +203,12 @@ def txt2img(webui: "WebUI", prompt: str, seed: int = 7):
     return image
 
 
-def finished_lora(webui: "WebUI", job_id: str, save_name: str, timeout: float = 600):
+def finished_lora(webui: "WebUI", job_id: str, save_name: str, timeout: float = 600,
+                  text_encoders: Iterable[str] = ("lora_te",)):
     """Wait for a LoRA job with prior preservation and the text encoder, check what every host must give
     (the class-image phase reported, 2 class images made, steps 1-2 with a prior loss, the file in
-    models/Lora with UNet and text-encoder keys, its metadata); returns (status, keys, metadata)."""
+    models/Lora with UNet keys and keys of each of `text_encoders` (SDXL: lora_te1, lora_te2), its
+    metadata); returns (status, keys, metadata)."""
     from safetensors import safe_open
 
     seen = []
@@ -224,7 +229,20 @@ def finished_lora(webui: "WebUI", job_id: str, save_name: str, timeout: float = 
         keys = list(f.keys())
         meta = f.metadata()
     for part in ("lora_unet_down_blocks_", "lora_unet_mid_block_attentions_0_", "lora_unet_up_blocks_",
-                 "lora_te_text_model_encoder_layers_"):
+                 *(f"{te}_text_model_encoder_layers_" for te in text_encoders)):
         assert any(k.startswith(part) for k in keys), f"no {part}* key in the LoRA"
     assert meta["dreambooth_token"] == "sks" and meta["dreambooth_prior_preservation"] == "true"
     return status, keys, meta
+
+
+def write_subject(folder: Path) -> Path:
+    """Three 64×64 photos of a 'subject' (a red disc on different backgrounds) in `folder` (inside the WebUI's
+    own folder: the API refuses folders outside it)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True)
+    for i, bg in enumerate([(30, 90, 200), (40, 160, 60), (220, 210, 190)]):
+        im = Image.new("RGB", (64, 64), bg)
+        ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))
+        im.save(folder / f"subject_{i}.png")
+    return folder

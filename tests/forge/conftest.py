@@ -45,12 +45,6 @@ def forge(tmp_path_factory, checkpoints):
 @pytest.fixture(scope="session")
 def subject_dir(forge) -> Path:
     """Three 64×64 photos of a 'subject' (a red disc on different backgrounds), in Forge's folder."""
-    from PIL import Image, ImageDraw
+    from webui_server import write_subject
 
-    folder = forge.root / "inputs" / "subject"
-    folder.mkdir(parents=True)
-    for i, bg in enumerate([(30, 90, 200), (40, 160, 60), (220, 210, 190)]):
-        im = Image.new("RGB", (64, 64), bg)
-        ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))
-        im.save(folder / f"subject_{i}.png")
-    return folder
+    return write_subject(forge.root / "inputs" / "subject")
