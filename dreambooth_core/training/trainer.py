@@ -6,6 +6,7 @@ resumes a run exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,22 @@ class Callbacks:
     #: since 0.3.65, mid forward or backward, and mid preview) names it here: the run then ends as
     #: "cancelled" with a checkpoint of the last finished step, exactly as should_stop() ends it.
     cancelled_by: Tuple[Type[BaseException], ...] = ()
+
+
+@dataclass
+class RunState:
+    """What the steps of a run work on (`DreamBoothTrainer._start` makes it): the cached instance and
+    class latents, the cached caption embeddings, the trained parameters (named), the wrapped models,
+    the optimizer, the LR schedule, and the step it starts from (a resumed run's)."""
+    inst: List[Bucket]
+    cls: List[Bucket]
+    text_cache: Dict[tuple, Cond]
+    named: List[tuple]
+    params: List[torch.nn.Parameter]
+    models: List[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start: int
 
 
 @dataclass
@@ -155,6 +172,62 @@ class DreamBoothTrainer:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        c, acc = self.config, self.accelerator
+        run = self._start()
+        self._phase("training")
+        status = "completed"
+        step = run.start
+        t0, done_here = time.perf_counter(), 0
+        cancel = self.callbacks.cancelled_by
+        ckpt_path = self.output_dir / CHECKPOINT_NAME
+        try:
+            for step in range(run.start, c.steps):
+                if self.callbacks.should_stop and self.callbacks.should_stop():
+                    status = "cancelled"
+                    break
+                try:
+                    parts = self._optimizer_step(run, step)
+                except cancel:  # raised before optimizer.step(): the weights are those of `step` steps
+                    status = "cancelled"
+                    break
+                done_here += 1
+                elapsed = time.perf_counter() - t0
+                per_step = elapsed / done_here
+                record = {"step": step + 1, "loss": parts[0], "instance_loss": parts[1], "prior_loss": parts[2],
+                          "lr": run.scheduler.get_last_lr()[0]}
+                self.history.append(record)
+                if self.callbacks.on_step:
+                    self.callbacks.on_step(StepInfo(step + 1, c.steps, parts[0], parts[1], parts[2], record["lr"],
+                                                    per_step, per_step * (c.steps - step - 1)))
+                if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
+                    self._save_checkpoint(ckpt_path, step + 1, run.named, run.optimizer)
+                if c.sample_every and (step + 1) % c.sample_every == 0 and self.callbacks.on_preview:
+                    try:
+                        self._preview(step + 1)
+                    except cancel:  # this step is finished: keep it
+                        status, step = "cancelled", step + 1
+                        break
+            else:
+                step = c.steps
+        finally:
+            self._end(run)
+
+        self._phase("saving")
+        result = TrainResult(status=status, step=step, output_dir=self.output_dir, history=self.history,
+                             network=self.network)
+        if status == "cancelled":
+            result.checkpoint_path = self._save_checkpoint(ckpt_path, step, run.named, run.optimizer)
+            return result
+        if acc.is_main_process:
+            if c.checkpoint_every:
+                result.checkpoint_path = self._save_checkpoint(ckpt_path, step, run.named, run.optimizer)
+            self._save_outputs(result)
+        acc.wait_for_everyone()
+        return result
+
+    def _start(self) -> "RunState":
+        """Everything before the first step: cache latents and embeddings, attach the trained
+        parameters, wrap the models, make the optimizer and LR schedule, resume from a checkpoint."""
         c, backend, acc = self.config, self.backend, self.accelerator
         self._phase("caching")
         inst_buckets = cache_images(self.backend, self.instance, self.flip)
@@ -193,63 +266,19 @@ class DreamBoothTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start - 1) if start else \
             torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         optimizer = acc.prepare(optimizer)
+        return RunState(inst_buckets, class_buckets, text_cache, named, params, models, optimizer, scheduler, start)
 
-        self._phase("training")
-        status = "completed"
-        step = start
-        t0, done_here = time.perf_counter(), 0
-        cancel = self.callbacks.cancelled_by
-        try:
-            for step in range(start, c.steps):
-                if self.callbacks.should_stop and self.callbacks.should_stop():
-                    status = "cancelled"
-                    break
-                try:
-                    parts = self._optimizer_step(step, inst_buckets, class_buckets, text_cache, models, params,
-                                                 optimizer, scheduler, named)
-                except cancel:  # raised before optimizer.step(): the weights are those of `step` steps
-                    status = "cancelled"
-                    break
-                done_here += 1
-                elapsed = time.perf_counter() - t0
-                per_step = elapsed / done_here
-                record = {"step": step + 1, "loss": parts[0], "instance_loss": parts[1], "prior_loss": parts[2],
-                          "lr": scheduler.get_last_lr()[0]}
-                self.history.append(record)
-                if self.callbacks.on_step:
-                    self.callbacks.on_step(StepInfo(step + 1, c.steps, parts[0], parts[1], parts[2], record["lr"],
-                                                    per_step, per_step * (c.steps - step - 1)))
-                if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
-                    self._save_checkpoint(ckpt_path, step + 1, named, optimizer)
-                if c.sample_every and (step + 1) % c.sample_every == 0 and self.callbacks.on_preview:
-                    try:
-                        self._preview(step + 1)
-                    except cancel:  # this step is finished: keep it
-                        status, step = "cancelled", step + 1
-                        break
-            else:
-                step = c.steps
-        finally:
-            backend.unwrap()
-            if c.gradient_checkpointing != "off":
-                backend.set_gradient_checkpointing(False)
-            for m in models:
-                m.eval()
-            for p in params:
-                p.requires_grad_(False)
-
-        self._phase("saving")
-        result = TrainResult(status=status, step=step, output_dir=self.output_dir, history=self.history,
-                             network=self.network)
-        if status == "cancelled":
-            result.checkpoint_path = self._save_checkpoint(ckpt_path, step, named, optimizer)
-            return result
-        if acc.is_main_process:
-            if c.checkpoint_every:
-                result.checkpoint_path = self._save_checkpoint(ckpt_path, step, named, optimizer)
-            self._save_outputs(result)
-        acc.wait_for_everyone()
-        return result
+    def _end(self, run: "RunState") -> None:
+        """The backend's models as they were before the run: unwrapped, not checkpointing, in eval
+        mode, their trained parameters frozen again."""
+        c, backend = self.config, self.backend
+        backend.unwrap()
+        if c.gradient_checkpointing != "off":
+            backend.set_gradient_checkpointing(False)
+        for m in run.models:
+            m.eval()
+        for p in run.params:
+            p.requires_grad_(False)
 
     def _release_frozen(self, train_te: bool) -> None:
         """After caching, a LoRA run without previews never touches the VAE again, nor the text
@@ -313,34 +342,51 @@ class DreamBoothTrainer:
             return objective.dreambooth_loss_by_part(preds, batches, c.prior_weight, weight)
         return objective.dreambooth_loss(pred, merged, n_inst, c.prior_weight, weight)
 
-    def _optimizer_step(self, step, inst, cls, text_cache, models, params, optimizer, scheduler, named):
+    def _optimizer_step(self, run: "RunState", step: int) -> Tuple[float, float, Optional[float]]:
+        """One optimizer step (its micro-steps, then the LR schedule's step); returns its mean total,
+        instance and prior losses, read back to the host."""
         c, acc = self.config, self.accelerator
         totals = np.zeros(3)
         for micro in range(c.gradient_accumulation):
-            parts, weight = self._draw(step, micro, inst, cls)
-            with _accumulate(acc, models):
-                loss = self._forward_loss(parts, text_cache, weight)
-                finite = torch.isfinite(loss.total.detach()).float()
-                if acc.num_processes > 1:
-                    finite = acc.reduce(finite.to(acc.device), "min")
-                if not bool(finite):
-                    path = self._save_checkpoint(self.output_dir / CHECKPOINT_NAME, step, named, optimizer)
-                    min_snr = ", or enable min-SNR weighting" if self.schedule.kind == "discrete" else ""
-                    raise TrainingDiverged(
-                        f"the loss became {loss.total.item()} at step {step + 1}; training stopped and the last good "
-                        f"state was kept in {path}. Lower the learning rate (now {c.resolved_lr():g}), use "
-                        f"bf16 instead of fp16{min_snr}, then resume.")
-                acc.backward(loss.total)
-                if acc.sync_gradients and c.max_grad_norm:
-                    acc.clip_grad_norm_(params, c.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss = self._micro_step(run, step, micro, functools.partial(self._stop_if_diverged, run, step))
             totals += [loss.total.item(), loss.instance.item(), loss.prior.item() if loss.prior is not None else 0.0]
-        scheduler.step()
+        run.scheduler.step()
         totals /= c.gradient_accumulation
         if acc.num_processes > 1:
             totals = acc.reduce(torch.tensor(totals, device=acc.device), "mean").cpu().numpy()
-        return float(totals[0]), float(totals[1]), (float(totals[2]) if cls else None)
+        return float(totals[0]), float(totals[1]), (float(totals[2]) if run.cls else None)
+
+    def _micro_step(self, run: "RunState", step: int, micro: int,
+                    guard: Callable[[objective.LossParts, torch.Tensor], None]) -> objective.LossParts:
+        """The device part of one micro-step: draw the batch, forward and loss, the NaN guard,
+        backward, clipping, the optimizer's step. Nothing here reads a value back to the host but
+        `guard` (given the loss and a 0-dim "all finite" flag on the device; it raises to stop
+        before the weights change), so the whole of it runs on tensors that only claim a device."""
+        c, acc = self.config, self.accelerator
+        parts, weight = self._draw(step, micro, run.inst, run.cls)
+        with _accumulate(acc, run.models):
+            loss = self._forward_loss(parts, run.text_cache, weight)
+            finite = torch.isfinite(loss.total.detach()).float()
+            if acc.num_processes > 1:
+                finite = acc.reduce(finite.to(acc.device), "min")
+            guard(loss, finite)
+            acc.backward(loss.total)
+            if acc.sync_gradients and c.max_grad_norm:
+                acc.clip_grad_norm_(run.params, c.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _stop_if_diverged(self, run: "RunState", step: int, loss: objective.LossParts, finite: torch.Tensor) -> None:
+        """The NaN guard: a non-finite loss keeps the last good state and stops the run."""
+        if not bool(finite):
+            c = self.config
+            path = self._save_checkpoint(self.output_dir / CHECKPOINT_NAME, step, run.named, run.optimizer)
+            min_snr = ", or enable min-SNR weighting" if self.schedule.kind == "discrete" else ""
+            raise TrainingDiverged(
+                f"the loss became {loss.total.item()} at step {step + 1}; training stopped and the last good "
+                f"state was kept in {path}. Lower the learning rate (now {c.resolved_lr():g}), use "
+                f"bf16 instead of fp16{min_snr}, then resume.")
 
     def _preview(self, step: int) -> None:
         from ..backends.base import SampleSettings
