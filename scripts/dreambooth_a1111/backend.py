@@ -33,7 +33,7 @@ from dreambooth_core import fileio
 from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 from dreambooth_core.adapters import ADAPTER_ATTR
 
-from .common import checkpointed, conditioning_parts, prompt_batch, unet_blocks
+from .common import checkpointed, conditioning_parts, owned, prompt_batch, unet_blocks
 from .names import clip_lora_targets, unet_lora_targets
 from .open_clip_lora import open_clip_lora_targets
 
@@ -206,8 +206,8 @@ class A1111Backend(BackendDefaults):
                 fsm = self.m.first_stage_model
                 return (fsm.quant_conv(fsm.encoder(x)).chunk(2, dim=1)[0] * self.m.scale_factor).float()
             out = self.m.encode_first_stage(x)
-        if torch.is_tensor(out):  # reForge: the latent, scaled already (Tensor.mode is another thing)
-            return out.float()
+        if torch.is_tensor(out):  # reForge: the latent, scaled already, an inference tensor (Tensor.mode is another thing)
+            return owned(out).float()
         return (out.mode() * self.m.scale_factor).float()
 
     def _vae_dtype(self) -> torch.dtype:
@@ -216,7 +216,7 @@ class A1111Backend(BackendDefaults):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             images = self.m.decode_first_stage(latents.to(self.device, self._vae_dtype()))
-        return images.float().clamp(-1, 1)
+        return owned(images).float().clamp(-1, 1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         dtype, dev = self.weight_dtype, self.device
@@ -345,15 +345,11 @@ class A1111Backend(BackendDefaults):
         opted in) the WebUI's attention optimisations undone, as for its own embedding training."""
         clear_active_loras()
         if not optimized:
-            from modules import sd_hijack
-
-            sd_hijack.undo_optimizations()
+            _attention_switch("undo_optimizations")
 
     def end_job(self, optimized: bool) -> None:
         if not optimized:
-            from modules import sd_hijack
-
-            sd_hijack.apply_optimizations()
+            _attention_switch("apply_optimizations")
 
     # -- full fine-tune ------------------------------------------------------------------------
     def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
@@ -399,8 +395,21 @@ def txt2img_images(sd_model, prompts: Sequence[str], seeds: Sequence[int], setti
 
 
 def clear_active_loras() -> None:
-    """Forget the LoRAs of the last txt2img prompt (the WebUI's Lora support keeps them applied to
-    the weights until the next generation), so that training starts from the checkpoint itself."""
+    """Forget the LoRAs of the last txt2img prompt (the WebUI's Lora support keeps them applied to the weights
+    until the next generation), so that training starts from the checkpoint itself. Every host's loader
+    takes `load_networks(names, te_multipliers, unet_multipliers, dyn_dims)`; Forge's and reForge's zip the
+    multipliers, so `load_networks([])` alone raises TypeError there: the lists are given (empty)."""
     networks = sys.modules.get("networks")
     if networks is not None and hasattr(networks, "load_networks"):
-        networks.load_networks([])
+        networks.load_networks([], [], [], None)
+
+
+def _attention_switch(name: str) -> None:
+    """A1111's module-level `sd_hijack.undo_optimizations` / `apply_optimizations` (the attention
+    optimisations its own embedding training turns off); reForge and Forge have no such switch (their
+    attention is their backend's; the functions are commented out), so there is nothing to turn."""
+    from modules import sd_hijack
+
+    switch = getattr(sd_hijack, name, None)
+    if switch is not None:
+        switch()

@@ -8,7 +8,7 @@ backends checkpoint the same way.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,13 +25,18 @@ def prompt_batch(prompts: Sequence[str], size: Tuple[int, int]):
     return SdConditioning(list(prompts), width=width, height=height)
 
 
-def conditioning_parts(cond, own: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Dict[str, torch.Tensor]:
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor from the host's result: Forge's and reForge's encoders run under inference mode, and
+    an inference tensor cannot enter autograd."""
+    return t.clone() if t.is_inference() else t
+
+
+def conditioning_parts(cond) -> Dict[str, torch.Tensor]:
     """The core's conditioning from the host's: `context` (one 77-token chunk per prompt, so cached captions
-    batch together) and, for SDXL, `vector` (the UNet's ADM input). `own` turns a host tensor into one the
-    trainer may keep (Forge's are inference tensors)."""
+    batch together) and, for SDXL, `vector` (the UNet's ADM input), as tensors the trainer may keep."""
     if isinstance(cond, dict):
-        return {"context": own(cond["crossattn"][:, :CHUNK]).float(), "vector": own(cond["vector"]).float()}
-    return {"context": own(cond[:, :CHUNK]).float()}
+        return {"context": owned(cond["crossattn"][:, :CHUNK]).float(), "vector": owned(cond["vector"]).float()}
+    return {"context": owned(cond[:, :CHUNK]).float()}
 
 
 def unet_inputs(cond: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -47,8 +46,8 @@ from torch import nn
 from dreambooth_core.adapters.frozen import FrozenForward, frozen_patchable
 from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 
-from .backend import txt2img_images
-from .common import checkpointed, conditioning_parts, prompt_batch, unet_blocks, unet_inputs
+from .backend import clear_active_loras, txt2img_images
+from .common import checkpointed, conditioning_parts, owned, prompt_batch, unet_blocks, unet_inputs
 from .names import clip_lora_targets, unet_lora_targets
 
 log = logging.getLogger("dreambooth")
@@ -81,11 +80,6 @@ class _FreshInput:
         if torch.is_grad_enabled() and x.requires_grad:
             x = x.clone()
         return self.host_forward(x, *args, **kwargs)
-
-
-def _detached(t: torch.Tensor) -> torch.Tensor:
-    """An ordinary tensor from the host's result (an inference tensor cannot enter autograd)."""
-    return t.clone() if t.is_inference() else t
 
 
 class ForgeBackend(BackendDefaults):
@@ -205,17 +199,17 @@ class ForgeBackend(BackendDefaults):
             cond = type(self.m).get_learned_conditioning.__wrapped__(self.m, texts)  # the same code, with grad
         else:
             cond = self.m.get_learned_conditioning(texts)
-        return conditioning_parts(cond, _detached)
+        return conditioning_parts(cond)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             z = self.m.encode_first_stage(pixels.to(self.device, torch.float32))  # scaled already
-        return _detached(z).float()
+        return owned(z).float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             images = self.m.decode_first_stage(latents.to(self.device, torch.float32))
-        return _detached(images).float().clamp(-1, 1)
+        return owned(images).float().clamp(-1, 1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         self._last_shape = list(noisy.shape)
@@ -332,12 +326,7 @@ class ForgeBackend(BackendDefaults):
         """Train on the checkpoint itself: the LoRAs of the last prompt released through Forge's loader
         (`networks.load_networks` with no names), and the patches it merged into the weights taken off
         (`refresh_loras` with no patches puts back its backups). Forge has no attention hijack to undo."""
-        networks = sys.modules.get("networks")
-        if networks is not None and hasattr(networks, "load_networks"):
-            try:  # Forge zips the multipliers: load_networks([]) alone raises TypeError there
-                networks.load_networks([], [], [], None)
-            except TypeError:  # a fork with A1111's signature
-                networks.load_networks([])
+        clear_active_loras()
         fo = self.m.forge_objects
         for patcher in (fo.unet, fo.clip.patcher):
             if not getattr(patcher, "lora_patches", None) and hasattr(patcher, "refresh_loras"):
