@@ -22,6 +22,14 @@ def is_linear_like(module: nn.Module) -> bool:
             tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for tensors of `device_type`; off for a device it does not cover (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
 @register("lora")
 class LoRAModule(Adapter):
     """`up` starts at zero, so training starts at the base model exactly."""
@@ -39,13 +47,14 @@ class LoRAModule(Adapter):
             raise LoRAError(f"LoRA attaches to Linear or Conv2d modules, not {type(base).__name__}")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        device = base.weight.device
-        self.to(device=device if device.type != "meta" else "cpu", dtype=torch.float32)
+        # On the base's device, meta too: a model whose weights only claim a device (the tests' stand-in
+        # for CUDA, the memory estimate's fakes) gets adapters that claim it as well.
+        self.to(device=base.weight.device, dtype=torch.float32)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the down projection casts its input itself; casting here first would give
         # every adapter its own saved copy of the input (q, k and v: three) instead of sharing it.
-        if not torch.is_autocast_enabled(x.device.type):
+        if not _autocast_on(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
         return self.lora_up(self.lora_down(x))
 
