@@ -2,15 +2,17 @@
 trainer and the diffusers backend put tensors on (a CUDA-only mistake fails here too)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import make_tiny_backend
+from meta_cuda import as_on_a_gpu, cuda_stand_in
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.training.cache import Bucket as _Bucket
 from dreambooth_core.training.draw import step_generator
-from dreambooth_core.training.trainer import DreamBoothTrainer
-from test_trainer import CLASS, INSTANCE
+from dreambooth_core.training.trainer import DreamBoothTrainer, RunState
+from test_trainer import CLASS, INSTANCE, Ex
 
 
 def _bucket(n: int, device: str, flip: bool, masks: bool = False) -> _Bucket:
@@ -76,3 +78,169 @@ def test_an_fp16_vae_that_asks_for_fp32_encodes_and_decodes_in_fp32(force_upcast
     assert backend.vae.dtype == torch.float16
     assert latents.dtype == images.dtype == torch.float32
     assert torch.isfinite(latents).all() and torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------ one step "on CUDA"
+
+#: (mixed_precision, the frozen weights' dtype) as the CLI loads a model on an accelerator for each
+#: precision (commands.run_training: fp16 / bf16 weights under that autocast, fp32 without)
+PRECISIONS = [("no", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
+
+
+def _photos(crop: str) -> list:
+    """Three subject photos through the real dataset preparation at 32 px: a square crop (center,
+    random) or, landscape photos, the 40x24 aspect bucket (crop="bucket"), beside 32x32 class images."""
+    from PIL import Image
+
+    from dreambooth_core.dataset import prepare_dataset
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 255, (36, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    data = prepare_dataset(images, token="sks", class_noun="star", resolution=32, crop=crop, flip=True)
+    return data.items
+
+
+def _class_images() -> list:
+    """Four 32x32 class images (as generated ones come: square, at the run's resolution)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    return [Ex(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), "a photo of a star")
+            for _ in range(4)]
+
+
+def _meta_backend(weight_dtype: torch.dtype):
+    """The tiny model with the meta device as its accelerator, its frozen weights in `weight_dtype`."""
+    from dreambooth_core.backends.diffusers_backend import DiffusersBackend
+
+    tiny = make_tiny_backend()
+    fingerprint = tiny.base_fingerprint()
+    backend = DiffusersBackend(unet=tiny.unet, vae=tiny.vae, text_encoders=tiny.text_encoders,
+                               tokenizers=tiny.tokenizers(), scheduler_config=tiny.scheduler_config, name="tiny-meta",
+                               fingerprint="tiny-meta", native_resolution=32, device=torch.device("meta"),
+                               weight_dtype=weight_dtype)
+    # A hash of the weights' bytes, read back to the host: taken before they went to meta (no data).
+    backend.base_fingerprint = lambda: fingerprint
+    return backend
+
+
+def test_meta_refuses_cpu_tensors_as_cuda_does():
+    """The premise of the steps below: an op that mixes a CPU tensor (but a 0-dim scalar) into meta
+    tensors raises, as it would with CUDA tensors."""
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.zeros(2, device="meta") + torch.zeros(2)
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.cat([torch.zeros(2, device="meta"), torch.zeros(2)])
+    assert (torch.zeros(2, device="meta") * torch.tensor(2.0)).device.type == "meta"
+
+
+def test_the_stand_in_autocast_casts_as_cuda_autocast():
+    """meta_cuda.cuda_stand_in: under CUDA's autocast, meta convolutions run in the lower precision,
+    norms in float32, concatenation in the widest input type, also when a checkpointed block is
+    recomputed in backward (outside the autocast region); without it a half convolution refuses a
+    float input, as CUDA's does."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.zeros(1, 4, 8, 8, device="meta", requires_grad=True)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, device="meta", dtype=torch.float16)
+    with cuda_stand_in():
+        with pytest.raises(RuntimeError):
+            conv(x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert torch.is_autocast_enabled()
+            assert conv(x).dtype == torch.float16
+            assert F.group_norm(conv(x), 2).dtype == torch.float32
+            assert torch.cat([conv(x), x.repeat(1, 2, 1, 1)]).dtype == torch.float32
+            y = checkpoint(lambda t: F.group_norm(conv(t), 2), x, use_reentrant=False)
+        assert not torch.is_autocast_enabled()
+        y.sum().backward()  # recomputed: same dtypes as in the forward, or checkpoint raises
+    assert x.grad.dtype == torch.float32 and x.grad.device.type == "meta"
+
+
+def run_meta_step(trainer: DreamBoothTrainer) -> RunState:
+    """The trainer's own setup (`_start`: caching, LoRA, wrapped models, optimizer) and one
+    optimizer step of its own device code (`_micro_step` for each micro-step), with the backend's
+    model on meta and the accelerator autocasting as on a GPU (meta_cuda). Checks what the step leaves: a float32 loss and finiteness flag on the device,
+    the trained parameters still float32 on the device with no gradient, the optimizer's state there."""
+    run = trainer._start()
+    try:
+        seen = []
+        with as_on_a_gpu(trainer.accelerator, trainer.config.mixed_precision):
+            for micro in range(trainer.config.gradient_accumulation):
+                loss = trainer._micro_step(run, 0, micro, lambda loss, finite: seen.append((loss, finite)))
+        run.scheduler.step()
+    finally:
+        trainer._end(run)
+    assert len(seen) == trainer.config.gradient_accumulation
+    for loss, finite in seen:
+        parts = [loss.total, loss.instance] + ([loss.prior] if trainer.config.prior else [])
+        assert all(t.device.type == "meta" and t.dtype == torch.float32 and t.ndim == 0 for t in parts)
+        assert finite.device.type == "meta" and finite.ndim == 0
+    assert loss.prior is not None or not trainer.config.prior
+    assert run.params and all(p.device.type == "meta" and p.dtype == torch.float32 and p.grad is None
+                              for p in run.params)
+    state = run.optimizer.state_dict()["state"]
+    assert len(state) == len(run.params)
+    for s in state.values():
+        assert all(v.device.type == "meta" for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0)
+    return run
+
+
+@pytest.mark.parametrize("crop", ["center", "random", "bucket"])
+@pytest.mark.parametrize("precision,weight_dtype", PRECISIONS, ids=[p for p, _ in PRECISIONS])
+def test_one_step_with_the_model_on_the_accelerator(tmp_path, crop, precision, weight_dtype):
+    """One full LoRA step with prior preservation, the model on `meta` standing in for CUDA, for
+    each crop (a bucket apart from the square class images: two forward passes) and precision.
+
+    Precision as on a GPU: the frozen weights in the run's dtype, the accelerator's CUDA autocast
+    (meta_cuda.as_on_a_gpu; accelerate on this CPU makes none for fp16).
+    Catches: any tensor the backend or trainer makes on the CPU and mixes with the model's (cached
+    latents and embeddings, noise, timesteps, the schedule's ᾱ, masks, loss weights, the optimizer's
+    state); dtype clashes where meta's kernels check them (convolutions with a bias, bmm, attention,
+    indexing, checkpoint recomputation) under that autocast.
+    Cannot catch: a bias-free linear given another dtype than its weight (meta's kernel does not
+    check it, CUDA's does), fp16's loss scaling (CUDA's GradScaler reads its inf check back to the
+    host), accelerate's float32 outputs of a model it wraps for fp16, a dtype CUDA has no kernel
+    for, and any value (NaN, overflow): there are none."""
+    from dreambooth_core.training.accel import make_accelerator
+
+    config = TrainConfig(class_noun="star", output_dir=str(tmp_path), batch_size=2, flip=True, crop=crop,
+                         mixed_precision=precision, resolution=32, caption_dropout=0.5)
+    backend = _meta_backend(weight_dtype)
+    trainer = DreamBoothTrainer(backend, config, _photos(crop), _class_images(),
+                                accelerator=make_accelerator(config, backend.device, reset=True))
+    run = run_meta_step(trainer)
+    sizes = {b.latents.shape[-2:] for b in run.inst + run.cls}
+    assert sizes == ({(12, 20), (16, 16)} if crop == "bucket" else {(16, 16)})
+
+
+def _masked_photos() -> list:
+    """Three 32x32 subject photos with subject masks (the masked instance loss)."""
+    from PIL import Image
+
+    from test_trainer import MaskedEx
+
+    rng = np.random.default_rng(4)
+    return [MaskedEx(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), "a photo of sks star",
+                     Image.fromarray(rng.integers(0, 2, (32, 32), dtype=np.uint8) * 255)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("variant,precision,settings", [
+    ("text-encoder", "bf16", dict(train_text_encoder=True, gradient_checkpointing="full")),
+    ("masked-accumulated", "fp16", dict(gradient_accumulation=2, min_snr_gamma=5.0, offset_noise=0.05)),
+    ("full", "bf16", dict(mode="full", train_text_encoder=True)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_one_step_of_other_runs_with_the_model_on_the_accelerator(tmp_path, variant, precision, settings):
+    """As above (same stand-in, same limits) for what else a step can do on the device: encode the
+    captions with a trained text encoder under checkpointing, weight the instance loss by masks over
+    two micro-steps with min-SNR and offset noise, fine-tune every weight."""
+    from dreambooth_core.training.accel import make_accelerator
+
+    config = TrainConfig(class_noun="star", output_dir=str(tmp_path), batch_size=2, flip=True,
+                         mixed_precision=precision, resolution=32, **settings)
+    backend = _meta_backend(dict(PRECISIONS)[precision])
+    photos = _masked_photos() if variant.startswith("masked") else _photos("center")
+    trainer = DreamBoothTrainer(backend, config, photos, _class_images(),
+                                accelerator=make_accelerator(config, backend.device, reset=True))
+    run_meta_step(trainer)
