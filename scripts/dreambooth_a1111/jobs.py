@@ -127,9 +127,15 @@ def _decode_images(items: List[Any]) -> list:
             continue
         data = item.split(",", 1)[1] if item.startswith("data:") else item
         try:
-            out.append(Image.open(io.BytesIO(base64.b64decode(data))))
+            image = Image.open(io.BytesIO(base64.b64decode(data)))
         except Exception as exc:
             raise ValueError(f"instance_images[{i}]: not a base64-encoded image ({exc})") from None
+        try:  # decoded now: a cut-off upload is the request's fault, named here, not a failed job later
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"instance_images[{i}]: the image data is incomplete or corrupt ({exc}); send the "
+                             "whole file again") from None
+        out.append(image)
     return out
 
 

@@ -53,6 +53,12 @@ def webui(tmp_path_factory, mini_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def host(webui):
+    """The running server, by the name the shared API tests (tests/a1111/webui_api.py) use."""
+    return webui
+
+
+@pytest.fixture(scope="session")
 def subject_dir(webui) -> Path:
     """Three 64×64 photos of a 'subject' (a red disc on different backgrounds), in the WebUI's folder (the
     API refuses folders outside it)."""

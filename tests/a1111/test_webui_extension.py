@@ -2,16 +2,14 @@
 
 What a WebUI user relies on: the extension loads; a job trains on the loaded checkpoint with class
 images made by the WebUI's own txt2img and cached (a second job reuses them); progress advances;
-Cancel keeps a checkpoint that resume finishes from; the LoRA lands in models/Lora and
-`<lora:NAME:1>` changes a txt2img image with every key matched; bad input is refused by name.
+the LoRA lands in models/Lora and `<lora:NAME:1>` changes a txt2img image with every key matched.
+Bad input, a second job and Cancel: test_webui_robustness.py (webui_api.py, shared with Forge).
 """
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
-import pytest
 from webui_server import finished_lora, job_body, txt2img
 
 TRAIN = "/dreambooth/v1/train"
@@ -24,10 +22,6 @@ def _job(subject_dir, **overrides) -> dict:
     return job_body(subject_dir, "dbtest", **overrides)
 
 
-def _alive(webui) -> None:
-    assert webui.get("/sdapi/v1/options").status_code == 200
-
-
 def test_extension_loads(webui):
     paths = webui.get("/openapi.json").json()["paths"]
     for route in (TRAIN, STATUS, CANCEL, "/dreambooth/v1/token"):
@@ -37,32 +31,6 @@ def test_extension_loads(webui):
     assert "dreambooth_tab.py" not in log, "the WebUI reported a problem with the extension's script"
     r = webui.get(STATUS)
     assert r.status_code == 404 and "no DreamBooth job" in r.json()["detail"]
-
-
-@pytest.mark.parametrize("overrides, words", [
-    ({"token": "xyzzyplugh"}, ["token", "splits into", "tokens"]),
-    ({"save_name": "../escape"}, ["save name", "plain file name"]),
-    ({"instance_dir": "EMPTY"}, ["no usable image", "no image files"]),
-    ({"instance_dir": "MISSING"}, ["instance_dir", "not a folder"]),
-    ({"instance_dir": "OUTSIDE"}, ["instance_dir", "outside the webui's folder", "DREAMBOOTH_ALLOW_ANY_PATH"]),
-    ({"instance_dir": "ESCAPE"}, ["instance_dir", "outside the webui's folder"]),
-    ({"class_dir": "OUTSIDE"}, ["class_dir", "outside the webui's folder"]),
-    ({"mode": "dreamy"}, ["mode", "dreamy"]),
-])
-def test_bad_input_is_refused_with_the_reason(webui, subject_dir, tmp_path, overrides, words):
-    """Paths a request names stay inside the WebUI's folder (a --listen server is often shared)."""
-    empty = webui.root / "inputs" / "empty"
-    empty.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "photo.png").write_bytes((subject_dir / "subject_0.png").read_bytes())  # a real folder outside
-    where = {"EMPTY": str(empty), "MISSING": str(webui.root / "inputs" / "missing"), "OUTSIDE": str(tmp_path),
-             "ESCAPE": str(subject_dir / ".." / ".." / ".." / tmp_path.name)}
-    overrides = {k: where.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
-    r = webui.post(TRAIN, _job(subject_dir, **overrides))
-    assert r.status_code == 400, r.text
-    detail = r.json()["detail"].lower()
-    for word in words:
-        assert word.lower() in detail, detail
-    _alive(webui)
 
 
 def test_train_lora_with_prior_preservation(webui, subject_dir):
@@ -169,42 +137,6 @@ def test_full_fine_tune_saves_a_checkpoint_and_restores_the_loaded_model(webui, 
     assert meta["dreambooth_kind"] == "checkpoint" and meta["modelspec.thumbnail"].startswith("data:image/jpeg")
     # The WebUI's loaded model is back to the checkpoint's weights.
     assert np.array_equal(before, txt2img(webui, "a photo of sks ball", seed=3))
-
-
-def test_cancel_keeps_a_checkpoint_and_resume_finishes(webui, subject_dir):
-    body = _job(subject_dir, steps=500, save_name="dbcancel")
-    job = webui.post(TRAIN, body).json()
-    status = webui.wait_job(job["id"], until=lambda s: s["step"] >= 2)
-    assert status["running"] and status["state"] == "training" and status["loss"] is not None
-    t0 = time.time()
-    _alive(webui)  # the server answers while the job trains
-    assert time.time() - t0 < 10
-    assert webui.post(CANCEL, {"id": job["id"]}).status_code == 200
-    status = webui.wait_job(job["id"])
-    assert status["state"] == "cancelled", status
-    stopped = status["step"]
-    assert 2 <= stopped < 500
-    checkpoint = webui.root / "outputs" / "dreambooth" / "dbcancel" / "checkpoint.safetensors"
-    assert status["checkpoint_path"] == str(checkpoint) and checkpoint.is_file()
-    assert not (webui.root / "models" / "Lora" / "dbcancel.safetensors").exists()
-    _alive(webui)
-
-    resumed = webui.post(TRAIN, dict(body, steps=stopped + 2, resume=True)).json()
-    status = webui.wait_job(resumed["id"])
-    assert status["state"] == "completed", status
-    steps = [h["step"] for h in status["history"]]
-    assert steps == list(range(1, stopped + 3)), steps  # continued, not restarted
-    assert (webui.root / "models" / "Lora" / "dbcancel.safetensors").is_file()
-
-
-def test_one_job_at_a_time(webui, subject_dir):
-    first = webui.post(TRAIN, _job(subject_dir, steps=500, save_name="dbbusy")).json()
-    try:
-        r = webui.post(TRAIN, _job(subject_dir, save_name="dbbusy2"))
-        assert r.status_code == 409 and "already running" in r.json()["detail"]
-    finally:
-        webui.post(CANCEL, {"id": first["id"]})
-        assert webui.wait_job(first["id"])["state"] == "cancelled"
 
 
 def test_install_py_leaves_the_webui_packages_alone():

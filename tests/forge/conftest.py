@@ -43,6 +43,12 @@ def forge(tmp_path_factory, checkpoints):
 
 
 @pytest.fixture(scope="session")
+def host(forge):
+    """The running server, by the name the shared API tests (tests/a1111/webui_api.py) use."""
+    return forge
+
+
+@pytest.fixture(scope="session")
 def subject_dir(forge) -> Path:
     """Three 64×64 photos of a 'subject' (a red disc on different backgrounds), in Forge's folder."""
     from webui_server import write_subject
