@@ -1,9 +1,12 @@
 """The meta device as the tests' stand-in for CUDA, and CUDA's autocast for it.
 
 No GPU here, and fake CUDA tensors abort the process at their first real op on a build without
-CUDA. Meta tensors have a device, a shape and a dtype but no data, and an op that mixes them with
-CPU tensors (other than 0-dim scalars) raises as it would with CUDA tensors: a model living on
-meta shows every tensor its backend or trainer leaves on the CPU.
+CUDA. Meta tensors have a device, a shape and a dtype but no data. An elementwise op or a
+concatenation that mixes them with CPU tensors (other than 0-dim scalars) raises as it would with
+CUDA tensors; meta's matmul, linear and convolution kernels do not check devices, so inside
+`cuda_stand_in()` every aten op (forward and backward) is checked as CUDA checks it: one device for
+all its tensors, but 0-dim CPU scalars, CPU indices, and copies between devices. A model living on
+meta then shows every tensor its backend or trainer leaves on the CPU.
 
 What meta lacks is autocast (torch has none for it; CPU autocast leaves meta tensors alone), so a
 step in fp16/bf16 would fail where CUDA autocast casts (a half convolution given a float input).
@@ -21,6 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 T = torch.Tensor
 #: CUDA ops that autocast to the lower precision (torch.amp docs), as Python reaches them
@@ -87,6 +92,29 @@ class _MetaAutocast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+#: aten ops that take tensors of another device on CUDA: copies, CPU indices, reading a value
+CROSS_DEVICE = {"_to_copy", "copy_", "copy", "index", "index_put", "index_put_", "_index_put_impl_", "lift_fresh",
+                "lift_fresh_copy", "_local_scalar_dense", "set_", "_has_compatible_shallow_copy_type"}
+
+
+class _SameDevice(TorchDispatchMode):
+    """CUDA's device check for every aten op that meets a meta tensor (a dispatch mode: it sees the
+    backward pass too)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ not in CROSS_DEVICE:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            devices = {t.device for t in tensors if t.device.type == "meta" or t.ndim > 0}
+            if len(devices) > 1 and META in devices:
+                raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                                   f"devices, {', '.join(sorted(map(str, devices)))}! (in {func}, checked as CUDA does)")
+        return func(*args, **kwargs)
+
+
+META = torch.device("meta")
+
+
 def _meta_is_cuda(infer):
     def infer_device_type(*args):
         device_type = infer(*args)
@@ -117,10 +145,10 @@ def _with_meta_casts(enter, exit_):
 
 @contextlib.contextmanager
 def cuda_stand_in() -> Iterator[None]:
-    """CUDA's autocast for a model on meta: `torch.autocast("cuda", ...)` usable here (this machine
-    has no CUDA device, so torch would turn it off) and applying CUDA's casts to meta tensors, and
-    checkpointing treating meta inputs as CUDA ones (it saves the forward's CUDA autocast state and
-    restores it when it recomputes a block in backward)."""
+    """Meta as CUDA: every aten op's devices checked as CUDA checks them; `torch.autocast("cuda", ...)`
+    usable here (this machine has no CUDA device, so torch would turn it off) and applying CUDA's
+    casts to meta tensors; checkpointing treating meta inputs as CUDA ones (it saves the forward's
+    CUDA autocast state and restores it when it recomputes a block in backward)."""
     import torch.cuda.amp.common as amp_common
     import torch.utils.checkpoint as ckpt
 
@@ -134,7 +162,8 @@ def cuda_stand_in() -> Iterator[None]:
     for owner, name, value in patches:
         setattr(owner, name, value)
     try:
-        yield
+        with _SameDevice():
+            yield
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
@@ -153,3 +182,34 @@ def as_on_a_gpu(accelerator, mixed_precision: str) -> Iterator[None]:
             yield
     finally:
         vars(accelerator).pop("autocast", None)
+
+
+def run_one_step(trainer, device: str = "meta"):
+    """The trainer's own setup (`_start`: caching, the trained parameters, wrapped models, the
+    optimizer) and one optimizer step of its own device code (`_micro_step` for each micro-step),
+    the accelerator autocasting as on a GPU (`as_on_a_gpu`); `trainer` is a DreamBoothTrainer whose
+    backend's model lives on meta. Checks what the step leaves: a float32 loss and finiteness flag
+    on the device, the trained parameters still float32 there with no gradient, the optimizer's
+    state there. Returns the run's RunState."""
+    seen = []
+    with as_on_a_gpu(trainer.accelerator, trainer.config.mixed_precision):
+        run = trainer._start()
+        try:
+            for micro in range(trainer.config.gradient_accumulation):
+                trainer._micro_step(run, 0, micro, lambda loss, finite: seen.append((loss, finite)))
+            run.scheduler.step()
+        finally:
+            trainer._end(run)
+    assert len(seen) == trainer.config.gradient_accumulation
+    for loss, finite in seen:
+        parts = [loss.total, loss.instance] + ([loss.prior] if trainer.config.prior else [])
+        assert None not in parts, "prior preservation is on but the step made no prior loss"
+        assert all(t.device.type == device and t.dtype == torch.float32 and t.ndim == 0 for t in parts)
+        assert finite.device.type == device and finite.ndim == 0
+    assert run.params and all(p.device.type == device and p.dtype == torch.float32 and p.grad is None
+                              for p in run.params)
+    state = run.optimizer.state_dict()["state"]
+    assert len(state) == len(run.params), "the optimizer did not step every trained parameter"
+    for s in state.values():
+        assert all(v.device.type == device for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+    return run

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_backend
-from meta_cuda import as_on_a_gpu, cuda_stand_in
+from meta_cuda import cuda_stand_in, run_one_step
 from dreambooth_core.config import TrainConfig
 from dreambooth_core.training.cache import Bucket as _Bucket
 from dreambooth_core.training.draw import step_generator
-from dreambooth_core.training.trainer import DreamBoothTrainer, RunState
+from dreambooth_core.training.trainer import DreamBoothTrainer
 from test_trainer import CLASS, INSTANCE, Ex
 
 
@@ -126,12 +126,23 @@ def _meta_backend(weight_dtype: torch.dtype):
 
 def test_meta_refuses_cpu_tensors_as_cuda_does():
     """The premise of the steps below: an op that mixes a CPU tensor (but a 0-dim scalar) into meta
-    tensors raises, as it would with CUDA tensors."""
+    tensors raises, as it would with CUDA tensors (inside meta_cuda.cuda_stand_in for every op)."""
     with pytest.raises((RuntimeError, ValueError)):
         torch.zeros(2, device="meta") + torch.zeros(2)
     with pytest.raises((RuntimeError, ValueError)):
         torch.cat([torch.zeros(2, device="meta"), torch.zeros(2)])
     assert (torch.zeros(2, device="meta") * torch.tensor(2.0)).device.type == "meta"
+    # meta's matmul and convolution kernels do not check devices; the stand-in checks every op
+    w = torch.zeros(3, 4, requires_grad=True)
+    assert torch.nn.functional.linear(torch.zeros(2, 4, device="meta"), w).device.type == "meta"
+    with cuda_stand_in():
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.nn.functional.linear(torch.zeros(2, 4, device="meta"), w)
+        x = torch.zeros(2, 4, device="meta", requires_grad=True)
+        y = x.sum() * 2
+        assert x[torch.tensor([1])].device.type == "meta"  # CPU indices: allowed, as on CUDA
+        assert torch.zeros(2, 4).to("meta").device.type == "meta"
+        y.backward()
 
 
 def test_the_stand_in_autocast_casts_as_cuda_autocast():
@@ -158,35 +169,6 @@ def test_the_stand_in_autocast_casts_as_cuda_autocast():
     assert x.grad.dtype == torch.float32 and x.grad.device.type == "meta"
 
 
-def run_meta_step(trainer: DreamBoothTrainer) -> RunState:
-    """The trainer's own setup (`_start`: caching, LoRA, wrapped models, optimizer) and one
-    optimizer step of its own device code (`_micro_step` for each micro-step), with the backend's
-    model on meta and the accelerator autocasting as on a GPU (meta_cuda). Checks what the step leaves: a float32 loss and finiteness flag on the device,
-    the trained parameters still float32 on the device with no gradient, the optimizer's state there."""
-    run = trainer._start()
-    try:
-        seen = []
-        with as_on_a_gpu(trainer.accelerator, trainer.config.mixed_precision):
-            for micro in range(trainer.config.gradient_accumulation):
-                loss = trainer._micro_step(run, 0, micro, lambda loss, finite: seen.append((loss, finite)))
-        run.scheduler.step()
-    finally:
-        trainer._end(run)
-    assert len(seen) == trainer.config.gradient_accumulation
-    for loss, finite in seen:
-        parts = [loss.total, loss.instance] + ([loss.prior] if trainer.config.prior else [])
-        assert all(t.device.type == "meta" and t.dtype == torch.float32 and t.ndim == 0 for t in parts)
-        assert finite.device.type == "meta" and finite.ndim == 0
-    assert loss.prior is not None or not trainer.config.prior
-    assert run.params and all(p.device.type == "meta" and p.dtype == torch.float32 and p.grad is None
-                              for p in run.params)
-    state = run.optimizer.state_dict()["state"]
-    assert len(state) == len(run.params)
-    for s in state.values():
-        assert all(v.device.type == "meta" for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0)
-    return run
-
-
 @pytest.mark.parametrize("crop", ["center", "random", "bucket"])
 @pytest.mark.parametrize("precision,weight_dtype", PRECISIONS, ids=[p for p, _ in PRECISIONS])
 def test_one_step_with_the_model_on_the_accelerator(tmp_path, crop, precision, weight_dtype):
@@ -210,7 +192,7 @@ def test_one_step_with_the_model_on_the_accelerator(tmp_path, crop, precision, w
     backend = _meta_backend(weight_dtype)
     trainer = DreamBoothTrainer(backend, config, _photos(crop), _class_images(),
                                 accelerator=make_accelerator(config, backend.device, reset=True))
-    run = run_meta_step(trainer)
+    run = run_one_step(trainer)
     sizes = {b.latents.shape[-2:] for b in run.inst + run.cls}
     assert sizes == ({(12, 20), (16, 16)} if crop == "bucket" else {(16, 16)})
 
@@ -243,4 +225,4 @@ def test_one_step_of_other_runs_with_the_model_on_the_accelerator(tmp_path, vari
     photos = _masked_photos() if variant.startswith("masked") else _photos("center")
     trainer = DreamBoothTrainer(backend, config, photos, _class_images(),
                                 accelerator=make_accelerator(config, backend.device, reset=True))
-    run_meta_step(trainer)
+    run_one_step(trainer)
