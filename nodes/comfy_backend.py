@@ -449,6 +449,14 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             kind, key = self._target_keys[name]
             self._wrappers.append((kind, key, LoRAWeight(adapter)))
         self._install()
+        if self.mode == "lora":
+            # The UNet's adapters act on its activations (the frozen path), never through the memory manager,
+            # which moves only weight wrappers: made beside weights still offloaded to the CPU (a MODEL not
+            # loaded since its loader, or unloaded since), they would stay there while the model computes on
+            # its load device.
+            for name, adapter in network.adapters.items():
+                if self._target_keys[name][0] == "unet":
+                    adapter.to(self.device)
 
     def _patcher(self, kind: str):
         return self.model if kind == "unet" else self.clip.patcher
