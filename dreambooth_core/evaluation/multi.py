@@ -1,0 +1,325 @@
+"""`eval --multi`: two subjects in one image, measured in the toy world.
+
+Each subject of a pair gets its own DreamBooth LoRA (the single-subject protocol's settings, its own
+identifier: `sks` and `ohwx`). The embedded model draws one centred object on a 32-pixel canvas and
+nothing sensible on a wider one, so a two-subject image is a 32×64 canvas of two regions, the first
+subject asked for on the left and the second on the right (each with its own background), sampled
+as one image:
+- **alone**: each subject's LoRA on its own 32-pixel image (the reference);
+- **LoRA stacking**: both LoRAs on the whole model, each region with its own prompt (what loading
+  two LoRAs with Load LoRA and area prompts does);
+- **regional composition**: each region with only its own LoRA (ComfyUI's hook LoRAs on area
+  conditioning; dreambooth_core.sampling.regional);
+- **joint training**: one LoRA trained on both subjects (issue 38 item 3) — `JOINT_TRAINING` below,
+  filled when that lands; until then its row says it was not run.
+
+Per pair and method it reports each subject's fidelity (on its half), leakage (share of a subject's
+object in the colours only the other subject wears), cross-similarity (a half's descriptor against
+the *other* subject: its pattern and colours showing up) and prompt fidelity (background and shape
+of each half), then one line of ratios, regional ÷ stacking.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import fileio
+from ..backends.base import SampleSettings
+from ..embedded import toyworld as tw
+from . import metrics as m
+from . import protocol
+
+Pair = Tuple[tw.Subject, tw.Subject]
+TOKENS = ("sks", "ohwx")  # both single tokens of the CLIP tokenizer, the two most used identifiers
+SIZE = 32  # one region: the embedded model's native canvas
+SECOND_SEED = 1000  # the right region's noise seed is the left one's + this
+# Pairs whose four colours are all different, so either subject's colours on the other are leakage.
+PAIRS: Tuple[Pair, ...] = (
+    (tw.EVAL_SUBJECTS[0], tw.EVAL_SUBJECTS[2]),  # diagonal-star (pink/cyan), target-circle (brown/yellow)
+    (tw.EVAL_SUBJECTS[1], tw.EVAL_SUBJECTS[3]),  # split-heart (cyan/orange), zigzag-square (yellow/purple)
+)
+METHODS = ("alone", "stacking", "regional", "joint")
+LABELS = {"alone": "each alone (its own LoRA and image)", "stacking": "LoRA stacking (both LoRAs, area prompts)",
+          "regional": "regional composition (hook LoRAs per area)",
+          "joint": "joint training (one LoRA, both subjects)"}
+
+#: Issue 38 item 3's hook: trains one LoRA on both subjects of a pair (tokens as given) and returns the
+#: file's path; called as JOINT_TRAINING(pair, TOKENS, plan, output_dir). None until joint training lands:
+#: the table then says that row was not run instead of printing a number.
+JOINT_TRAINING: Optional[Callable[[Pair, Sequence[str], "MultiPlan", Path], str]] = None
+
+
+@dataclass
+class MultiPlan:
+    pairs: Sequence[Pair] = PAIRS
+    steps: int = 250
+    seeds: Sequence[int] = tuple(range(8))
+    class_images: int = 32
+    instance_images: int = 5
+    sample_steps: int = protocol.SAMPLING["steps"]
+
+    @classmethod
+    def quick(cls) -> "MultiPlan":
+        return cls(pairs=PAIRS[:1], steps=200, seeds=tuple(range(4)), class_images=16)
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+_TONES = np.array([tw.rgb_of(c) for c in tw.PALETTE], np.float32)
+_NAMES = list(tw.PALETTE)
+
+
+def colour_share(image: np.ndarray, colours: Sequence[str]) -> float:
+    """Share of the object's pixels whose nearest palette colour is one of `colours`."""
+    mask = tw.object_mask(image)
+    if mask.sum() < 8 or not colours:
+        return 0.0
+    pixels = image[mask].astype(np.float32)
+    nearest = ((pixels[:, None] - _TONES[None]) ** 2).sum(-1).argmin(1)
+    return float(np.isin(nearest, [_NAMES.index(c) for c in colours]).mean())
+
+
+def only_colours(subject: tw.Subject, other: tw.Subject) -> List[str]:
+    """The colours `subject` wears and `other` does not: seen on `other`, they leaked."""
+    own = {other.thing.colour, other.thing.colour2}
+    return [c for c in (subject.thing.colour, subject.thing.colour2) if c and c not in own]
+
+
+def backgrounds(pair: Pair, seed: int) -> Tuple[str, str]:
+    """Two different background colours neither subject wears, one per region, drawn per seed."""
+    worn = {c for s in pair for c in (s.thing.colour, s.thing.colour2)}
+    return tuple(random.Random(f"{pair[0].name}+{pair[1].name}:{seed}").sample(
+        [c for c in tw.COLOURS if c not in worn], 2))  # type: ignore[return-value]
+
+
+def region_prompt(subject: tw.Subject, token: str, background: str) -> str:
+    return f"a photo of {token} {subject.class_noun} on {tw._article(background)} {background} background"
+
+
+def score_pair(halves: Sequence[Tuple[np.ndarray, np.ndarray]], pair: Pair, asked: Sequence[Tuple[str, str]],
+               refs: Tuple[np.ndarray, np.ndarray]) -> Dict[str, object]:
+    """The method's numbers from (first subject's image, second subject's image) per seed."""
+    a, b = pair
+    fid = [m.subject_fidelity([h[k] for h in halves], refs[k]) for k in (0, 1)]
+    leak = np.mean([(colour_share(h[0], only_colours(b, a)) + colour_share(h[1], only_colours(a, b))) / 2
+                    for h in halves])
+    cross = np.mean([(m.descriptor(h[0]) @ refs[1] + m.descriptor(h[1]) @ refs[0]) / 2 for h in halves])
+    prompt = np.mean([(m.Ask(background=bg[0], shape=a.class_noun).score(h[0]) +
+                       m.Ask(background=bg[1], shape=b.class_noun).score(h[1])) / 2 for h, bg in zip(halves, asked)])
+    return {"fidelity": fid, "leakage": float(leak), "cross": float(cross), "prompt": float(prompt)}
+
+
+# --- training (one process per subject) -------------------------------------------------------
+
+def train_subject(subject: tw.Subject, token: str, index: int, plan: MultiPlan, output: Path) -> str:
+    """The single-subject protocol's DreamBooth LoRA (prior preservation) for one subject; its file."""
+    from ..adapters.kohya import save_lora
+    from ..backends.diffusers_loading import load_backend
+    from ..class_images.cache import ensure_class_images
+    from ..config import TrainConfig
+    from ..dataset import prepare_dataset
+    from ..training.trainer import train
+
+    import torch
+
+    backend = load_backend("embedded")
+    settings = SampleSettings(width=SIZE, height=SIZE, **dict(protocol.SAMPLING, steps=plan.sample_steps))
+    views = tw.subject_views(subject, plan.instance_images, seed=1000 + index, size=SIZE)
+    data = prepare_dataset(views, token=token, class_noun=subject.class_noun, resolution=SIZE)
+    class_set = ensure_class_images(backend, output / "class_images", protocol.class_prompt(subject),
+                                    plan.class_images, settings, seed=0)
+    config = TrainConfig(**dict(protocol.TRAIN, token=token), class_noun=subject.class_noun, prior=True,
+                         steps=plan.steps, seed=index, output_dir=str(output / "runs" / subject.name),
+                         save_name=subject.name)
+    result = train(backend, config, data.items, class_set.load(resolution=SIZE).items)
+    path = output / "loras" / f"{subject.name}.safetensors"
+    save_lora(result.network, path, dtype=torch.float32)
+    return str(path)
+
+
+def _train_all(jobs: List[Tuple[tw.Subject, str]], plan: MultiPlan, output: Path, workers: int, log) -> Dict[str, str]:
+    if workers == 1:
+        paths = [train_subject(s, t, i, plan, output) for i, (s, t) in enumerate(jobs)]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=protocol._limit_threads, initargs=(threads,)) as pool:
+            futures = [pool.submit(train_subject, s, t, i, plan, output) for i, (s, t) in enumerate(jobs)]
+            paths = [f.result() for f in futures]
+    for (subject, token), path in zip(jobs, paths):
+        log(f"trained {token} {subject.class_noun} ({subject.name}): {path}")
+    return {s.name: p for (s, _), p in zip(jobs, paths)}
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+def sample_method(backend, method: str, pair: Pair, networks, plan: MultiPlan) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """(left subject's image, right subject's image) at each seed of the plan; `networks` holds each
+    subject's LoRA (alone, stacking, regional) or the joint LoRA twice (joint)."""
+    from ..sampling.regional import Region, noise_for, sample_regions
+
+    settings = SampleSettings(width=2 * SIZE, height=SIZE, **dict(protocol.SAMPLING, steps=plan.sample_steps))
+    channels = backend.unet.config.in_channels
+    out = []
+    for seed in plan.seeds:
+        seeds = (seed, seed + SECOND_SEED)
+        prompts = [region_prompt(s, t, bg) for s, t, bg in zip(pair, TOKENS, backgrounds(pair, seed))]
+        if method == "alone":
+            out.append(tuple(sample_regions(backend, [Region(p, (0, 0, SIZE, SIZE), (n,))], noise_for([s], channels, SIZE),
+                                            settings) for p, n, s in zip(prompts, networks, seeds)))
+            continue
+        scoped = {"stacking": [tuple(networks)] * 2, "regional": [(n,) for n in networks],
+                  "joint": [tuple(networks[:1])] * 2}[method]
+        regions = [Region(p, (0, k * SIZE, SIZE, SIZE), nets) for k, (p, nets) in enumerate(zip(prompts, scoped))]
+        image = sample_regions(backend, regions, noise_for(seeds, channels, SIZE), settings)
+        out.append((image[:, :SIZE], image[:, SIZE:]))
+    return out
+
+
+def _networks(backend, paths: Sequence[str]):
+    """Each file's LoRA over the backend's own modules, detached: the regional sampler patches weights."""
+    from ..adapters.kohya import load_lora
+
+    targets = backend.lora_targets(True, True, conv=True)
+    networks = []
+    for path in paths:
+        network = load_lora(targets, path)
+        network.detach()
+        networks.append(network)
+    return networks
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def run_multi(output: Path, plan: MultiPlan, log=print, workers: Optional[int] = None) -> dict:
+    """Train each subject once, sample every method for every pair, score; write results.json and the
+    picture two_subjects.png (first pair: one row per method, one column per seed)."""
+    from ..backends.diffusers_loading import load_backend
+    from ..plots import grid_image
+
+    t0 = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    jobs = list(dict.fromkeys((s, t) for pair in plan.pairs for s, t in zip(pair, TOKENS)))
+    workers = protocol.default_workers(len(jobs)) if workers is None else max(1, min(workers, len(jobs)))
+    paths = _train_all(jobs, plan, output, workers, log)
+    backend = load_backend("embedded")
+    results: dict = {"pairs": []}
+    sheet, labels = [], []
+    for n, pair in enumerate(plan.pairs):
+        refs = (m.subject_reference(pair[0], size=SIZE), m.subject_reference(pair[1], size=SIZE))
+        asked = [backgrounds(pair, s) for s in plan.seeds]
+        own = _networks(backend, [paths[s.name] for s in pair])
+        entry: dict = {"pair": [s.name for s in pair], "tokens": list(TOKENS)}
+        for method in METHODS:
+            if method == "joint" and JOINT_TRAINING is None:
+                entry[method] = None
+                continue
+            nets = own if method != "joint" else _networks(backend, [JOINT_TRAINING(pair, TOKENS, plan, output)])
+            halves = sample_method(backend, method, pair, nets, plan)
+            entry[method] = score_pair(halves, pair, asked, refs)
+            if n == 0:
+                sheet.append([np.concatenate(h, axis=1) for h in halves])
+                labels.append(method)
+            r = entry[method]
+            log(f"{' + '.join(entry['pair'])}, {method}: fidelity {r['fidelity'][0]:.3f} / {r['fidelity'][1]:.3f}, "
+                f"leakage {r['leakage']:.3f}, cross {r['cross']:.3f}, prompt {r['prompt']:.3f}")
+        results["pairs"].append(entry)
+    a, b = plan.pairs[0]
+    title = f"left: {TOKENS[0]} {a.class_noun} ({a.name}), right: {TOKENS[1]} {b.class_noun} ({b.name}); one seed a column"
+    fileio.save_image(output / "two_subjects.png", grid_image(sheet, labels, [f"seed {s}" for s in plan.seeds],
+                                                              scale=3, title=title))
+    results["plan"] = {"pairs": [[s.name for s in p] for p in plan.pairs], "steps": plan.steps,
+                       "seeds": list(plan.seeds), "class_images": plan.class_images,
+                       "sample_steps": plan.sample_steps}
+    results["workers"] = workers
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    fileio.write_json(output / "results.json", results)
+    return results
+
+
+def mean_over_pairs(results: dict, method: str) -> Optional[Dict[str, float]]:
+    """A method's numbers averaged over the pairs (subject fidelity over both subjects), or None if not run."""
+    rows = [p[method] for p in results["pairs"] if p.get(method)]
+    if not rows:
+        return None
+    return {"fidelity": float(np.mean([r["fidelity"] for r in rows])),
+            **{k: float(np.mean([r[k] for r in rows])) for k in ("leakage", "cross", "prompt")}}
+
+
+def ratios(results: dict) -> Dict[str, float]:
+    """Regional composition ÷ LoRA stacking: below 1 for leakage is what regional composition is for."""
+    r, s = mean_over_pairs(results, "regional"), mean_over_pairs(results, "stacking")
+    return {"leak_ratio": r["leakage"] / max(1e-9, s["leakage"]), "fidelity_ratio": r["fidelity"] / s["fidelity"],
+            "prompt_ratio": r["prompt"] / max(1e-9, s["prompt"])}
+
+
+def format_tables(results: dict) -> str:
+    head = (f"| {'Method':44} | fidelity, 1st ↑ | fidelity, 2nd ↑ | leakage ↓ | cross-similarity ↓ | "
+            "prompt fidelity ↑ |")
+    rule = f"|{'-' * 46}|----------------:|----------------:|----------:|-------------------:|------------------:|"
+    lines = []
+    for entry in results["pairs"]:
+        lines += [f"{TOKENS[0]} = {entry['pair'][0]} (left), {TOKENS[1]} = {entry['pair'][1]} (right)", head, rule]
+        for method in METHODS:
+            r = entry[method]
+            if r is None:
+                lines.append(f"| {LABELS[method]:44} | not run: joint training lands with issue 38 item 3 |")
+                continue
+            lines.append(f"| {LABELS[method]:44} | {r['fidelity'][0]:15.3f} | {r['fidelity'][1]:15.3f} | "
+                         f"{r['leakage']:9.3f} | {r['cross']:18.3f} | {r['prompt']:17.3f} |")
+        lines.append("")
+    if len(results["pairs"]) > 1:
+        lines += ["All pairs", f"| {'Method':44} | subject fidelity ↑ | leakage ↓ | cross-similarity ↓ | "
+                  "prompt fidelity ↑ |", f"|{'-' * 46}|------------------:|----------:|-------------------:|"
+                  "------------------:|"]
+        for method in METHODS:
+            r = mean_over_pairs(results, method)
+            if r is not None:
+                lines.append(f"| {LABELS[method]:44} | {r['fidelity']:17.3f} | {r['leakage']:9.3f} | "
+                             f"{r['cross']:18.3f} | {r['prompt']:17.3f} |")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m dreambooth_core eval --multi [--quick] [--output DIR] [--pairs N] [--steps N] [--workers N]`."""
+    p = argparse.ArgumentParser(prog="python -m dreambooth_core eval --multi",
+                                description="two subjects in one image, in the toy world: LoRA stacking against "
+                                            "regional composition (and joint training, once it lands)")
+    p.add_argument("--multi", action="store_true", help=argparse.SUPPRESS)  # eval's own flag, passed through
+    p.add_argument("--quick", action="store_true", help="one pair, 4 seeds, 200 steps (a few minutes on 2 CPU cores)")
+    p.add_argument("--output", default="eval_multi_out", help="folder for results.json, two_subjects.png, the LoRAs")
+    p.add_argument("--pairs", type=int, default=None, help="only the first N pairs of subjects")
+    p.add_argument("--steps", type=int, default=None, help="DreamBooth steps per subject (default 250, 200 with --quick)")
+    p.add_argument("--seeds", type=int, default=None, help="samples per method and pair (default 8, 4 with --quick)")
+    p.add_argument("--class-images", type=int, default=None, help="class images per class noun")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--workers", type=int, default=None, help="subjects trained in parallel (default: one per core)")
+    args = p.parse_args(argv)
+    plan = MultiPlan.quick() if args.quick else MultiPlan()
+    if args.pairs:
+        plan = replace(plan, pairs=tuple(plan.pairs)[: args.pairs])
+    for name in ("steps", "class_images", "sample_steps"):
+        if getattr(args, name):
+            plan = replace(plan, **{name: getattr(args, name)})
+    if args.seeds:
+        plan = replace(plan, seeds=tuple(range(args.seeds)))
+    output = Path(args.output)
+    results = run_multi(output, plan, workers=args.workers)
+    print(format_tables(results))
+    print(f"picture: {output / 'two_subjects.png'}; results: {output / 'results.json'}")
+    r = ratios(results)
+    print(f"leak_ratio={r['leak_ratio']:.2f} fidelity_ratio={r['fidelity_ratio']:.2f} prompt_ratio={r['prompt_ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
