@@ -6,7 +6,8 @@ concatenation that mixes them with CPU tensors (other than 0-dim scalars) raises
 CUDA tensors; meta's matmul, linear and convolution kernels do not check devices, so inside
 `cuda_stand_in()` every aten op (forward and backward) is checked as CUDA checks it: one device for
 all its tensors, but 0-dim CPU scalars, CPU indices, and copies between devices. A model living on
-meta then shows every tensor its backend or trainer leaves on the CPU.
+meta then shows every tensor its backend or trainer leaves on the CPU. A value read back to the host
+(`.item()`, legal on CUDA) reads as zero there: meta has no values.
 
 What meta lacks is autocast (torch has none for it; CPU autocast leaves meta tensors alone), so a
 step in fp16/bf16 would fail where CUDA autocast casts (a half convolution given a float input).
@@ -103,6 +104,10 @@ class _SameDevice(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device == META:
+            # A value read back to the host (legal on CUDA: a sync), e.g. a fill value passed as a 0-dim
+            # tensor; meta has none, so it reads as zero. The step itself reads none (run_one_step).
+            return False if args[0].dtype == torch.bool else 0.0 if args[0].is_floating_point() else 0
         if func.overloadpacket.__name__ not in CROSS_DEVICE:
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             devices = {t.device for t in tensors if t.device.type == "meta" or t.ndim > 0}
