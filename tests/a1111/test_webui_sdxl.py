@@ -32,10 +32,16 @@ def subject_dir(sdxl):
 
 
 def test_the_webui_builds_the_reduced_sdxl_from_the_yaml_beside_it(sdxl, sdxl_checkpoint):
+    r = sdxl.post("/dreambooth/v1/token", {"token": "sks"})  # waits for the model the WebUI loads at start
+    assert r.status_code == 200 and r.json()["single"] is True, r.text  # both SDXL tokenizers keep it whole
     assert sdxl.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(sdxl_checkpoint.stem)
     assert f"Creating model from config: {sdxl.root}/models/Stable-diffusion/{sdxl_checkpoint.stem}.yaml" in sdxl.log()
-    r = sdxl.post("/dreambooth/v1/token", {"token": "sks"})
-    assert r.status_code == 200 and r.json()["single"] is True, r.text  # both SDXL tokenizers keep it whole
+
+
+def test_a_full_fine_tune_of_sdxl_is_refused_before_any_work(sdxl, subject_dir):
+    r = sdxl.post(TRAIN, job_body(subject_dir, "dbxl_full", mode="full"))
+    assert r.status_code == 400 and "mode 'full'" in r.json()["detail"] and "'lora'" in r.json()["detail"], r.text
+    assert sdxl.get("/dreambooth/v1/status").status_code == 404, "a job was started"
 
 
 def test_sdxl_lora_with_prior_preservation_loads_in_the_webui_with_every_key(sdxl, subject_dir):

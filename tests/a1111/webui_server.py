@@ -44,7 +44,8 @@ def skip_reason() -> str:
     if missing:
         return (f"not running under the WebUI's Python ({sys.executable} lacks {', '.join(missing)}): run "
                 "`bash tools/setup_a1111_env.sh` then `.venv-a1111/bin/python -m pytest tests/a1111`")
-    if not (repositories_dir() / "stable-diffusion-stability-ai" / "ldm").is_dir():
+    if not all((repositories_dir() / repo / package).is_dir()
+               for repo, package in (("stable-diffusion-stability-ai", "ldm"), ("generative-models", "sgm"))):
         return (f"the WebUI's repositories (stable-diffusion-stability-ai, k-diffusion, generative-models, BLIP, "
                 f"stable-diffusion-webui-assets at the launcher's pinned commits) are not at {repositories_dir()}: "
                 "set A1111_REPOSITORIES to a folder holding them")
