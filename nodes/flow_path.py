@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.utils.checkpoint
@@ -26,11 +26,11 @@ class _Streams:
         self.storages: Set[int] = set()
 
 
-def _storage(t) -> Optional[int]:
+def _storage(t: Any) -> Optional[int]:
     return t.untyped_storage().data_ptr() if torch.is_tensor(t) and t.layout == torch.strided else None
 
 
-def _reads_a_copy(streams: _Streams, forward, *args, **kwargs):
+def _reads_a_copy(streams: _Streams, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A module inside a flow block, given a copy of any argument that is the block's residual stream:
     the block adds to that stream in place after this module has read it, and whatever this module
     saved for backward (a norm's input) must keep the values it read."""
@@ -43,7 +43,7 @@ def _reads_a_copy(streams: _Streams, forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def _block_on_copies(streams: _Streams, forward, *args, **kwargs):
+def _block_on_copies(streams: _Streams, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A flow block run on copies of its tensor arguments (the caller's tensors stay as they were),
     whose storages its submodules copy again when they read them (_reads_a_copy)."""
     def fresh(v):
@@ -61,6 +61,7 @@ def _block_on_copies(streams: _Streams, forward, *args, **kwargs):
 
 class FlowModelPath:
     _flow_checkpointing: bool = False  # set_gradient_checkpointing's choice, read at every block call
+
     def _cap_tokens(self, key: str, windows: list) -> list:
         """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
         the whole prompt), a long-context one cut at the family's text_cap tokens (its end token kept)."""
@@ -205,7 +206,7 @@ class FlowModelPath:
                     self._patch_forward(module, functools.partial(_reads_a_copy, streams, module.forward))
             self._patch_forward(block, functools.partial(self._flow_block, streams, block.forward))
 
-    def _flow_block(self, streams: _Streams, forward, *args, **kwargs):
+    def _flow_block(self, streams: _Streams, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One transformer block: the host's forward when no gradient is taken; else on copies
         (_block_on_copies), recomputed in the backward pass when gradient checkpointing is on."""
         if not torch.is_grad_enabled():
