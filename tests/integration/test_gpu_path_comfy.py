@@ -102,9 +102,10 @@ def _class_images(n: int = 2, size: int = 64) -> List[object]:
                             caption="a photo of a dog") for _ in range(n)]
 
 
-def _step(pack, backend, crop: str, training: torch.dtype, **settings):
+def _step(pack, backend, crop: str, training: torch.dtype, loaded: bool = False, **settings):
     """The node's settings for a run (mixed_precision "no", its training dtype), the trainer made as
-    run_job makes it, and one step on meta (meta_cuda.run_one_step). Returns the run's RunState."""
+    run_job makes it, and one step on meta (meta_cuda.run_one_step); `loaded`: the host loads the MODEL
+    before the run starts (as after sampling the class images). Returns the run's RunState."""
     from meta_cuda import run_one_step
 
     config = _core(pack, "config").TrainConfig(class_noun="dog", output_dir="unused", batch_size=2, flip=True,
@@ -114,6 +115,10 @@ def _step(pack, backend, crop: str, training: torch.dtype, **settings):
     accel = _core(pack, "training.accel")
     trainer = trainer_module.DreamBoothTrainer(backend, config, _photos(pack, crop), _class_images(),
                                                accelerator=accel.make_accelerator(config, backend.device, reset=True))
+    if loaded:
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([backend.base_model])
     try:
         return run_one_step(trainer)
     finally:
@@ -158,4 +163,22 @@ def test_sd3_one_step_with_the_model_on_the_accelerator(pack, meta_host, crop, w
     assert backend.device == META and backend.schedule().kind == "flow"
     run = _step(pack, backend, crop, training)
     assert all(b.latents.device == META and b.latents.shape[1] == 16 for b in run.inst + run.cls)
+    assert {p.device for p in model.model.diffusion_model.parameters()} == {META}
+
+
+@pytest.mark.parametrize("variant,settings", [
+    ("text-encoder", dict(train_text_encoder=True, gradient_checkpointing=True)),
+    ("full", dict(mode="full")),
+], ids=["text-encoder", "full"])
+def test_sd15_other_runs_with_the_model_on_the_accelerator(pack, meta_host, mini_checkpoint, variant, settings):
+    """As above (fp16 weights computed in bf16) for a LoRA on the text encoder too (its adapters as weight
+    wrappers of the CLIP the memory manager loads, the blocks checkpointed) and a full fine-tune (a
+    trainable difference for every weight, as weight wrappers). The full fine-tune starts from a MODEL the
+    host has loaded already (as after sampling the class images): the memory manager moves a wrapper's
+    difference by `param.data = ...`, which cannot take a meta tensor into a CPU parameter (CUDA can)."""
+    cb = importlib.import_module(pack.__name__ + ".nodes.comfy_backend")
+    model, clip, vae = _sd15(mini_checkpoint, torch.float16)
+    backend = cb.ComfyBackend(model, clip, vae, mode=settings.get("mode", "lora"),
+                              train_text_encoder=settings.get("train_text_encoder", False))
+    _step(pack, backend, "center", torch.bfloat16, loaded=variant == "full", **settings)
     assert {p.device for p in model.model.diffusion_model.parameters()} == {META}
