@@ -10,7 +10,7 @@ the flow schedule, `dreambooth_loss`, AdamW, gradient clipping) with real tensor
 built on the meta device, materialised on the GPU (`to_empty`) and filled with random values
 there, which takes seconds where a CPU init of 12 B parameters would take minutes. Frozen Linears
 run as the ComfyUI flow path runs them (bench/memory/frozen.py); `--base fp8` stores them as
-float8_e4m3fn and computes in bf16. Every block is checkpointed (the flow path always does).
+float8_e4m3fn and computes in bf16. Every block is checkpointed (the Train node's gradient_checkpointing on).
 
 Run it under `bench.child` (as bench/gpu does) so step times, torch.cuda.max_memory_allocated per
 phase and one step's FLOPs are recorded as for the diffusers trainers. `--tiny` uses the reduced

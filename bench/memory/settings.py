@@ -1,14 +1,10 @@
-"""The memory levers, as rows of the table: what each keeps on the GPU and how a user turns it on
-(or that it is not an option yet)."""
+"""The memory levers, as rows of the table: what each keeps on the GPU and how a user turns it on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
-
-NOT_YET = "not an option yet"
-
 
 @dataclass(frozen=True)
 class Setting:
@@ -57,10 +53,11 @@ def sd_settings() -> List[Setting]:
 
 
 def flux_settings() -> List[Setting]:
-    """Flux through the ComfyUI flow path (checkpointing is always on there; encoders are the host's)."""
+    """Flux through the ComfyUI flow path (checkpointing as the Train node sets it; encoders are the host's)."""
     return [
-        Setting("bf16-nogc", "bf16 base, no checkpointing", option=f"{NOT_YET} (the flow path always checkpoints)"),
-        Setting("bf16", "bf16 base, checkpointing", checkpointing="full", option="ComfyUI, bf16 model"),
+        Setting("bf16-nogc", "bf16 base, no checkpointing", option="ComfyUI, bf16 model, gradient_checkpointing off"),
+        Setting("bf16", "bf16 base, checkpointing", checkpointing="full",
+                option="ComfyUI, bf16 model, gradient_checkpointing on"),
         Setting("fp8", "fp8 base, checkpointing", base="fp8", checkpointing="full",
                 option="ComfyUI: Load Diffusion Model, weight_dtype fp8_e4m3fn (trains as loaded)"),
         Setting("fp8-adafactor", "fp8 base + Adafactor", base="fp8", checkpointing="full", optimizer="adafactor",
