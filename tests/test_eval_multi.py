@@ -135,3 +135,27 @@ def test_tiny_multi_eval_prints_the_table_and_the_ratios(tiny_run):
 
     assert Image.open(out / "two_subjects.png").size[0] > 64 * 3
     assert (out / "loras" / "diagonal-star.safetensors").is_file()
+
+
+def test_the_joint_training_hook_fills_its_row(tiny_run, backend, monkeypatch):
+    """Item 3's hook: whatever LoRA it returns is sampled in both regions and scored like the others. A stand-in
+    returning the first subject's own LoRA must reproduce that subject alone on the left, and not on the right."""
+    _, _, out = tiny_run
+    pair = multi.PAIRS[0]
+    paths = [str(out / "loras" / f"{s.name}.safetensors") for s in pair]
+    calls = []
+
+    def joint(pair_, tokens, plan, output):
+        calls.append((pair_, tuple(tokens), output))
+        return paths[0]
+
+    monkeypatch.setattr(multi, "JOINT_TRAINING", joint)
+    plan = multi.MultiPlan(pairs=(pair,), seeds=(0,), sample_steps=4)
+    entry, rows = multi.evaluate_pair(backend, pair, paths, plan, out, log=lambda *_: None)
+    assert calls == [(pair, multi.TOKENS, out)]
+    assert set(rows) == {"alone", "stacking", "regional", "joint"} and rows["joint"][0].shape == (32, 64, 3)
+    left = np.abs(rows["joint"][0][:, :32].astype(int) - rows["alone"][0][:, :32])
+    right = np.abs(rows["joint"][0][:, 32:].astype(int) - rows["alone"][0][:, 32:])
+    assert left.max() <= 1 and right.mean() > 2
+    table = multi.format_tables({"pairs": [entry]})
+    assert "not run" not in table and f"{entry['joint']['leakage']:9.3f}" in table

@@ -174,8 +174,9 @@ def sample_method(backend, method: str, pair: Pair, networks, plan: MultiPlan) -
         seeds = (seed, seed + SECOND_SEED)
         prompts = [region_prompt(s, t, bg) for s, t, bg in zip(pair, TOKENS, backgrounds(pair, seed))]
         if method == "alone":
-            out.append(tuple(sample_regions(backend, [Region(p, (0, 0, SIZE, SIZE), (n,))], noise_for([s], channels, SIZE),
-                                            settings) for p, n, s in zip(prompts, networks, seeds)))
+            out.append(tuple(sample_regions(backend, [Region(p, (0, 0, SIZE, SIZE), (n,))],
+                                            noise_for([s], channels, SIZE), settings)
+                             for p, n, s in zip(prompts, networks, seeds)))
             continue
         scoped = {"stacking": [tuple(networks)] * 2, "regional": [(n,) for n in networks],
                   "joint": [tuple(networks[:1])] * 2}[method]
@@ -200,6 +201,28 @@ def _networks(backend, paths: Sequence[str]):
 
 # --- the run ----------------------------------------------------------------------------------
 
+def evaluate_pair(backend, pair: Pair, lora_paths: Sequence[str], plan: MultiPlan, output: Path,
+                  log=print) -> Tuple[dict, Dict[str, List[np.ndarray]]]:
+    """Every method on one pair, from each subject's LoRA file: the pair's numbers (a method not run is
+    None) and, per method, its samples (both halves side by side) for the picture."""
+    refs = (m.subject_reference(pair[0], size=SIZE), m.subject_reference(pair[1], size=SIZE))
+    asked = [backgrounds(pair, s) for s in plan.seeds]
+    own = _networks(backend, lora_paths)
+    entry: dict = {"pair": [s.name for s in pair], "tokens": list(TOKENS)}
+    rows: Dict[str, List[np.ndarray]] = {}
+    for method in METHODS:
+        if method == "joint" and JOINT_TRAINING is None:
+            entry[method] = None
+            continue
+        nets = own if method != "joint" else _networks(backend, [JOINT_TRAINING(pair, TOKENS, plan, output)])
+        halves = sample_method(backend, method, pair, nets, plan)
+        r = entry[method] = score_pair(halves, pair, asked, refs)
+        rows[method] = [np.concatenate(h, axis=1) for h in halves]
+        log(f"{' + '.join(entry['pair'])}, {method}: fidelity {r['fidelity'][0]:.3f} / {r['fidelity'][1]:.3f}, "
+            f"leakage {r['leakage']:.3f}, cross {r['cross']:.3f}, prompt {r['prompt']:.3f}")
+    return entry, rows
+
+
 def run_multi(output: Path, plan: MultiPlan, log=print, workers: Optional[int] = None) -> dict:
     """Train each subject once, sample every method for every pair, score; write results.json and the
     picture two_subjects.png (first pair: one row per method, one column per seed)."""
@@ -213,28 +236,14 @@ def run_multi(output: Path, plan: MultiPlan, log=print, workers: Optional[int] =
     paths = _train_all(jobs, plan, output, workers, log)
     backend = load_backend("embedded")
     results: dict = {"pairs": []}
-    sheet, labels = [], []
     for n, pair in enumerate(plan.pairs):
-        refs = (m.subject_reference(pair[0], size=SIZE), m.subject_reference(pair[1], size=SIZE))
-        asked = [backgrounds(pair, s) for s in plan.seeds]
-        own = _networks(backend, [paths[s.name] for s in pair])
-        entry: dict = {"pair": [s.name for s in pair], "tokens": list(TOKENS)}
-        for method in METHODS:
-            if method == "joint" and JOINT_TRAINING is None:
-                entry[method] = None
-                continue
-            nets = own if method != "joint" else _networks(backend, [JOINT_TRAINING(pair, TOKENS, plan, output)])
-            halves = sample_method(backend, method, pair, nets, plan)
-            entry[method] = score_pair(halves, pair, asked, refs)
-            if n == 0:
-                sheet.append([np.concatenate(h, axis=1) for h in halves])
-                labels.append(method)
-            r = entry[method]
-            log(f"{' + '.join(entry['pair'])}, {method}: fidelity {r['fidelity'][0]:.3f} / {r['fidelity'][1]:.3f}, "
-                f"leakage {r['leakage']:.3f}, cross {r['cross']:.3f}, prompt {r['prompt']:.3f}")
+        entry, rows = evaluate_pair(backend, pair, [paths[s.name] for s in pair], plan, output, log)
         results["pairs"].append(entry)
+        if n == 0:
+            labels, sheet = list(rows), list(rows.values())
     a, b = plan.pairs[0]
-    title = f"left: {TOKENS[0]} {a.class_noun} ({a.name}), right: {TOKENS[1]} {b.class_noun} ({b.name}); one seed a column"
+    title = (f"left: {TOKENS[0]} {a.class_noun} ({a.name}), right: {TOKENS[1]} {b.class_noun} ({b.name}); "
+             "one seed a column")
     fileio.save_image(output / "two_subjects.png", grid_image(sheet, labels, [f"seed {s}" for s in plan.seeds],
                                                               scale=3, title=title))
     results["plan"] = {"pairs": [[s.name for s in p] for p in plan.pairs], "steps": plan.steps,
@@ -298,7 +307,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="one pair, 4 seeds, 200 steps (a few minutes on 2 CPU cores)")
     p.add_argument("--output", default="eval_multi_out", help="folder for results.json, two_subjects.png, the LoRAs")
     p.add_argument("--pairs", type=int, default=None, help="only the first N pairs of subjects")
-    p.add_argument("--steps", type=int, default=None, help="DreamBooth steps per subject (default 250, 200 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DreamBooth steps per subject (default 250, 200 with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="samples per method and pair (default 8, 4 with --quick)")
     p.add_argument("--class-images", type=int, default=None, help="class images per class noun")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default 20)")
@@ -317,7 +327,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_tables(results))
     print(f"picture: {output / 'two_subjects.png'}; results: {output / 'results.json'}")
     r = ratios(results)
-    print(f"leak_ratio={r['leak_ratio']:.2f} fidelity_ratio={r['fidelity_ratio']:.2f} prompt_ratio={r['prompt_ratio']:.2f}")
+    print(f"leak_ratio={r['leak_ratio']:.2f} fidelity_ratio={r['fidelity_ratio']:.2f} "
+          f"prompt_ratio={r['prompt_ratio']:.2f}")
     return 0
 
 
