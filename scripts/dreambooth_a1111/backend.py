@@ -206,8 +206,8 @@ class A1111Backend(BackendDefaults):
                 fsm = self.m.first_stage_model
                 return (fsm.quant_conv(fsm.encoder(x)).chunk(2, dim=1)[0] * self.m.scale_factor).float()
             out = self.m.encode_first_stage(x)
-        if torch.is_tensor(out):  # reForge: the latent, scaled already, an inference tensor (Tensor.mode is another thing)
-            return owned(out).float()
+        if torch.is_tensor(out):  # reForge: the latent, scaled already, an inference tensor (not a posterior:
+            return owned(out).float()  # Tensor.mode is another thing)
         return (out.mode() * self.m.scale_factor).float()
 
     def _vae_dtype(self) -> torch.dtype:

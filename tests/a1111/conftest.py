@@ -7,8 +7,7 @@ its launcher would clone (`repositories/` inside the WebUI folder, or A1111_REPO
     .venv-a1111/bin/python -m pytest tests/a1111
 
 The WebUI is copied to a temporary folder with this repository linked as `extensions/dreambooth`,
-a seeded mini SD1.5 checkpoint (+ .yaml; the SDXL tests start their own with the mini SDXL) in its models
-folder, and started API-only on CPU on a
+seeded mini SD1.5 (loaded) and SDXL checkpoints (+ .yaml) in its models folder, and started API-only on CPU on a
 free loopback port, at DEBUG log level (the Lora loader reports unmatched keys only there).
 Under any other Python every test here is skipped with the reason.
 """
@@ -46,8 +45,9 @@ def sdxl_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
-def webui(tmp_path_factory, mini_checkpoint):
-    server = start_webui(tmp_path_factory.mktemp("a1111"), mini_checkpoint)
+def webui(tmp_path_factory, mini_checkpoint, sdxl_checkpoint):
+    """One server for the session, the mini SD1.5 loaded; the mini SDXL beside it (test_webui_sdxl loads it)."""
+    server = start_webui(tmp_path_factory.mktemp("a1111"), mini_checkpoint, others=[sdxl_checkpoint])
     yield server
     stop_webui(server)
 

@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -148,14 +149,13 @@ def launch(root: Path, args: List[str], env: dict, log_path: Path, port: int, pr
 
 
 def start_webui(tmp: Path, checkpoint: Path, ui: bool = False, python: Optional[Path] = None,
-                start_timeout: float = 600) -> WebUI:
-    """Copy the WebUI into `tmp`, add the extension and the checkpoint (with its .yaml), start it; returns once
-    the API answers. One checkpoint per server: A1111 1.10 loads the start's checkpoint while its Lora support
-    patches the norms' state-dict loading, and a later switch to a checkpoint of another config then fails
-    ("Cannot copy out of meta tensor")."""
+                start_timeout: float = 600, others: Iterable[Path] = ()) -> WebUI:
+    """Copy the WebUI into `tmp`, add the extension, the checkpoint (loaded at start) and `others` (each with its
+    .yaml), start it; returns once the API answers (the checkpoint may still be loading: checkpoint_loaded)."""
     root = tmp / "webui"
-    models = prepare_copy(A1111_DIR, root, repositories_dir(), [checkpoint])
-    shutil.copyfile(checkpoint.with_suffix(".yaml"), models / checkpoint.with_suffix(".yaml").name)
+    models = prepare_copy(A1111_DIR, root, repositories_dir(), [checkpoint, *others])
+    for ckpt in (checkpoint, *others):
+        shutil.copyfile(ckpt.with_suffix(".yaml"), models / ckpt.with_suffix(".yaml").name)
     port = _free_port()
     env = dict(os.environ, HF_HOME=str(hf_home()), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
@@ -247,3 +247,23 @@ def write_subject(folder: Path) -> Path:
         ImageDraw.Draw(im).ellipse((12 + 4 * i, 14, 50 + 4 * i, 52), fill=(200, 30, 30))
         im.save(folder / f"subject_{i}.png")
     return folder
+
+
+@contextmanager
+def checkpoint_loaded(webui: "WebUI", name: str, then: str) -> Iterator["WebUI"]:
+    """The WebUI with checkpoint `name` (a file stem in its models folder) loaded, and `then` again after.
+    The start's own load is waited for first (the token route reads the model, which waits for it): A1111 1.10
+    fails a switch made while that load runs ("Cannot copy out of meta tensor"), with or without extensions."""
+    assert webui.post("/dreambooth/v1/token", {"token": "sks"}).status_code == 200
+    _load_checkpoint(webui, name)
+    try:
+        yield webui
+    finally:
+        _load_checkpoint(webui, then)
+
+
+def _load_checkpoint(webui: "WebUI", stem: str) -> None:
+    r = webui.post("/sdapi/v1/options", {"sd_model_checkpoint": stem})
+    assert r.status_code == 200, r.text
+    current = webui.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    assert current.startswith(stem + "."), f"the WebUI did not load {stem} (it has {current}):\n{webui.log()[-3000:]}"
