@@ -195,16 +195,23 @@ def run_one_step(trainer, device: str = "meta"):
     the accelerator autocasting as on a GPU (`as_on_a_gpu`); `trainer` is a DreamBoothTrainer whose
     backend's model lives on meta. Checks what the step leaves: a float32 loss and finiteness flag
     on the device, the trained parameters still float32 there with no gradient, the optimizer's
-    state there. Returns the run's RunState."""
+    state there. Returns the run's RunState. Afterwards accelerate's process-wide state is reset, so a
+    later test may make an accelerator of another precision."""
+    import importlib
+
     seen = []
-    with as_on_a_gpu(trainer.accelerator, trainer.config.mixed_precision):
-        run = trainer._start()
-        try:
-            for micro in range(trainer.config.gradient_accumulation):
-                trainer._micro_step(run, 0, micro, lambda loss, finite: seen.append((loss, finite)))
-            run.scheduler.step()
-        finally:
-            trainer._end(run)
+    try:
+        with as_on_a_gpu(trainer.accelerator, trainer.config.mixed_precision):
+            run = trainer._start()
+            try:
+                for micro in range(trainer.config.gradient_accumulation):
+                    trainer._micro_step(run, 0, micro, lambda loss, finite: seen.append((loss, finite)))
+                run.scheduler.step()
+            finally:
+                trainer._end(run)
+    finally:
+        # the core's accel module beside the trainer's (the pack imports the core as its subpackage)
+        importlib.import_module(type(trainer).__module__.rsplit(".", 1)[0] + ".accel")._reset_state()
     assert len(seen) == trainer.config.gradient_accumulation
     for loss, finite in seen:
         parts = [loss.total, loss.instance] + ([loss.prior] if trainer.config.prior else [])

@@ -1,5 +1,8 @@
 """What runs differently on an accelerator, checked without one: the devices and dtypes the
-trainer and the diffusers backend put tensors on (a CUDA-only mistake fails here too)."""
+trainer and the diffusers backend put tensors on (a CUDA-only mistake fails here too), down to a
+full training step with the model on the meta device standing in for CUDA (meta_cuda.py). The same
+step runs for the ComfyUI backend (tests/integration/test_gpu_path_comfy.py) and the WebUI's
+(tests/a1111/test_gpu_path_webui.py)."""
 from __future__ import annotations
 
 import numpy as np
