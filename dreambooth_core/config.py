@@ -43,6 +43,10 @@ class TrainConfig:
     # the unconditional side of guidance knows the subject too. 0: off. On the toy model it moved no
     # eval target the right way (README, Quality evaluation); kept for models where users find it does.
     caption_dropout: float = 0.0
+    # Several subjects in one run (dataset/concepts.py): a list of {instance_dir, token, class_noun, repeats,
+    # loss_weight, class_dir}. Empty: the one subject of instance_dir, token and class_noun above. Given, it
+    # replaces them (token and class_noun then name the first subject: previews and the file's picture).
+    concepts: list = field(default_factory=list)
     # model
     model: str = "embedded"
     prediction_type: Optional[str] = None
@@ -141,7 +145,7 @@ class TrainConfig:
             bad("learning_rate", "must be positive")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             bad("resolution", "must be a positive multiple of 8")
-        if self.prior and not (self.class_noun or self.class_prompt):
+        if self.prior and not (self.class_noun or self.class_prompt or self.concepts):  # concepts: checked each
             bad("class_noun", "prior preservation needs the subject's class noun (e.g. 'dog'), or use --no-prior")
         if "{token}" in (self.instance_prompt or "") or self.instance_prompt is None:
             if not self.token.strip():

@@ -26,7 +26,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .. import __version__
 from ..fileio import safe_name
@@ -109,30 +109,35 @@ def subject_metadata(config, backend, steps: int, *, kind: str = "lora", images:
     instance photos trained on; `base_fingerprint`: weights_fingerprint of the base, taken before
     training changed anything (default: the backend's `base_fingerprint()` where it has one);
     `thumbnail`: a data URI (thumbnail_uri), `thumbnail_source` saying what it shows."""
-    phrase = subject_phrase(config.token, config.class_noun)
+    subjects = run_subjects(config, images)
+    phrase = ", ".join(sub["phrase"] for sub in subjects)  # model-spec and LoRA managers: comma-separated
     prompt = config.resolved_instance_prompt()
+    prompts = "; ".join(sub["instance_prompt"] for sub in subjects)
     resolution = int(config.resolution or backend.native_resolution)
     if base_fingerprint is None:
         base_fingerprint = backend.base_fingerprint() if hasattr(backend, "base_fingerprint") else ""
     title = safe_name(config.save_name)
     meta = {
         "ss_output_name": title,
-        "ss_training_comment": f"DreamBooth: {prompt}",
+        "ss_training_comment": f"DreamBooth: {prompts}",
         "ss_steps": str(steps),
         "ss_max_train_steps": str(config.steps),
         "ss_learning_rate": f"{config.resolved_lr():g}",
         "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_num_train_images": str(images),
-        # kohya's folder name "<repeats>_<identifier> <class>" and its captions' tags: the WebUI's card
-        # offers the phrase as the trigger words
-        "ss_tag_frequency": json.dumps({f"1_{phrase}": {phrase: max(1, images)}}),
+        # kohya's folder name "<repeats>_<identifier> <class>" and its captions' tags, one per subject: the
+        # WebUI's card offers the phrases as the trigger words
+        "ss_tag_frequency": json.dumps({f"{sub['repeats']}_{sub['phrase']}": {sub["phrase"]: max(1, sub["images"])}
+                                        for sub in subjects}),
         "ss_sd_model_name": backend.describe(),
         **family_metadata(backend.family, backend.prediction_type, kind),
         "modelspec.title": title,
         "modelspec.trigger_phrase": phrase,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.description": f"DreamBooth subject '{phrase}' ({prompt})",
+        "modelspec.description": (f"DreamBooth subject '{phrase}' ({prompt})" if len(subjects) == 1 else
+                                  "DreamBooth subjects " + ", ".join(f"'{sub['phrase']}'" for sub in subjects)
+                                  + f" ({prompts})"),
         "dreambooth_kind": kind,
         "dreambooth_token": config.token,
         "dreambooth_class_noun": config.class_noun,
@@ -145,6 +150,8 @@ def subject_metadata(config, backend, steps: int, *, kind: str = "lora", images:
         "dreambooth_prior_preservation": str(config.prior).lower(),
         OURS_KEY: __version__,
     }
+    if config.concepts:  # several subjects: each one's identifier, class noun, photos, repeats and loss weight
+        meta["dreambooth_subjects"] = json.dumps(subjects)
     if kind == "lora":
         meta.update({"dreambooth_rank": str(config.rank), "dreambooth_lora_targets": config.lora_targets})
     if thumbnail:
@@ -152,6 +159,20 @@ def subject_metadata(config, backend, steps: int, *, kind: str = "lora", images:
         meta["ssmd_cover_images"] = json.dumps([thumbnail.split(",", 1)[1]])  # the WebUI's card picture
         meta["dreambooth_thumbnail_source"] = thumbnail_source
     return meta
+
+
+def run_subjects(config, images: int) -> List[dict]:
+    """The subjects a run trained: config.concepts (several subjects; each one's `images` filled in when
+    its photos were prepared), or the one of config.token and class_noun with all `images`."""
+    entries = config.concepts or [{"token": config.token, "class_noun": config.class_noun, "images": images}]
+    template = config.instance_prompt or "a photo of {token} {class}"
+    def prompt(e: Mapping) -> str:
+        return template.replace("{token}", e["token"]).replace("{class}", e.get("class_noun") or "").strip()
+
+    return [{"token": e["token"], "class_noun": e.get("class_noun") or "",
+             "phrase": subject_phrase(e["token"], e.get("class_noun") or ""), "instance_prompt": prompt(e),
+             "images": int(e.get("images") or 0), "repeats": int(e.get("repeats", 1)),
+             "loss_weight": float(e.get("loss_weight", 1.0))} for e in entries]
 
 
 def lora_metadata(config, backend, steps: int, **extra) -> Dict[str, str]:
@@ -182,6 +203,17 @@ class Subject:
     base_model: str
     thumbnail: str  # data URI, or "" where the file has none
     kind: str
+    phrases: Tuple[str, ...] = ()  # each subject's phrase: one, or several where one run trained several
+
+
+def _phrases(m: Mapping[str, str], phrase: str) -> Tuple[str, ...]:
+    """Each subject's phrase: from dreambooth_subjects (a file of several subjects), else the one phrase."""
+    try:
+        subjects = json.loads(m.get("dreambooth_subjects") or "[]")
+        found = tuple(str(sub["phrase"]) for sub in subjects if sub.get("phrase"))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        found = ()
+    return found or (phrase,)
 
 
 def read_subject(metadata: Mapping[str, str]) -> Optional[Subject]:
@@ -190,8 +222,9 @@ def read_subject(metadata: Mapping[str, str]) -> Optional[Subject]:
     if OURS_KEY not in m:
         return None
     token, noun = m.get("dreambooth_token", ""), m.get("dreambooth_class_noun", "")
-    return Subject(title=m.get("modelspec.title") or m.get("ss_output_name", ""),
-                   phrase=m.get("modelspec.trigger_phrase") or subject_phrase(token, noun),
+    phrase = m.get("modelspec.trigger_phrase") or subject_phrase(token, noun)
+    return Subject(title=m.get("modelspec.title") or m.get("ss_output_name", ""), phrase=phrase,
+                   phrases=_phrases(m, phrase),
                    token=token, class_noun=noun, instance_prompt=m.get("dreambooth_instance_prompt", ""),
                    family=m.get("dreambooth_base_family", ""), fingerprint=m.get("dreambooth_base_fingerprint", ""),
                    base_model=m.get("dreambooth_base_model", ""), thumbnail=m.get("modelspec.thumbnail", ""),

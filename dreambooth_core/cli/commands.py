@@ -55,6 +55,10 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
         data = prepare_instance_images(config)
         if main:
             log(data.summary())
+            for c in config.concepts:
+                phrase = f"{c['token']} {c['class_noun']}".strip()
+                log(f"subject '{phrase}': {c['images']} image(s), repeats {c['repeats']}, "
+                    f"loss weight {c['loss_weight']:g}")
         try:
             result = run_job(backend, config, data, host, release_frozen=lean, log=log)
         finally:

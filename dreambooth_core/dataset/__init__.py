@@ -18,6 +18,7 @@ One module per job; the flow runs one way, into `prepare`:
   crops       aspect-ratio buckets, training sizes, cover-and-crop
   report      per-file status and notes; DatasetError
   prepare     prepare_dataset and the PreparedDataset it returns
+  concepts    several subjects in one run: the concept list, its checks, their photos combined
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from .colour import ALPHA_BACKGROUND
 from .crops import CROPS, bucket_sizes
 from .decode import MAX_PIXELS
 from .duplicates import NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_COLOUR
+from .concepts import Concept, combine, parse_concepts, read_concepts_file
 from .prepare import PreparedDataset, TrainImage, prepare_dataset
 from .report import DatasetError, FileReport
 from .sources import IMAGE_EXTS
 
 __all__ = [
-    "ALPHA_BACKGROUND", "CAPTION_EXTS", "CROPS", "DatasetError", "FileReport", "IMAGE_EXTS", "MAX_PIXELS",
+    "ALPHA_BACKGROUND", "CAPTION_EXTS", "CROPS", "Concept", "DatasetError", "FileReport", "IMAGE_EXTS", "MAX_PIXELS",
     "NEAR_DUPLICATE_BITS", "NEAR_DUPLICATE_COLOUR", "PreparedDataset", "TrainImage", "bucket_sizes",
-    "fill_caption", "prepare_dataset",
+    "combine", "fill_caption", "parse_concepts", "prepare_dataset", "read_concepts_file",
 ]

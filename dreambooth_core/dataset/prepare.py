@@ -28,6 +28,12 @@ class TrainImage:
     caption: str
     source: str  # path relative to the input folder, or "memory[i]"
     mask: Optional[Image.Image] = None  # "L", the image's size; 255 = the subject (masked loss)
+    # Several subjects in one run (concepts.py): how often this image is drawn relative to others (kohya's
+    # subset repeats), what its instance loss is multiplied by, and the class prompt whose class images
+    # preserve its class ("" in a one-subject run: every class image does).
+    repeats: int = 1
+    loss_weight: float = 1.0
+    class_prompt: str = ""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, replace
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 #: Whole-word CLIP tokens made of letters with an id below this are everyday words or names
 #: ("red" 736, "photo" 1125, "dog" 1929, "purple" 5496, "backpack" 14894): poor identifiers.
@@ -157,3 +157,28 @@ def suggest_tokens(tokenizers: list, n: int = 5, seed: int = 0) -> List[str]:
             if len(out) == n:
                 break
     return out
+
+
+def require_distinct_identifiers(subjects: Sequence[Tuple[str, str]]) -> None:
+    """Several subjects in one run, as (identifier, class noun) pairs: raise TokenError naming the
+    clash when two subjects share an identifier (one token cannot call up two subjects), or when an
+    identifier is a word of a subject's class noun (prior preservation trains the class noun to mean
+    the whole class, which pulls that subject back to it)."""
+    def phrase(i: int) -> str:
+        token, noun = subjects[i]
+        return f"subject {i + 1} ('{f'{token} {noun}'.strip()}')"
+
+    seen: Dict[str, int] = {}
+    for i, (token, _) in enumerate(subjects):
+        key = token.strip().lower()  # CLIP lowercases: 'SKS' and 'sks' are one token
+        if key in seen:
+            raise TokenError(f"identifier {token!r} is used by {phrase(seen[key])} and {phrase(i)}: each subject "
+                             "needs its own rare token (e.g. sks, ohwx)")
+        seen[key] = i
+    nouns = {word.lower(): i for i, (_, noun) in enumerate(subjects) for word in noun.split()}
+    for i, (token, _) in enumerate(subjects):
+        j = nouns.get(token.strip().lower())
+        if j is not None:
+            whose = "its own class noun" if j == i else f"the class noun of {phrase(j)}"
+            raise TokenError(f"identifier {token!r} of {phrase(i)} is {whose}: the class images train that word "
+                             "to mean the whole class; give the subject a rare token (e.g. sks, ohwx)")

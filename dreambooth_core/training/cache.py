@@ -1,6 +1,7 @@
 """What a run computes once before its first step: VAE latents of every training image (and of its
 mirror image when flipping is allowed), grouped by size into buckets, the subject masks at latent
-size, and, while the text encoders are frozen, the embedding of every caption."""
+size, and, while the text encoders are frozen, the embedding of every caption. In a run of several
+subjects (dataset/concepts.py) a bucket also holds each image's repeats, loss weight and class prompt."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ class Bucket:
     captions: List[str]
     size: tuple  # (H, W) in pixels
     masks: Optional[torch.Tensor] = None  # (N, 1, h, w) in [0, 1] at latent size: subject masks
+    # Several subjects; each None where it would not change the run (see concept_fields):
+    repeats: Optional[torch.Tensor] = None  # (N,) on the CPU: how often each image is drawn, relative
+    loss_weights: Optional[torch.Tensor] = None  # (N,) on the CPU: each image's instance-loss factor
+    class_prompts: Optional[List[str]] = None  # the class prompt whose class images pair with each image
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -39,15 +44,37 @@ def cache_images(backend: Backend, examples: Sequence, flip: bool) -> List[Bucke
     groups: Dict[tuple, list] = {}
     for ex in examples:
         groups.setdefault((ex.image.height, ex.image.width), []).append(ex)
+    fields = concept_fields(examples)
     buckets = []
     for size, items in sorted(groups.items()):
         pixels = torch.stack([pil_to_tensor(ex.image) for ex in items])
         latents = _encode(backend, pixels)
         flipped = _encode(backend, pixels.flip(-1)) if flip else None
         masks = latent_masks(items, latents.shape[-2:])
-        buckets.append(Bucket(latents, flipped, [ex.caption for ex in items], size,
-                              None if masks is None else masks.to(latents.device)))
+        bucket = Bucket(latents, flipped, [ex.caption for ex in items], size,
+                        None if masks is None else masks.to(latents.device))
+        if "repeats" in fields:
+            bucket.repeats = torch.tensor([float(ex.repeats) for ex in items])
+        if "loss_weight" in fields:
+            bucket.loss_weights = torch.tensor([float(ex.loss_weight) for ex in items])
+        if "class_prompt" in fields:
+            bucket.class_prompts = [ex.class_prompt for ex in items]
+        buckets.append(bucket)
     return buckets
+
+
+def concept_fields(examples: Sequence) -> set:
+    """Which per-subject fields (dataset.TrainImage: repeats, loss_weight, class_prompt) change the run:
+    repeats and class prompts that differ between images, a loss weight other than 1. A run of one
+    subject has none, and draws exactly as before subjects could be several."""
+    out = set()
+    if len({getattr(ex, "repeats", 1) for ex in examples}) > 1:
+        out.add("repeats")
+    if any(getattr(ex, "loss_weight", 1.0) != 1.0 for ex in examples):
+        out.add("loss_weight")
+    if len({getattr(ex, "class_prompt", "") for ex in examples}) > 1:
+        out.add("class_prompt")
+    return out
 
 
 def _encode(backend: Backend, pixels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .schedules import (PREDICTION_TYPES, DiscreteSchedule, FlowSchedule, Noised
 
 __all__ = ["PREDICTION_TYPES", "DiscreteSchedule", "FlowSchedule", "NoisedBatch", "Schedule", "make_batch",
            "refuse_min_snr", "schedule_settings", "shift_sigmas", "snr", "sample_noise", "per_sample_mse",
-           "LossParts", "dreambooth_loss", "dreambooth_loss_by_part"]
+           "LossParts", "InstanceWeights", "dreambooth_loss", "dreambooth_loss_by_part"]
 
 
 def sample_noise(shape: torch.Size | tuple, generator: torch.Generator, offset_noise: float = 0.0) -> torch.Tensor:
@@ -37,6 +37,26 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 
 @dataclass
+class InstanceWeights:
+    """How much each instance sample counts where a factor per sample is needed beside the masks: a
+    subject's loss weight multiplies its samples' losses, while a mask only weights within a sample
+    (each sample's loss is its weighted mean, so a factor folded into the mask would cancel)."""
+
+    elements: torch.Tensor | None  # the instance latents' shape (masked loss), or None
+    samples: torch.Tensor  # (n_instance,): each sample's factor
+
+    def to(self, device) -> "InstanceWeights":
+        return InstanceWeights(None if self.elements is None else self.elements.to(device), self.samples.to(device))
+
+
+def _split(instance_weight: "torch.Tensor | InstanceWeights | None"):
+    """(element weights or None, sample factors or None) of a draw's instance weights."""
+    if isinstance(instance_weight, InstanceWeights):
+        return instance_weight.elements, instance_weight.samples
+    return instance_weight, None
+
+
+@dataclass
 class LossParts:
     total: torch.Tensor
     instance: torch.Tensor
@@ -44,25 +64,30 @@ class LossParts:
 
 
 def dreambooth_loss(pred: torch.Tensor, batch: NoisedBatch, n_instance: int,
-                    prior_weight: float, instance_weight: torch.Tensor | None = None) -> LossParts:
+                    prior_weight: float, instance_weight: torch.Tensor | InstanceWeights | None = None) -> LossParts:
     """Instance samples come first in the batch, class samples after them. `instance_weight`
     (the instance latents' shape) weights each instance element, a masked loss: each sample's
-    loss is then its weighted mean, so a small subject counts as much as a large one."""
+    loss is then its weighted mean, so a small subject counts as much as a large one. As
+    InstanceWeights it also multiplies each instance sample's loss by its subject's loss weight."""
+    elements, samples = _split(instance_weight)
     weight = None
-    if instance_weight is not None:
+    if elements is not None:
         weight = torch.ones(pred.shape[0], batch.target[0].numel(), device=pred.device)
-        weight[:n_instance] = instance_weight.flatten(1)
+        weight[:n_instance] = elements.flatten(1)
     losses = per_sample_mse(pred, batch.target, weight) * batch.weight
-    return _combine(losses[:n_instance], losses[n_instance:] if n_instance < losses.shape[0] else None,
-                    prior_weight)
+    instance = losses[:n_instance] if samples is None else losses[:n_instance] * samples.to(losses)
+    return _combine(instance, losses[n_instance:] if n_instance < losses.shape[0] else None, prior_weight)
 
 
 def dreambooth_loss_by_part(preds: Sequence[torch.Tensor], batches: Sequence[NoisedBatch], prior_weight: float,
-                            instance_weight: torch.Tensor | None = None) -> LossParts:
+                            instance_weight: torch.Tensor | InstanceWeights | None = None) -> LossParts:
     """`dreambooth_loss` of an instance part and (optionally) a class part predicted apart: a non-square
     bucket's latents have another size than the square class images' and cannot share a batch.
     Each sample's loss depends only on its own part, so for equal sizes this is the merged loss."""
-    instance = per_sample_mse(preds[0], batches[0].target, instance_weight) * batches[0].weight
+    elements, samples = _split(instance_weight)
+    instance = per_sample_mse(preds[0], batches[0].target, elements) * batches[0].weight
+    if samples is not None:
+        instance = instance * samples.to(instance)
     prior = per_sample_mse(preds[1], batches[1].target) * batches[1].weight if len(preds) > 1 else None
     return _combine(instance, prior, prior_weight)
 
