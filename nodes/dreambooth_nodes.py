@@ -133,6 +133,18 @@ class DreamBoothDataset_:
                 "mask_from_alpha": ("BOOLEAN", {"default": False,
                                                 "tooltip": "Masked loss for a folder of cut-outs: each photo's "
                                                            "transparency is its subject mask."}),
+                "dataset": (DATASET, {"tooltip": "Several subjects in one run: another DreamBooth Dataset; this "
+                                                 "subject is added to its subjects, and Train makes one LoRA that "
+                                                 "knows them all. Each needs its own identifier."}),
+                "class_images": (CLASS_IMAGES, {"tooltip": "This subject's class images (prior preservation). "
+                                                           "Needed when chained subjects are of different classes; "
+                                                           "subjects of one class can share a Class Images node, "
+                                                           "or use Train's class_images."}),
+                "repeats": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                    "tooltip": "With chained subjects: how often this subject's photos are drawn "
+                                               "relative to the others' (kohya's repeats: 2 = twice as often)."}),
+                "loss_weight": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.05,
+                                          "tooltip": "Multiplies this subject's instance loss (1: as the others)."}),
             },
         }
 
@@ -157,13 +169,14 @@ class DreamBoothDataset_:
 
     def prepare(self, clip, folder, token, class_noun, resolution, crop, flip, images=None, path="",
                 caption_template="a photo of {token} {class}", subject_mask=None, mask_from_alpha=False,
-                captions=None):
+                captions=None, dataset=None, class_images=None, repeats=1, loss_weight=1.0):
         from ..dreambooth_core.dataset import prepare_dataset
         from ..dreambooth_core.dataset.tokens import TokenError, require_single_token
         from .comfy_backend import clip_tokenizers
 
         clip, folder, token, class_noun, resolution, crop, flip, path, caption_template, mask_from_alpha = map(
             _one, (clip, folder, token, class_noun, resolution, crop, flip, path, caption_template, mask_from_alpha))
+        previous, class_images, repeats, loss_weight = map(_one, (dataset, class_images, repeats, loss_weight))
         images, subject_mask = _each_image(images), _each_image(subject_mask)
         token = (token or "").strip()
         class_noun = (class_noun or "").strip()
@@ -171,6 +184,7 @@ class DreamBoothDataset_:
             check = require_single_token(clip_tokenizers(clip), token)
         except TokenError as exc:
             raise ValueError(f"DreamBooth Dataset: identifier token: {exc}") from None
+        _check_chain(previous, token, class_noun, int(resolution), bool(flip))
         masks = "alpha" if mask_from_alpha else None
         if subject_mask is not None:
             if images is None or (path or "").strip():
@@ -188,11 +202,38 @@ class DreamBoothDataset_:
                                    caption_template=caption_template or "a photo of {token} {class}",
                                    resolution=int(resolution), crop=crop, flip=bool(flip), masks=masks,
                                    captions=captions)
-        dataset = DreamBoothDataset(prepared, token, class_noun, caption_template, where, check.message)
+        dataset = DreamBoothDataset(prepared, token, class_noun, caption_template, where, check.message,
+                                    repeats=int(repeats), loss_weight=float(loss_weight), class_images=class_images,
+                                    previous=previous)
         preview = _images_to_tensor([item.image for item in prepared.items])
         text = f"{check.message}\n{prepared.report_text()}"
+        if previous is not None:
+            phrases = ", ".join(repr(f"{d.token} {d.class_noun}".strip()) for d in dataset.subjects())
+            text = f"subjects: {phrases}\n{text}"
         log.info("DreamBooth Dataset: %s", prepared.summary())
         return {"ui": {"text": [text]}, "result": (dataset, preview)}
+
+
+def _check_chain(previous, token: str, class_noun: str, resolution: int, flip: bool) -> None:
+    """A subject chained onto others: refused at once where the run would refuse it (a clashing
+    identifier, another resolution or flip), naming both subjects."""
+    from ..dreambooth_core.dataset.tokens import TokenError, require_distinct_identifiers
+
+    if previous is None:
+        return
+    if not isinstance(previous, DreamBoothDataset):
+        raise ValueError("DreamBooth Dataset: 'dataset' must come from another DreamBooth Dataset node")
+    chain = previous.subjects()
+    try:
+        require_distinct_identifiers([(d.token, d.class_noun) for d in chain] + [(token, class_noun)])
+    except TokenError as exc:
+        raise ValueError(f"DreamBooth Dataset: {exc}") from None
+    first = chain[0]
+    for name, mine, theirs in (("resolution", resolution, first.resolution), ("flip", flip, first.flip)):
+        if mine != theirs:
+            raise ValueError(f"DreamBooth Dataset: {name} is {mine}, but the chained subject "
+                             f"'{first.token} {first.class_noun}' has {theirs}; one run trains every subject with "
+                             f"the same {name}")
 
 
 class DreamBoothClassImages_:
@@ -386,16 +427,21 @@ class DreamBoothTrain_:
 
         if not isinstance(dataset, DreamBoothDataset):
             raise ValueError("DreamBooth Train: 'dataset' must come from a DreamBooth Dataset node")
-        prior = class_images is not None and prior_weight > 0
+        subjects = dataset.subjects()
+        sets = _class_sets(subjects, class_images) if prior_weight > 0 else [None] * len(subjects)
+        prior = sets[0] is not None
         class_items = None
         if prior:
-            class_set = class_images.image_set.load(resolution=dataset.resolution, crop="center")
-            class_items = class_set.items
+            distinct = list({id(s): s for s in sets}.values())
+            class_items = [item for s in distinct
+                           for item in s.image_set.load(resolution=dataset.resolution, crop="center").items]
+        data, concepts = _training_set(subjects, sets)
         config = TrainConfig(
-            token=dataset.token, class_noun=dataset.class_noun, instance_prompt=dataset.caption_template or None,
-            class_prompt=class_images.prompt if prior else None, resolution=dataset.resolution, crop=dataset.crop,
+            token=subjects[0].token, class_noun=subjects[0].class_noun,
+            instance_prompt=subjects[0].caption_template or None,
+            class_prompt=sets[0].prompt if prior else None, resolution=dataset.resolution, crop=data.crop,
             flip=dataset.flip, prior=prior, prior_weight=float(prior_weight),
-            caption_dropout=float(caption_dropout),
+            caption_dropout=float(caption_dropout), concepts=concepts if len(subjects) > 1 else [],
             num_class_images=len(class_items) if class_items else 1, mode=mode, rank=int(rank),
             alpha=float(alpha) if alpha > 0 else None, lora_targets=lora_targets,
             train_text_encoder=bool(train_text_encoder),
@@ -421,7 +467,7 @@ class DreamBoothTrain_:
             log.info("DreamBooth Train: %s, %d steps, %s, device %s, compute %s -> %s", mode, steps,
                      "prior preservation" if prior else "no prior", backend.device, dtype, config.output_dir)
             try:
-                result = run_job(backend, config, dataset.prepared, host, class_items=class_items)
+                result = run_job(backend, config, data, host, class_items=class_items)
             finally:
                 backend.release()
             if result.status == "cancelled":
@@ -442,6 +488,37 @@ class DreamBoothTrain_:
             lora = comfy.utils.load_torch_file(saved) if mode == "lora" else {}
             return {"ui": {"text": [text], "lora_path": [saved]},
                     "result": (out_model, out_clip, saved, curve, lora)}
+
+
+def _class_sets(subjects, shared):
+    """Each subject's class images: its Dataset node's own, else Train's `class_images` (None: no prior
+    preservation). Refused, naming the subjects, where some have class images and others none, or
+    where Train's one set would serve subjects of several classes."""
+    sets = [d.class_images or shared for d in subjects]
+    if all(s is None for s in sets):
+        return sets
+    lacking = [f"'{d.token} {d.class_noun}'" for d, s in zip(subjects, sets) if s is None]
+    if lacking:
+        raise ValueError(f"DreamBooth Train: prior preservation needs class images for every subject; "
+                         f"{', '.join(lacking)} has none: connect a DreamBooth Class Images node of its class to its "
+                         "Dataset node's class_images (or set prior_weight to 0)")
+    nouns = sorted({d.class_noun for d, s in zip(subjects, sets) if s is shared})
+    if len(nouns) > 1:
+        raise ValueError(f"DreamBooth Train: class_images ({shared.prompt!r}) would serve subjects of several "
+                         f"classes ({', '.join(nouns)}): connect each class's DreamBooth Class Images to the "
+                         "class_images input of its subjects' Dataset nodes")
+    return sets
+
+
+def _training_set(subjects, sets):
+    """The chained subjects' photos as one training set, and the concepts the run's config records
+    (dreambooth_core.dataset.concepts): each image carries its subject's repeats, loss weight and the
+    prompt of its class images, which pairs its prior samples with them."""
+    from ..dreambooth_core.dataset.concepts import Concept, combine
+
+    parts = [(Concept(None, d.token, d.class_noun, d.repeats, d.loss_weight, images=len(d.prepared.items)),
+              d.prepared, s.prompt if s is not None else "") for d, s in zip(subjects, sets)]
+    return combine(parts), [c.to_dict() for c, _, _ in parts]
 
 
 class DreamBoothSampleGrid_:

@@ -43,7 +43,8 @@ class DreamBoothLoadSubject:
     RETURN_NAMES = ("model", "clip", "subject")
     OUTPUT_TOOLTIPS = ("The model with the subject.", "The text encoder with the subject.",
                        "The phrase that calls the subject up (e.g. 'sks dog'): wire it into DreamBooth Subject "
-                       "Prompt.")
+                       "Prompt. A file trained on several subjects in one run gives every subject's phrase, "
+                       "comma-separated ('sks dog, ohwx cat'), as its trigger phrase lists them.")
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a subject trained by DreamBooth Train, with the phrase that calls it up. Chain several."

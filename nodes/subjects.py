@@ -84,8 +84,8 @@ def listing() -> List[dict]:
     out = []
     for name in names():
         s = read(folder_paths.get_full_path("loras", name))
-        out.append({"name": name, "title": s.title, "phrase": s.phrase, "family": s.family,
-                    "base_model": s.base_model, "thumbnail": s.thumbnail})
+        out.append({"name": name, "title": s.title, "phrase": s.phrase, "phrases": list(s.phrases),
+                    "family": s.family, "base_model": s.base_model, "thumbnail": s.thumbnail})
     return out
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List, Optional
 
 DATASET = "DREAMBOOTH_DATASET"
 CLASS_IMAGES = "DREAMBOOTH_CLASS_IMAGES"
@@ -18,6 +18,16 @@ class DreamBoothDataset:
     caption_template: str
     source: str  # folder path, or "IMAGE input"
     token_message: str = ""
+    # Several subjects in one run: how often this subject's photos are drawn relative to the others', the
+    # factor of its instance loss, its own class images, and the dataset it was chained onto.
+    repeats: int = 1
+    loss_weight: float = 1.0
+    class_images: Optional["DreamBoothClassImages"] = None
+    previous: Optional["DreamBoothDataset"] = None
+
+    def subjects(self) -> List["DreamBoothDataset"]:
+        """Every subject of the chain, the first connected first."""
+        return (self.previous.subjects() if self.previous is not None else []) + [self]
 
     @property
     def resolution(self) -> int:
@@ -32,7 +42,9 @@ class DreamBoothDataset:
         return self.prepared.flip
 
     def __repr__(self) -> str:  # shown by the host in error reports
-        return f"DreamBoothDataset({len(self.prepared.items)} images, {self.token!r} {self.class_noun!r}, {self.source})"
+        more = f" + {len(self.subjects()) - 1} chained" if self.previous is not None else ""
+        return (f"DreamBoothDataset({len(self.prepared.items)} images, {self.token!r} {self.class_noun!r}, "
+                f"{self.source}{more})")
 
 
 @dataclass
