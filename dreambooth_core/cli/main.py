@@ -97,16 +97,6 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="sampling steps of the picture stored in the saved file (default 20; 0: the first photo)")
 
 
-def _concepts_file(path: str) -> list:
-    """--concepts FILE: the concepts it lists, as config entries."""
-    from ..dataset.concepts import read_concepts_file
-
-    try:
-        return [c.to_dict() for c in read_concepts_file(path)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m dreambooth_core",
                                    description="DreamBooth training (Ruiz et al. 2022) with prior preservation.")
@@ -120,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train DreamBooth on your own images")
     p.add_argument("--config", help="TOML or JSON file with the same settings (flags override it)")
     p.add_argument("--force-token", action="store_true", help="train even if the token splits")
-    p.add_argument("--concepts", type=_concepts_file, default=S, metavar="FILE",
+    p.add_argument("--concepts", dest="concepts_file", default=S, metavar="FILE",
                    help="several subjects in one run: a JSON (or TOML) list of {instance_dir, token, class_noun, "
                         "repeats, loss_weight, class_dir}, folders relative to the file; replaces --instance-dir, "
                         "--token and --class-noun (README: several subjects in one run)")
