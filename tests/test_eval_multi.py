@@ -114,11 +114,11 @@ def test_tiny_multi_eval_prints_the_table_and_the_ratios(tiny_run):
     assert code == 0
     lines = printed.strip().splitlines()
     assert lines[-1].startswith("leak_ratio=") and "fidelity_ratio=" in lines[-1] and "prompt_ratio=" in lines[-1]
-    assert "| joint training (one LoRA, both subjects)     | not run" in printed
+    assert "joint_leak_ratio=" in lines[-1] and "not run" not in printed
     results = json.loads((out / "results.json").read_text())
     pair = results["pairs"][0]
-    assert pair["pair"] == ["diagonal-star", "target-circle"] and pair["joint"] is None
-    for method in ("alone", "stacking", "regional"):
+    assert pair["pair"] == ["diagonal-star", "target-circle"]
+    for method in multi.METHODS:
         assert len(pair[method]["fidelity"]) == 2 and 0 <= pair[method]["leakage"] <= 1
         assert 0 <= pair[method]["prompt"] <= 1
     # Regional composition gives each region exactly its own LoRA and noise: each half is that subject alone
@@ -135,27 +135,52 @@ def test_tiny_multi_eval_prints_the_table_and_the_ratios(tiny_run):
 
     assert Image.open(out / "two_subjects.png").size[0] > 64 * 3
     assert (out / "loras" / "diagonal-star.safetensors").is_file()
+    assert (out / "loras" / f"{multi.joint_name(multi.PAIRS[0])}.safetensors").is_file()
 
 
-def test_the_joint_training_hook_fills_its_row(tiny_run, backend, monkeypatch):
-    """Item 3's hook: whatever LoRA it returns is sampled in both regions and scored like the others. A stand-in
-    returning the first subject's own LoRA must reproduce that subject alone on the left, and not on the right."""
+def test_the_joint_row_samples_one_lora_in_both_regions(tiny_run, backend):
+    """The joint LoRA is sampled in both regions and scored like the others. Given the first subject's own
+    LoRA as the "joint" one, the left half must be that subject alone, and the right half not."""
     _, _, out = tiny_run
     pair = multi.PAIRS[0]
     paths = [str(out / "loras" / f"{s.name}.safetensors") for s in pair]
-    calls = []
-
-    def joint(pair_, tokens, plan, output):
-        calls.append((pair_, tuple(tokens), output))
-        return paths[0]
-
-    monkeypatch.setattr(multi, "JOINT_TRAINING", joint)
     plan = multi.MultiPlan(pairs=(pair,), seeds=(0,), sample_steps=4)
-    entry, rows = multi.evaluate_pair(backend, pair, paths, plan, out, log=lambda *_: None)
-    assert calls == [(pair, multi.TOKENS, out)]
-    assert set(rows) == {"alone", "stacking", "regional", "joint"} and rows["joint"][0].shape == (32, 64, 3)
+    entry, rows = multi.evaluate_pair(backend, pair, paths, paths[0], plan, log=lambda *_: None)
+    assert set(rows) == set(multi.METHODS) and rows["joint"][0].shape == (32, 64, 3)
     left = np.abs(rows["joint"][0][:, :32].astype(int) - rows["alone"][0][:, :32])
     right = np.abs(rows["joint"][0][:, 32:].astype(int) - rows["alone"][0][:, 32:])
     assert left.max() <= 1 and right.mean() > 2
     table = multi.format_tables({"pairs": [entry]})
-    assert "not run" not in table and f"{entry['joint']['leakage']:9.3f}" in table
+    assert f"{entry['joint']['leakage']:9.3f}" in table
+
+
+def test_the_joint_lora_is_one_run_of_both_subjects(tiny_run):
+    """Both subjects as concepts of one run: its file adapts the same modules as a subject's own, and the
+    run's own file names both subjects under their identifiers."""
+    from safetensors import safe_open
+
+    from dreambooth_core.adapters.metadata import read_subject
+
+    _, _, out = tiny_run
+    pair = multi.PAIRS[0]
+    with safe_open(str(out / "loras" / f"{pair[0].name}.safetensors"), "pt") as f:
+        own = set(f.keys())
+    name = multi.joint_name(pair)
+    with safe_open(str(out / "loras" / f"{name}.safetensors"), "pt") as f:
+        joint = set(f.keys())
+    assert joint == own
+    with safe_open(str(out / "runs" / name / f"{name}.safetensors"), "pt") as f:
+        phrases = read_subject(f.metadata()).phrases
+    assert list(phrases) == [f"{t} {s.class_noun}" for s, t in zip(pair, multi.TOKENS)]
+
+
+def test_the_cli_runs_eval_multi(capsys):
+    from dreambooth_core.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--multi", "--help"])
+    assert exit_.value.code == 0
+    assert "python -m dreambooth_core eval --multi" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--multi" in capsys.readouterr().out

@@ -162,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("eval", help="the paper's DreamBench protocol in miniature, on the toy world")
+    p.add_argument("--multi", action="store_true",
+                   help="two subjects in one image instead: LoRA stacking, regional composition and joint "
+                        "training (its options: eval --multi --help)")
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (6-14 min on 2 CPU cores)")
     p.add_argument("--output", default="eval_out", help="folder for results.json and the sample sheet")
     p.add_argument("--subjects", type=int, default=None, help="evaluate only the first N subjects")
@@ -190,6 +193,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"] and "--multi" in argv:  # two subjects in one image: its own flags (eval --multi -h)
+        from ..evaluation.multi import main as multi_main
+
+        return multi_main(argv[1:])
     args = parser().parse_args(argv)
     from . import commands
 

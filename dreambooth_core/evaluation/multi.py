@@ -10,8 +10,9 @@ as one image:
   two LoRAs with Load LoRA and area prompts does);
 - **regional composition**: each region with only its own LoRA (ComfyUI's hook LoRAs on area
   conditioning; dreambooth_core.sampling.regional);
-- **joint training**: one LoRA trained on both subjects (issue 38 item 3) — `JOINT_TRAINING` below,
-  filled when that lands; until then its row says it was not run.
+- **joint training**: one LoRA trained on both subjects in one run (their concepts: each subject's
+  photos under its own identifier, each class's prior), twice the steps of a single subject's run so
+  each subject gets as many draws; both regions sample that one LoRA.
 
 Per pair and method it reports each subject's fidelity (on its half), leakage (share of a subject's
 object in the colours only the other subject wears), cross-similarity (a half's descriptor against
@@ -28,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,12 +52,6 @@ METHODS = ("alone", "stacking", "regional", "joint")
 LABELS = {"alone": "each alone (its own LoRA and image)", "stacking": "LoRA stacking (both LoRAs, area prompts)",
           "regional": "regional composition (hook LoRAs per area)",
           "joint": "joint training (one LoRA, both subjects)"}
-
-#: Issue 38 item 3's hook: trains one LoRA on both subjects of a pair (tokens as given) and returns the
-#: file's path; called as JOINT_TRAINING(pair, TOKENS, plan, output_dir). None until joint training lands:
-#: the table then says that row was not run instead of printing a number.
-JOINT_TRAINING: Optional[Callable[[Pair, Sequence[str], "MultiPlan", Path], str]] = None
-
 
 @dataclass
 class MultiPlan:
@@ -120,44 +115,65 @@ def score_pair(halves: Sequence[Tuple[np.ndarray, np.ndarray]], pair: Pair, aske
 
 # --- training (one process per subject) -------------------------------------------------------
 
-def train_subject(subject: tw.Subject, token: str, index: int, plan: MultiPlan, output: Path) -> str:
-    """The single-subject protocol's DreamBooth LoRA (prior preservation) for one subject; its file."""
+def _subject_photos(subject: tw.Subject, token: str, plan: MultiPlan):
+    """The subject's instance photos, prepared; the same for its own run and a joint one."""
+    from ..dataset import prepare_dataset
+
+    views = tw.subject_views(subject, plan.instance_images, seed=1000 + tw.EVAL_SUBJECTS.index(subject), size=SIZE)
+    return prepare_dataset(views, token=token, class_noun=subject.class_noun, resolution=SIZE)
+
+
+def _train(subjects: Sequence[tw.Subject], tokens: Sequence[str], seed: int, plan: MultiPlan, output: Path,
+           name: str) -> str:
+    """The single-subject protocol's DreamBooth LoRA (prior preservation) of these subjects in one run
+    (several: as concepts, each class's images paired with its own subjects); its file."""
     from ..adapters.kohya import save_lora
     from ..backends.diffusers_loading import load_backend
     from ..class_images.cache import ensure_class_images
     from ..config import TrainConfig
-    from ..dataset import prepare_dataset
+    from ..dataset.concepts import Concept, combine
     from ..training.trainer import train
 
     import torch
 
     backend = load_backend("embedded")
     settings = SampleSettings(width=SIZE, height=SIZE, **dict(protocol.SAMPLING, steps=plan.sample_steps))
-    views = tw.subject_views(subject, plan.instance_images, seed=1000 + index, size=SIZE)
-    data = prepare_dataset(views, token=token, class_noun=subject.class_noun, resolution=SIZE)
-    class_set = ensure_class_images(backend, output / "class_images", protocol.class_prompt(subject),
-                                    plan.class_images, settings, seed=0)
-    config = TrainConfig(**dict(protocol.TRAIN, token=token), class_noun=subject.class_noun, prior=True,
-                         steps=plan.steps, seed=index, output_dir=str(output / "runs" / subject.name),
-                         save_name=subject.name)
-    result = train(backend, config, data.items, class_set.load(resolution=SIZE).items)
-    path = output / "loras" / f"{subject.name}.safetensors"
+    parts, class_items = [], []
+    for subject, token in zip(subjects, tokens):
+        prompt = protocol.class_prompt(subject)
+        parts.append((Concept(None, token, subject.class_noun), _subject_photos(subject, token, plan), prompt))
+        class_set = ensure_class_images(backend, output / "class_images", prompt, plan.class_images, settings, seed=0)
+        class_items += class_set.load(resolution=SIZE).items
+    data = parts[0][1] if len(parts) == 1 else combine(parts)
+    concepts = [c.to_dict() for c, _, _ in parts] if len(parts) > 1 else []  # the file names every subject
+    config = TrainConfig(**dict(protocol.TRAIN, token=tokens[0]), class_noun=subjects[0].class_noun, prior=True,
+                         steps=plan.steps * len(subjects), seed=seed, output_dir=str(output / "runs" / name),
+                         save_name=name, concepts=concepts)
+    result = train(backend, config, data.items, class_items)
+    path = output / "loras" / f"{name}.safetensors"
     save_lora(result.network, path, dtype=torch.float32)
     return str(path)
 
 
+def joint_name(pair: Pair) -> str:
+    return f"joint-{pair[0].name}+{pair[1].name}"
+
+
 def _train_all(jobs: List[Tuple[tw.Subject, str]], plan: MultiPlan, output: Path, workers: int, log) -> Dict[str, str]:
+    """Each subject's own LoRA and each pair's joint one, in parallel processes; {name: file}."""
+    runs = [((s,), (t,), i, s.name) for i, (s, t) in enumerate(jobs)]
+    runs += [(pair, TOKENS, 0, joint_name(pair)) for pair in plan.pairs]
     if workers == 1:
-        paths = [train_subject(s, t, i, plan, output) for i, (s, t) in enumerate(jobs)]
+        paths = [_train(*run[:3], plan, output, run[3]) for run in runs]
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=protocol._limit_threads, initargs=(threads,)) as pool:
-            futures = [pool.submit(train_subject, s, t, i, plan, output) for i, (s, t) in enumerate(jobs)]
+            futures = [pool.submit(_train, *run[:3], plan, output, run[3]) for run in runs]
             paths = [f.result() for f in futures]
-    for (subject, token), path in zip(jobs, paths):
-        log(f"trained {token} {subject.class_noun} ({subject.name}): {path}")
-    return {s.name: p for (s, _), p in zip(jobs, paths)}
+    for (subjects, tokens, _, name), path in zip(runs, paths):
+        log(f"trained {' + '.join(f'{t} {s.class_noun}' for s, t in zip(subjects, tokens))} ({name}): {path}")
+    return {run[3]: p for run, p in zip(runs, paths)}
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -201,20 +217,17 @@ def _networks(backend, paths: Sequence[str]):
 
 # --- the run ----------------------------------------------------------------------------------
 
-def evaluate_pair(backend, pair: Pair, lora_paths: Sequence[str], plan: MultiPlan, output: Path,
+def evaluate_pair(backend, pair: Pair, lora_paths: Sequence[str], joint_path: str, plan: MultiPlan,
                   log=print) -> Tuple[dict, Dict[str, List[np.ndarray]]]:
-    """Every method on one pair, from each subject's LoRA file: the pair's numbers (a method not run is
-    None) and, per method, its samples (both halves side by side) for the picture."""
+    """Every method on one pair, from each subject's LoRA file and the pair's joint one: the pair's
+    numbers and, per method, its samples (both halves side by side) for the picture."""
     refs = (m.subject_reference(pair[0], size=SIZE), m.subject_reference(pair[1], size=SIZE))
     asked = [backgrounds(pair, s) for s in plan.seeds]
     own = _networks(backend, lora_paths)
     entry: dict = {"pair": [s.name for s in pair], "tokens": list(TOKENS)}
     rows: Dict[str, List[np.ndarray]] = {}
     for method in METHODS:
-        if method == "joint" and JOINT_TRAINING is None:
-            entry[method] = None
-            continue
-        nets = own if method != "joint" else _networks(backend, [JOINT_TRAINING(pair, TOKENS, plan, output)])
+        nets = own if method != "joint" else _networks(backend, [joint_path])
         halves = sample_method(backend, method, pair, nets, plan)
         r = entry[method] = score_pair(halves, pair, asked, refs)
         rows[method] = [np.concatenate(h, axis=1) for h in halves]
@@ -232,12 +245,13 @@ def run_multi(output: Path, plan: MultiPlan, log=print, workers: Optional[int] =
     t0 = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     jobs = list(dict.fromkeys((s, t) for pair in plan.pairs for s, t in zip(pair, TOKENS)))
-    workers = protocol.default_workers(len(jobs)) if workers is None else max(1, min(workers, len(jobs)))
+    runs = len(jobs) + len(plan.pairs)  # each subject's run and each pair's joint one
+    workers = protocol.default_workers(runs) if workers is None else max(1, min(workers, runs))
     paths = _train_all(jobs, plan, output, workers, log)
     backend = load_backend("embedded")
     results: dict = {"pairs": []}
     for n, pair in enumerate(plan.pairs):
-        entry, rows = evaluate_pair(backend, pair, [paths[s.name] for s in pair], plan, output, log)
+        entry, rows = evaluate_pair(backend, pair, [paths[s.name] for s in pair], paths[joint_name(pair)], plan, log)
         results["pairs"].append(entry)
         if n == 0:
             labels, sheet = list(rows), list(rows.values())
@@ -255,20 +269,24 @@ def run_multi(output: Path, plan: MultiPlan, log=print, workers: Optional[int] =
     return results
 
 
-def mean_over_pairs(results: dict, method: str) -> Optional[Dict[str, float]]:
-    """A method's numbers averaged over the pairs (subject fidelity over both subjects), or None if not run."""
-    rows = [p[method] for p in results["pairs"] if p.get(method)]
-    if not rows:
-        return None
+def mean_over_pairs(results: dict, method: str) -> Dict[str, float]:
+    """A method's numbers averaged over the pairs (subject fidelity over both subjects)."""
+    rows = [p[method] for p in results["pairs"]]
     return {"fidelity": float(np.mean([r["fidelity"] for r in rows])),
             **{k: float(np.mean([r[k] for r in rows])) for k in ("leakage", "cross", "prompt")}}
 
 
 def ratios(results: dict) -> Dict[str, float]:
-    """Regional composition ÷ LoRA stacking: below 1 for leakage is what regional composition is for."""
-    r, s = mean_over_pairs(results, "regional"), mean_over_pairs(results, "stacking")
-    return {"leak_ratio": r["leakage"] / max(1e-9, s["leakage"]), "fidelity_ratio": r["fidelity"] / s["fidelity"],
-            "prompt_ratio": r["prompt"] / max(1e-9, s["prompt"])}
+    """Regional composition and joint training, each ÷ LoRA stacking: below 1 for leakage is what both
+    are for."""
+    s = mean_over_pairs(results, "stacking")
+    out = {}
+    for prefix, method in (("", "regional"), ("joint_", "joint")):
+        r = mean_over_pairs(results, method)
+        out.update({f"{prefix}leak_ratio": r["leakage"] / max(1e-9, s["leakage"]),
+                    f"{prefix}fidelity_ratio": r["fidelity"] / s["fidelity"],
+                    f"{prefix}prompt_ratio": r["prompt"] / max(1e-9, s["prompt"])})
+    return out
 
 
 def format_tables(results: dict) -> str:
@@ -280,9 +298,6 @@ def format_tables(results: dict) -> str:
         lines += [f"{TOKENS[0]} = {entry['pair'][0]} (left), {TOKENS[1]} = {entry['pair'][1]} (right)", head, rule]
         for method in METHODS:
             r = entry[method]
-            if r is None:
-                lines.append(f"| {LABELS[method]:44} | not run: joint training lands with issue 38 item 3 |")
-                continue
             lines.append(f"| {LABELS[method]:44} | {r['fidelity'][0]:15.3f} | {r['fidelity'][1]:15.3f} | "
                          f"{r['leakage']:9.3f} | {r['cross']:18.3f} | {r['prompt']:17.3f} |")
         lines.append("")
@@ -302,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m dreambooth_core eval --multi [--quick] [--output DIR] [--pairs N] [--steps N] [--workers N]`."""
     p = argparse.ArgumentParser(prog="python -m dreambooth_core eval --multi",
                                 description="two subjects in one image, in the toy world: LoRA stacking against "
-                                            "regional composition (and joint training, once it lands)")
+                                            "regional composition and joint training")
     p.add_argument("--multi", action="store_true", help=argparse.SUPPRESS)  # eval's own flag, passed through
     p.add_argument("--quick", action="store_true", help="one pair, 4 seeds, 200 steps (a few minutes on 2 CPU cores)")
     p.add_argument("--output", default="eval_multi_out", help="folder for results.json, two_subjects.png, the LoRAs")
@@ -327,8 +342,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_tables(results))
     print(f"picture: {output / 'two_subjects.png'}; results: {output / 'results.json'}")
     r = ratios(results)
-    print(f"leak_ratio={r['leak_ratio']:.2f} fidelity_ratio={r['fidelity_ratio']:.2f} "
-          f"prompt_ratio={r['prompt_ratio']:.2f}")
+    print(" ".join(f"{k}={v:.2f}" for k, v in r.items()))
     return 0
 
 
