@@ -20,6 +20,10 @@ LORA_TARGETS = ("transformer", "attention")
 # (where activations pile up), "full" every block (least memory, slowest).
 GRADIENT_CHECKPOINTING = ("off", "attention-hires", "attention", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # training/optimizers.py builds them
+# How a step with prior preservation runs its two parts: "joint" one forward of instance and class
+# images together (fastest), "separate" the instance part's forward and backward, then the class
+# part's: the same gradient, with one part's activations in memory at a time.
+PRIOR_PASSES = ("joint", "separate")
 
 
 class ConfigError(ValueError):
@@ -80,6 +84,7 @@ class TrainConfig:
     min_snr_gamma: Optional[float] = None
     offset_noise: float = 0.0
     gradient_checkpointing: str = "off"  # also True (= "full") / False (= "off"), as before
+    prior_pass: str = "joint"  # PRIOR_PASSES
     mixed_precision: str = "no"
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adafactor: training/optimizers.py
     # outputs
@@ -125,6 +130,8 @@ class TrainConfig:
         if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
             bad("gradient_checkpointing", f"{self.gradient_checkpointing!r} is not one of {GRADIENT_CHECKPOINTING} "
                                           "(or true/false)")
+        if self.prior_pass not in PRIOR_PASSES:
+            bad("prior_pass", f"{self.prior_pass!r} is not one of {PRIOR_PASSES}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"{self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.crop not in CROPS:

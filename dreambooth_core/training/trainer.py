@@ -365,17 +365,38 @@ class DreamBoothTrainer:
         c, acc = self.config, self.accelerator
         parts, weight = self._draw(step, micro, run.inst, run.cls)
         with _accumulate(acc, run.models):
-            loss = self._forward_loss(parts, run.text_cache, weight)
-            finite = torch.isfinite(loss.total.detach()).float()
-            if acc.num_processes > 1:
-                finite = acc.reduce(finite.to(acc.device), "min")
-            guard(loss, finite)
-            acc.backward(loss.total)
+            if c.prior_pass == "separate" and len(parts) > 1:
+                loss = self._backward_by_part(parts, run.text_cache, weight, guard)
+            else:
+                loss = self._forward_loss(parts, run.text_cache, weight)
+                guard(loss, self._finite(loss.total))
+                acc.backward(loss.total)
             if acc.sync_gradients and c.max_grad_norm:
                 acc.clip_grad_norm_(run.params, c.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _backward_by_part(self, parts, text_cache, weight, guard) -> objective.LossParts:
+        """prior_pass="separate": the instance part's forward and backward, then the class part's, so the
+        activations of one part only are alive at a time. The gradient is the joint pass's, summed
+        from L_instance and λ·L_class (eq. 2); the guard sees each loss before its backward."""
+        c, acc = self.config, self.accelerator
+        inst = self._forward_loss(parts[:1], text_cache, weight)
+        guard(inst, self._finite(inst.total))
+        acc.backward(inst.total)
+        prior = self._forward_loss(parts[1:], text_cache).total  # the class part alone: its mean loss
+        loss = objective.LossParts(inst.total.detach() + c.prior_weight * prior.detach(), inst.instance,
+                                   prior.detach())
+        guard(loss, self._finite(loss.total))
+        acc.backward(c.prior_weight * prior)
+        return loss
+
+    def _finite(self, total: torch.Tensor) -> torch.Tensor:
+        """A 0-dim "all finite" flag on the device (every process's, when there are several)."""
+        acc = self.accelerator
+        finite = torch.isfinite(total.detach()).float()
+        return acc.reduce(finite.to(acc.device), "min") if acc.num_processes > 1 else finite
 
     def _stop_if_diverged(self, run: "RunState", step: int, loss: objective.LossParts, finite: torch.Tensor) -> None:
         """The NaN guard: a non-finite loss keeps the last good state and stops the run."""
