@@ -332,7 +332,7 @@ class DreamBoothTrain_:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..dreambooth_core.config import OPTIMIZERS
+        from ..dreambooth_core.config import OPTIMIZERS, PRIOR_PASSES
 
         return {
             "required": {
@@ -396,6 +396,11 @@ class DreamBoothTrain_:
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000,
                                           "tooltip": "Every N steps, sample the instance prompt and show the image on "
                                                      "this node (0: off; each preview costs one full sampling)."}),
+                "prior_pass": (list(PRIOR_PASSES), {"default": "joint",
+                                                    "tooltip": "With class images: joint runs subject and class "
+                                                               "images in one pass (fastest); separate runs them one "
+                                                               "after the other, with the same result and about half "
+                                                               "the activation memory."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},  # which node the page's live view belongs to
         }
@@ -414,7 +419,7 @@ class DreamBoothTrain_:
     def train(self, model, clip, vae, dataset, mode, rank, alpha, train_text_encoder, steps, learning_rate,
               prior_weight, batch_size, seed, save_name, resume, checkpoint_every, class_images=None,
               gradient_checkpointing=False, training_dtype="auto", lora_targets="transformer", preview_every=0,
-              caption_dropout=0.0, optimizer="adamw", unique_id=None):
+              caption_dropout=0.0, optimizer="adamw", prior_pass="joint", unique_id=None):
         import comfy.utils
         import torch
 
@@ -448,7 +453,8 @@ class DreamBoothTrain_:
             steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
             gradient_checkpointing=bool(gradient_checkpointing), mixed_precision="no",
             save_name=save_name.strip(), checkpoint_every=int(checkpoint_every),
-            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui", optimizer=optimizer)
+            resume=bool(resume), sample_every=int(preview_every or 0), model="comfyui", optimizer=optimizer,
+            prior_pass=prior_pass)
         host = TrainHost()
         try:
             check_job(config, host)

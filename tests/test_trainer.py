@@ -555,6 +555,11 @@ def test_a_separate_prior_pass_trains_the_same_with_one_part_in_memory(tmp_path,
         torch.testing.assert_close(lora_state(apart)[name], value, rtol=1e-3, atol=1e-2 * float(value.abs().max()))
 
 
-def test_prior_pass_is_checked():
+def test_prior_pass_is_checked_and_set_from_the_cli():
+    from dreambooth_core.cli.main import parser
+    from dreambooth_core.config import build_config
+
     with pytest.raises(ValueError, match="prior_pass"):
         TrainConfig(class_noun="star", prior_pass="twice").validate()
+    for flags, expected in (([], "joint"), (["--prior-pass", "separate"], "separate")):
+        assert build_config(parser().parse_args(["train", "--class-noun", "star", *flags])).prior_pass == expected

@@ -14,6 +14,7 @@ from ..config import (
     MIXED_PRECISION,
     MODES,
     OPTIMIZERS,
+    PRIOR_PASSES,
     ConfigError,
 )
 
@@ -81,6 +82,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "blocks: over half of that saving for less of its cost) or off")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const="off",
                    default=S)
+    g.add_argument("--prior-pass", choices=PRIOR_PASSES, default=S,
+                   help="with prior preservation: joint (default; subject and class images in one pass) or "
+                        "separate (one after the other: the same result, about half the activation memory)")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=S, help="fp16/bf16 on CUDA")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
                    help="adamw (default), adamw8bit (8-bit state, needs bitsandbytes and a CUDA GPU) or adafactor "
