@@ -45,6 +45,8 @@ SETTINGS = {
     "full": Setting("full", "bf16, checkpointing", checkpointing="full"),
     "adafactor": Setting("adafactor", "bf16, checkpointing, Adafactor", checkpointing="full", optimizer="adafactor"),
     "fp8": Setting("fp8", "fp8, checkpointing", base="fp8", checkpointing="full"),
+    "fp8-separate": Setting("fp8-separate", "fp8, checkpointing, prior apart", base="fp8", checkpointing="full",
+                            prior_pass="separate"),
 }
 
 
@@ -55,7 +57,7 @@ def _predict(key: str, setting: str, cuda_norms: bool = True) -> estimate.Breakd
     return _PREDICTIONS[key, setting, cuda_norms]
 
 
-@pytest.mark.parametrize("key,setting", [("flux", "fp8"), ("sd15", "fp32")])
+@pytest.mark.parametrize("key,setting", [("flux", "fp8"), ("flux", "fp8-separate"), ("sd15", "fp32")])
 def test_prediction_is_within_15_percent_of_the_measured_cpu_peak(key, setting):
     predicted = _predict(key, setting, cuda_norms=False).peak
     measured = measure.measured_peak(_small(key), SETTINGS[setting])
@@ -66,6 +68,13 @@ def test_gradient_checkpointing_lowers_the_predicted_activations():
     off, full = _predict("flux", "off"), _predict("flux", "full")
     assert full.activations < 0.8 * off.activations
     assert full.weights == off.weights
+
+
+def test_a_separate_prior_pass_lowers_the_predicted_activations():
+    joint, apart = _predict("flux", "fp8"), _predict("flux", "fp8-separate")
+    assert apart.activations < 0.8 * joint.activations and apart.peak < joint.peak
+    # the instance part's LoRA gradients are held while the class part runs: counted with the LoRA
+    assert apart.weights == joint.weights and apart.lora_optim >= joint.lora_optim
 
 
 def test_adafactor_keeps_less_optimizer_state_than_adamw():

@@ -15,6 +15,7 @@ class Setting:
     optimizer: str = "adamw"  # config.OPTIMIZERS
     encoders_on_gpu: bool = False  # VAE + text encoders stay resident during the steps
     prior: bool = True  # batch 1 instance + 1 class image (else 1 instance image)
+    prior_pass: str = "joint"  # config.PRIOR_PASSES: "separate" runs the class image's forward after the instance's backward
     lora_targets: str = "transformer"  # config.LORA_TARGETS: kohya's set, or "attention" (the GPU run's rows)
     option: str = ""  # how a user gets it
 
@@ -62,6 +63,8 @@ def flux_settings() -> List[Setting]:
                 option="ComfyUI: Load Diffusion Model, weight_dtype fp8_e4m3fn (trains as loaded)"),
         Setting("fp8-adafactor", "fp8 base + Adafactor", base="fp8", checkpointing="full", optimizer="adafactor",
                 option="fp8 as above; optimizer=adafactor"),
+        Setting("fp8-separate", "fp8 base, prior in a separate pass", base="fp8", checkpointing="full",
+                prior_pass="separate", option="fp8 as above; Train node prior_pass separate"),
         Setting("fp8-noprior", "fp8 base, no prior (batch 1)", base="fp8", checkpointing="full", prior=False,
                 option="fp8 as above; prior off"),
     ]

@@ -3,7 +3,8 @@ tensors are real (the self-check) or fake (the estimate).
 
 Setup follows `DreamBoothTrainer.run` / `_trainable`: kohya targets narrowed by `select_lora_targets`,
 a `LoRANetwork` attached through the backend, the backend's gradient checkpointing, `make_optimizer`.
-A step follows `_forward_loss` / `_optimizer_step` (the merged instance + class batch): the schedule's
+A step follows `_forward_loss` / `_micro_step` (the merged instance + class batch, or with
+prior_pass "separate" each part's forward and backward in turn, `_backward_by_part`): the schedule's
 noisy inputs and targets, `predict` under autocast, `dreambooth_loss`, backward, gradient clipping,
 the optimizer's step, `zero_grad(set_to_none=True)`. What it leaves out touches no GPU memory:
 the NaN check's one-element tensor, the loss history, accelerate's wrapping."""
@@ -127,18 +128,27 @@ def train_step(p: Prepared, generator: torch.Generator, tracker: Optional[Storag
     draws = [(lat, objective.sample_noise(lat.shape, generator), p.schedule.sample_timesteps(lat.shape[0], generator),
               cond) for lat, cond in p.inputs]
     batches = [p.schedule.noised(lat.to(dev), noise.to(dev), t.to(dev), None) for lat, noise, t, _ in draws]
-    with _autocast(p.setting, dev.type):
-        merged = objective.NoisedBatch(*(torch.cat([getattr(b, f) for b in batches])
-                                         for f in ("noisy", "timesteps", "target", "weight")))
-        pred = p.backend.predict(merged.noisy, merged.timesteps, cat_conds([c for *_, c in draws]))
-    loss = objective.dreambooth_loss(pred, merged, draws[0][0].shape[0], PRIOR_WEIGHT)
-    del pred, merged, batches
-    loss.total.backward()
+    # the trainer's _backward_by_part: each part's forward and backward in turn; else one merged pass
+    passes = [[k] for k in range(len(batches))] if p.setting.prior_pass == "separate" else [list(range(len(batches)))]
+    total = torch.zeros(())
+    for part in passes:
+        with _autocast(p.setting, dev.type):
+            merged = objective.NoisedBatch(*(torch.cat([getattr(batches[k], f) for k in part])
+                                             for f in ("noisy", "timesteps", "target", "weight")))
+            pred = p.backend.predict(merged.noisy, merged.timesteps, cat_conds([draws[k][3] for k in part]))
+        instance_part = part[0] == 0  # a class part alone: its mean loss, times λ
+        loss = objective.dreambooth_loss(pred, merged, draws[0][0].shape[0] if instance_part else merged.noisy.shape[0],
+                                         PRIOR_WEIGHT)
+        scale = 1.0 if instance_part else PRIOR_WEIGHT
+        del pred, merged
+        (scale * loss.total).backward()
+        total = total + scale * loss.total.detach()
+    del batches
     torch.nn.utils.clip_grad_norm_(p.params, MAX_GRAD_NORM)
     with tracker.phase("optim") if tracker is not None else contextlib.nullcontext():
         p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
-    return loss.total.detach()
+    return total
 
 
 def tracked_steps(p: Prepared, tracker: StorageTracker, steps: int = 2, seed: int = 0) -> None:
