@@ -563,3 +563,42 @@ def test_prior_pass_is_checked_and_set_from_the_cli():
         TrainConfig(class_noun="star", prior_pass="twice").validate()
     for flags, expected in (([], "joint"), (["--prior-pass", "separate"], "separate")):
         assert build_config(parser().parse_args(["train", "--class-noun", "star", *flags])).prior_pass == expected
+
+
+def test_running_out_of_memory_keeps_the_last_step_and_names_what_to_change(tmp_path):
+    """An allocation that fails mid-run (here the 4th forward) loses nothing: the last finished step is
+    kept, the error names the memory settings this run can still change, and resume finishes with the
+    weights of a run that never failed."""
+    from dreambooth_core.training.out_of_memory import OOM_ERRORS, TrainingOutOfMemory
+
+    straight = train(make_tiny_backend(), config(tmp_path / "a"), INSTANCE, CLASS)
+    backend = make_tiny_backend()
+    real_predict, calls = backend.predict, {"n": 0}
+
+    def predict(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OOM_ERRORS[0]("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_predict(*args, **kwargs)
+
+    backend.predict = predict
+    with pytest.raises(TrainingOutOfMemory) as err:
+        train(backend, config(tmp_path / "b"), INSTANCE, CLASS)
+    text = str(err.value)
+    assert "step 4" in text and str(tmp_path / "b" / CHECKPOINT_NAME) in text
+    assert "gradient_checkpointing" in text and "prior_pass" in text and "adafactor" in text
+    assert "batch_size" in text and "(now 2" in text
+    resumed = train(make_tiny_backend(), config(tmp_path / "b", resume=True), INSTANCE, CLASS)
+    assert resumed.status == "completed" and resumed.step == 6
+    a, b = lora_state(straight), lora_state(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_the_out_of_memory_advice_leaves_out_what_is_already_set():
+    from dreambooth_core.training.out_of_memory import levers
+
+    lean = TrainConfig(class_noun="star", gradient_checkpointing="full", prior_pass="separate", optimizer="adafactor")
+    text = " ".join(levers(lean, prior=True))
+    assert "gradient_checkpointing" not in text and "prior_pass" not in text and "adafactor" not in text
+    assert "resolution" in text

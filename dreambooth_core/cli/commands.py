@@ -69,14 +69,14 @@ def run_training(config, *, force_token: bool = False, backend=None, log=print, 
 def cmd_train(args) -> int:
     from ..config import build_config
     from ..dataset.concepts import read_concepts_file
-    from ..training.trainer import TrainingDiverged
+    from ..training.trainer import TrainingDiverged, TrainingOutOfMemory
 
     if getattr(args, "concepts_file", None):  # read before the config is checked: it names the subjects
         args.concepts = [c.to_dict() for c in read_concepts_file(args.concepts_file)]
     config = build_config(args)
     try:
         result, _ = run_training(config, force_token=args.force_token, lean=True)
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, TrainingOutOfMemory) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     if result.status == "cancelled" and result.phase == "class_images":

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from .. import __version__, fileio
-from . import checkpoint, objective
+from . import checkpoint, objective, out_of_memory
 from .checkpoint import objective_settings
 from .cache import Bucket, cache_images, cache_text, has_masks
 from .draw import draw
 from .optimizers import make_optimizer
+from .out_of_memory import OOM_ERRORS, TrainingOutOfMemory
 from ..fileio import safe_name
 from ..backends.base import Backend, Cond, cat_conds
 from ..config import TrainConfig
@@ -30,7 +31,6 @@ from ..adapters.kohya import select_lora_targets
 from ..adapters.metadata import checkpoint_metadata, lora_metadata, thumbnail_uri
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-#: sampler steps of the subject's picture in the saved file's metadata (a 128 px thumbnail)
 
 
 class TrainingDiverged(RuntimeError):
@@ -190,6 +190,8 @@ class DreamBoothTrainer:
                 except cancel:  # raised before optimizer.step(): the weights are those of `step` steps
                     status = "cancelled"
                     break
+                except OOM_ERRORS as exc:  # an allocation in the forward, backward or the optimizer's first state
+                    raise self._out_of_memory(run, step) from exc
                 done_here += 1
                 elapsed = time.perf_counter() - t0
                 per_step = elapsed / done_here
@@ -397,6 +399,14 @@ class DreamBoothTrainer:
         acc = self.accelerator
         finite = torch.isfinite(total.detach()).float()
         return acc.reduce(finite.to(acc.device), "min") if acc.num_processes > 1 else finite
+
+    def _out_of_memory(self, run: "RunState", step: int) -> TrainingOutOfMemory:
+        """The step did not fit: drop its gradients, keep the last finished step, say what to change."""
+        run.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        path = self._save_checkpoint(self.output_dir / CHECKPOINT_NAME, step, run.named, run.optimizer) if step else None
+        return TrainingOutOfMemory(out_of_memory.message(self.config, bool(run.cls), step, path))
 
     def _stop_if_diverged(self, run: "RunState", step: int, loss: objective.LossParts, finite: torch.Tensor) -> None:
         """The NaN guard: a non-finite loss keeps the last good state and stops the run."""
