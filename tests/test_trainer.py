@@ -540,11 +540,11 @@ def test_a_separate_prior_pass_trains_the_same_with_one_part_in_memory(tmp_path,
         held.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             result = train(make_tiny_backend(), config(tmp_path / mode, prior_pass=mode, train_text_encoder=False,
-                                                       flip=False, steps=3, prior_weight=0.5, crop="bucket" if crop_apart else "center"),
+                                                       flip=False, steps=2, prior_weight=0.5, crop="bucket" if crop_apart else "center"),
                            inst, CLASS)
         runs[mode] = (result, list(held))
     (joint, joint_held), (apart, apart_held) = runs["joint"], runs["separate"]
-    assert len(apart_held) == 2 * len(joint_held) == 2 * 3
+    assert len(apart_held) == 2 * len(joint_held) == 2 * 2
     if not crop_apart:
         assert max(apart_held) < 0.7 * max(joint_held), (max(apart_held), max(joint_held))
     for a, b in zip(joint.history, apart.history):
@@ -566,30 +566,30 @@ def test_prior_pass_is_checked_and_set_from_the_cli():
 
 
 def test_running_out_of_memory_keeps_the_last_step_and_names_what_to_change(tmp_path):
-    """An allocation that fails mid-run (here the 4th forward) loses nothing: the last finished step is
+    """An allocation that fails mid-run (here the 3rd forward) loses nothing: the last finished step is
     kept, the error names the memory settings this run can still change, and resume finishes with the
     weights of a run that never failed."""
     from dreambooth_core.training.out_of_memory import OOM_ERRORS, TrainingOutOfMemory
 
-    straight = train(make_tiny_backend(), config(tmp_path / "a"), INSTANCE, CLASS)
+    straight = train(make_tiny_backend(), config(tmp_path / "a", steps=4), INSTANCE, CLASS)
     backend = make_tiny_backend()
     real_predict, calls = backend.predict, {"n": 0}
 
     def predict(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 3:
             raise OOM_ERRORS[0]("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_predict(*args, **kwargs)
 
     backend.predict = predict
     with pytest.raises(TrainingOutOfMemory) as err:
-        train(backend, config(tmp_path / "b"), INSTANCE, CLASS)
+        train(backend, config(tmp_path / "b", steps=4), INSTANCE, CLASS)
     text = str(err.value)
-    assert "step 4" in text and str(tmp_path / "b" / CHECKPOINT_NAME) in text
+    assert "step 3" in text and str(tmp_path / "b" / CHECKPOINT_NAME) in text
     assert "gradient_checkpointing" in text and "prior_pass" in text and "adafactor" in text
     assert "batch_size" in text and "(now 2" in text
-    resumed = train(make_tiny_backend(), config(tmp_path / "b", resume=True), INSTANCE, CLASS)
-    assert resumed.status == "completed" and resumed.step == 6
+    resumed = train(make_tiny_backend(), config(tmp_path / "b", steps=4, resume=True), INSTANCE, CLASS)
+    assert resumed.status == "completed" and resumed.step == 4
     a, b = lora_state(straight), lora_state(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
