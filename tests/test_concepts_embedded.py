@@ -16,8 +16,9 @@ from dreambooth_core.embedded import model as embedded, toyworld
 from dreambooth_core.evaluation import metrics
 from dreambooth_core.job import Host, check_job, prepare_instance_images, run_job
 
-pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
-                                reason="embedded model not built")
+pytestmark = [pytest.mark.slow,  # the embedded model trained for hundreds of steps: tools/test.sh runs these apart
+              pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
+                                 reason="embedded model not built")]
 
 RES = embedded.RESOLUTION
 SETTINGS = SampleSettings(steps=15, guidance=4.0, width=RES, height=RES)

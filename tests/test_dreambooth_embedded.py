@@ -23,8 +23,9 @@ from dreambooth_core.evaluation import metrics
 from dreambooth_core.class_images.cache import ensure_class_images
 from dreambooth_core.training.trainer import train
 
-pytestmark = pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
-                                reason="embedded model not built")
+pytestmark = [pytest.mark.slow,  # the embedded model trained for hundreds of steps: tools/test.sh runs these apart
+              pytest.mark.skipif(not (embedded.EMBEDDED_MODEL_DIR / "model_index.json").is_file(),
+                                 reason="embedded model not built")]
 
 SUBJECT = toyworld.DEMO_SUBJECT  # a pink/cyan split circle: colours no pretraining caption names
 TOKEN = "sks"

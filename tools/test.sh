@@ -34,9 +34,10 @@ host_missing() {
 
 bash tools/setup_env.sh || { echo "FAILED: could not set up .venv" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/python -m pytest -q tests --ignore=tests/integration --ignore=tests/browser --ignore=tests/a1111 \
-  --ignore=tests/forge "$@" \
-  || fail "unit tests"
+unit_tests=(tests --ignore=tests/integration --ignore=tests/browser --ignore=tests/a1111 --ignore=tests/forge)
+.venv/bin/python -m pytest -q -m "not slow" --durations=10 "${unit_tests[@]}" "$@" || fail "unit tests"
+# the embedded model trained for hundreds of steps (marked slow): apart, so the unit tests stay quick
+.venv/bin/python -m pytest -q -m slow --durations=5 "${unit_tests[@]}" "$@" || fail "slow training tests"
 
 # comfyui_host LABEL DIR VAR VENV: integration + browser tests against the ComfyUI at DIR.
 comfyui_host() {
