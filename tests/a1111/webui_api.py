@@ -56,6 +56,7 @@ def _upload(data: bytes) -> str:
     ({"instance_images": "TRUNCATED"}, ["instance_images[2]", "truncated", "send the whole file"]),
     ({"mode": "dreamy"}, ["mode", "dreamy"]),
     ({"steps": -3}, ["steps"]),
+    ({"concepts": "CONCEPTS"}, ["concepts", "not offered", "one subject per job"]),
 ])
 def test_bad_input_is_refused_with_the_reason(host, subject_dir, tmp_path, overrides, words):
     """Each a 400 naming the input; no job starts. Paths a request names stay inside the WebUI's folder (a
@@ -71,7 +72,8 @@ def test_bad_input_is_refused_with_the_reason(host, subject_dir, tmp_path, overr
              "ESCAPE": str(subject_dir / ".." / ".." / ".." / tmp_path.name), "LINK_OUT": str(link),
              "NOT_BASE64": ["this is not base64!"],
              "NOT_AN_IMAGE": [_upload(png), _upload(b"a text file, not a picture\n" * 20)],
-             "TRUNCATED": [_upload(png)] * 2 + [_upload(png[: len(png) // 2])]}
+             "TRUNCATED": [_upload(png)] * 2 + [_upload(png[: len(png) // 2])],
+             "CONCEPTS": [{"instance_dir": str(tmp_path), "token": "ohwx", "class_noun": "cat"}]}
     overrides = {k: where.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
     before = host.get(STATUS)
     r = host.post(TRAIN, job_body(subject_dir, "dbbad", **overrides))
