@@ -18,8 +18,7 @@ CHECKS = {
     "sdxl": [Setting("fp32", "fp32, AdamW", base="fp32"),
              Setting("bf16-hires", "bf16, ckpt attention-hires", checkpointing="attention-hires")],
     "flux": [Setting("bf16", "bf16, no ckpt"),
-             Setting("fp8-full", "fp8, ckpt", base="fp8", checkpointing="full"),
-             Setting("fp8-separate", "fp8, ckpt, prior apart", base="fp8", checkpointing="full", prior_pass="separate")],
+             Setting("fp8-full", "fp8, ckpt", base="fp8", checkpointing="full")],
 }
 QUICK = {"sd15": CHECKS["sd15"][:2], "flux": CHECKS["flux"][1:]}
 
