@@ -376,7 +376,8 @@ class DreamBoothTrain_:
                                                            "preservation (keeps the class from drifting)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False,
                                                        "tooltip": "Recompute activations in the backward pass: less "
-                                                                  "memory, ~30% slower."}),
+                                                                  "memory, ~30% slower. Turn it on for large "
+                                                                  "models (Flux, SD3, SDXL at 1024 px)."}),
                 "training_dtype": (["auto", "fp32", "bf16"], {"default": "auto",
                                                              "tooltip": "Compute precision of the UNet while training "
                                                                         "(auto: fp32 on CPU, bf16 where the GPU has it)."}),
