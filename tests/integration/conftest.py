@@ -114,3 +114,19 @@ def loaded(host, pack, mini_checkpoint):
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint))[:3]
     return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def comfy_host(host, pack):
+    """The host with the family fixtures' folder as a diffusion_models path; a module's models unloaded after it
+    (test_flow_families, test_memory_levers: one family's checkpoints in memory at a time)."""
+    import family_checkpoints as fc
+
+    host.add_model_folder_path("diffusion_models", str(fc.cache_dir()))
+    yield host
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()

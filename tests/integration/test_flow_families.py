@@ -42,16 +42,6 @@ from stock_graph import stock_image  # noqa: E402
 PROMPT = "a photo of sks dog"
 
 
-@pytest.fixture(scope="module")
-def comfy_host(host, pack):
-    host.add_model_folder_path("diffusion_models", str(fc.cache_dir()))
-    yield host
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    gc.collect()
-
-
 def _cb(pack):
     return importlib.import_module(pack.__name__ + ".nodes.comfy_backend")
 

@@ -7,7 +7,6 @@ bytes untouched, and the LoRA still learning (its forward and the frozen backwar
 weight through the host's cast)."""
 from __future__ import annotations
 
-import gc
 import importlib
 from types import SimpleNamespace
 
@@ -19,20 +18,6 @@ torch = pytest.importorskip("torch")
 import family_checkpoints as fc  # noqa: E402
 
 PROMPT = "a photo of sks dog"
-
-
-@pytest.fixture(scope="module")
-def comfy_host(host, pack):
-    host.add_model_folder_path("diffusion_models", str(fc.cache_dir()))
-    yield host
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    gc.collect()
-
-
-def _stored(module) -> dict:
-    return {k: v for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
