@@ -50,7 +50,7 @@ comfyui_host() {
   fi
   echo "== ComfyUI $label: $dir ($(sed -n 's/^__version__ *= *//p' "$dir/comfyui_version.py" | tr -d "\"'"))"
   COMFYUI_DIR="$dir" COMFYUI_VENV="$venv" bash tools/setup_comfyui_env.sh || { fail "setting up $venv for $dir"; return; }
-  COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q tests/integration "$@" || fail "tests/integration on $label"
+  COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q --durations=15 tests/integration "$@" || fail "tests/integration on $label"
   bash tools/setup_browser.sh
   COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q tests/browser "$@" || fail "tests/browser on $label"
 }
