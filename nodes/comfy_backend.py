@@ -10,7 +10,7 @@
   the core's VP input sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε is exactly what ComfyUI feeds the UNet
   (`calculate_input` of x0 + σε with σ = sqrt((1-ᾱ)/ᾱ)), so the UNet is called the way
   `BaseModel._apply_model` calls it, without the final `calculate_denoised`.
-- Flow-matching transformers (Flux dev/schnell, SD3/SD3.5, Chroma, Lumina 2; families.py tells them
+- Flow-matching transformers (Flux dev/schnell, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image; families.py tells them
   from the host's detection and refuses every other family) train with `FlowSchedule(shift)`, the shift
   read from their `model_sampling`. `predict` gets σ and returns the raw velocity: the host's own
   `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's `guidance` at the host's
@@ -394,11 +394,18 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         if self.vae is None:
             raise ValueError("no VAE connected")
         images = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
-        latents = self.vae.encode(images)
-        return self.model.get_model_object("latent_format").process_in(latents).float()
+        latent_format = self.model.get_model_object("latent_format")
+        if getattr(self.vae, "latent_dim", 2) == 3:
+            # a video autoencoder (Qwen-Image's Wan 2.1) reads a batch as the frames of one video: each image
+            # is its own one-frame video, and the core's latents stay [B, C, H, W]
+            latents = torch.cat([self.vae.encode(images[i:i + 1]) for i in range(images.shape[0])])
+            return latent_format.process_in(latents).float().squeeze(2)
+        return latent_format.process_in(self.vae.encode(images)).float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(self.model.get_model_object("latent_format").process_out(latents.float()))
+        latents = self._host_latents(latents.float())
+        images = self.vae.decode(self.model.get_model_object("latent_format").process_out(latents))
+        images = images.reshape(-1, *images.shape[-3:])  # a video autoencoder's frames as images
         return (images.movedim(-1, 1) * 2.0 - 1.0).clamp(-1, 1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -610,7 +617,9 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             raise ValueError(f"width/height must be multiples of {f}")
         model, clip = self._sampling_pair()
         channels = model.get_model_object("latent_format").latent_channels
-        latent = torch.zeros([1, channels, settings.height // f, settings.width // f])
+        # an empty latent as the stock KSampler passes it on (one frame where the format is 3-D)
+        latent = comfy.sample.fix_empty_latent_channels(
+            model, torch.zeros([1, channels, settings.height // f, settings.width // f]))
         hook = self.sampler_step_hook
 
         def on_step(step, x0, x, total):
@@ -648,6 +657,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
                                               cond(prompt), cond(settings.negative_prompt), latent, denoise=1.0,
                                               callback=on_step, disable_pbar=True, seed=int(seed))
                 pixels = self.vae.decode(samples)
+                pixels = pixels.reshape(-1, *pixels.shape[-3:])  # frames as images (VAEDecode does the same)
                 # 8-bit the way the host's SaveImage writes it, so a class image is the PNG a stock
                 # KSampler + VAEDecode + SaveImage graph makes with the same seed.
                 arr = np.clip(255.0 * pixels[0].float().cpu().numpy(), 0, 255).astype(np.uint8)

@@ -37,8 +37,8 @@ class Family:
     name: str  # what Backend.family says and the LoRA metadata names (dreambooth_core.adapters.metadata.FAMILIES)
     flow: bool
     native_resolution: int = 1024
-    blocks: Tuple[str, ...] = ()
-    lora: Optional[str] = None  # regex on the module path inside diffusion_model
+    blocks: Tuple[str, ...] = ()  # empty: the generic rule (transformer_block_lists)
+    lora: Optional[str] = None  # regex on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
 
 
@@ -56,9 +56,14 @@ _FLOW = {
     "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA, text_cap=512),
     "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256,
                       lora=r"^(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])$"),
+    # The generic rule: the blocks are the transformer's block lists, the LoRA every Linear in them but
+    # the modulation (musubi-tuner's Qwen-Image default: the Linears of QwenImageTransformerBlock, `*_mod`
+    # left out: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out, img_mlp / txt_mlp). 512 tokens: diffusers'
+    # QwenImagePipeline max_sequence_length.
+    "QwenImage": Family("qwen-image", True, text_cap=512),
 }
 
-TRAINS = "SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma and Lumina 2"
+TRAINS = "SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2 and Qwen-Image"
 
 
 def model_class(model) -> str:
@@ -116,20 +121,52 @@ def flow_shift(model_sampling) -> float:
     return float(model_sampling.shift)
 
 
+# The generic rule's exclusions: a path part naming modulation (adaLN, `img_mod`, `modC`) or a norm
+# (a norm's own Linear, as Lumina's `adaLN`-style `norm1.linear`).
+_NOT_LORA = re.compile(r"(?i)mod|norm|adaln")
+
+
+def transformer_block_lists(diffusion_model) -> Tuple[str, ...]:
+    """The generic rule's blocks: the diffusion model's top-level ModuleLists whose every entry holds a
+    Linear (its transformer blocks; not embedders or final layers, which are single modules)."""
+    from torch import nn
+
+    out = []
+    for name, child in diffusion_model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and all(
+                any(isinstance(m, nn.Linear) for m in block.modules()) for block in child):
+            out.append(name)
+    return tuple(out)
+
+
+def _lora_rule(family: Family, diffusion_model):
+    if family.lora is not None:
+        rule = re.compile(family.lora)
+        return rule.match
+    lists = transformer_block_lists(diffusion_model)
+
+    def generic(path: str) -> bool:
+        parts = path.split(".")
+        return (len(parts) > 2 and parts[0] in lists and parts[1].isdigit()
+                and not any(_NOT_LORA.search(p) for p in parts[2:]))
+
+    return generic
+
+
 def flow_lora_targets(family: Family, diffusion_model):
     """kohya name -> (weight key in the ModelPatcher, module) for the family's LoRA Linears."""
     from torch import nn
 
-    rule = re.compile(family.lora)
+    rule = _lora_rule(family, diffusion_model)
     out = {}
     for path, module in diffusion_model.named_modules():
-        if isinstance(module, nn.Linear) and rule.match(path):
+        if isinstance(module, nn.Linear) and rule(path):
             out["lora_unet_" + path.replace(".", "_")] = (f"diffusion_model.{path}.weight", module)
     return out
 
 
 def flow_blocks(family: Family, diffusion_model) -> list:
     out = []
-    for name in family.blocks:
+    for name in family.blocks or transformer_block_lists(diffusion_model):
         out.extend(getattr(diffusion_model, name, None) or [])
     return out

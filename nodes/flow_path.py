@@ -1,5 +1,5 @@
 """The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, SD3/SD3.5, Chroma,
-Lumina 2; families.py says which): their text, their velocity prediction through the host's own
+Lumina 2, Qwen-Image; families.py says which): their text, their velocity prediction through the host's own
 `extra_conds` and `_apply_model` pieces, and how their frozen weights take part in training without
 being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
 from __future__ import annotations
@@ -167,7 +167,7 @@ class FlowModelPath:
         constants) share a forward; others get their own, so no sample sees padding it would not see
         at inference."""
         dev = self.device
-        x = noisy.to(dev, torch.float32)
+        x = self._host_latents(noisy.to(dev, torch.float32))
         sigma = sigmas.to(dev, torch.float32).reshape(-1)
         per = [self._flow_conds(x, cond, i) for i in range(x.shape[0])]
         groups: List[List[int]] = []
@@ -188,7 +188,14 @@ class FlowModelPath:
         out = torch.cat(pieces)
         if order != sorted(order):
             out = out[torch.tensor(order, device=dev).argsort()]
-        return out
+        return out.reshape(noisy.shape)
+
+    def _host_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The core's [B, C, H, W] latents in the host's layout: one frame ([B, C, 1, H, W]) where the
+        family's latent format is 3-D (Qwen-Image's Wan 2.1 latents), as an empty latent reaches the model
+        through the host's `fix_empty_latent_channels`."""
+        dims = getattr(self.model.get_model_object("latent_format"), "latent_dimensions", 2)
+        return x.unsqueeze(2) if dims == 3 and x.ndim == 4 else x
 
     def _install_flow(self) -> None:
         """The frozen path (below), every transformer block through _flow_block. The host's blocks add

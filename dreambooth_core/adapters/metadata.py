@@ -52,6 +52,7 @@ FAMILIES = {
     "sd3": ("sd3", "stable-diffusion-3-medium"),
     "chroma": ("chroma", "chroma"),
     "lumina2": ("lumina2", "lumina-2"),
+    "qwen-image": ("qwen_image", "Qwen-Image"),  # musubi-tuner's architecture name (sd-scripts has none)
 }
 
 

@@ -1,0 +1,169 @@
+"""The comfy backend on the flow families that train through the generic rule (families.py: the blocks
+are the transformer's block lists, the LoRA their Linears but the modulation): Qwen-Image, in-process on
+the host's own objects, with tiny checkpoints in the family's real layout (family_checkpoints_llm.py).
+
+Checked per family, as test_flow_families.py checks the others:
+  - the backend's velocity is the host's own (its encoding, `extra_conds`, `apply_model`);
+  - a few LoRA steps of the core trainer with prior preservation (class images from `generate`) lower
+    the held-out flow loss of the identifier prompt; the file carries `lora_unet_` keys of the blocks'
+    attention and MLP Linears (no modulation) and the family's metadata; the stock LoraLoader uses every
+    key and changes the model's output as the trained MODEL does; the base MODEL stays bit-identical;
+  - a class image equals the stock KSampler graph's image with that seed;
+  - the families still refused are refused up front, named.
+Qwen-Image's smallest model is ~380 M parameters (one 3072-wide block: the host hard-codes the width)
+plus a 545 M-parameter text-encoder embedding: a training step takes a few seconds on one CPU thread.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import re
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import family_checkpoints as fc  # noqa: E402
+import family_checkpoints_llm as fl  # noqa: E402
+from stock_graph import stock_image  # noqa: E402
+from test_flow_families import _digest, _flow_loss, _host_velocity, _instance_images  # noqa: E402
+
+PROMPT = "a photo of sks dog"
+# family fixture -> (Backend.family, a LoRA name it must have, metadata version, architecture, host shift)
+FAMILIES = {"qwen_image": ("qwen-image", "lora_unet_transformer_blocks_0_attn_to_q", "qwen_image",
+                           "Qwen-Image/lora", 1.15)}
+
+_LOADED: dict = {}
+
+
+def _cb(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.comfy_backend")
+
+
+def _load(name):
+    """(files, MODEL, CLIP, VAE) of a family, loaded once per module under inference mode."""
+    if name not in _LOADED:
+        _LOADED.clear()
+        gc.collect()
+        try:
+            files = fl.ensure_family(name)
+        except fc.FamilyUnsupported as e:
+            pytest.skip(str(e))
+        with torch.inference_mode():
+            _LOADED[name] = (files, files.load_model(), files.load_clip(), files.load_vae())
+    return _LOADED[name]
+
+
+def _host_x(model, x):
+    """A [B, C, H, W] latent as the host's sampler hands it to this model (one frame for 3-D formats)."""
+    return x.unsqueeze(2) if model.get_model_object("latent_format").latent_dimensions == 3 else x
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
+    import math
+
+    files, model, clip, vae = _load(name)
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    family, _, _, _, shift = FAMILIES[name]
+    sampling = model.get_model_object("model_sampling")
+    assert backend.family == family and backend.prediction_type == "flow"
+    assert backend.schedule().shift == pytest.approx(math.exp(sampling.shift)) and sampling.shift == pytest.approx(shift)
+    prompts = [PROMPT, "a dog"]
+    x = torch.randn(2, files.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.35, 0.8])
+    with torch.no_grad():
+        out = backend.predict(x, sigma, backend.encode_text(prompts, size=(64, 64)))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    for i, prompt in enumerate(prompts):
+        expected = _host_velocity(model, clip, prompt, _host_x(model, x[i:i + 1]), sigma[i:i + 1])
+        torch.testing.assert_close(out[i:i + 1], expected.reshape(1, *x.shape[1:]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, tmp_path, caplog):
+    import comfy.lora
+    import comfy.utils
+    import nodes as host_nodes
+    from PIL import Image
+    from safetensors import safe_open
+
+    files, model, clip, vae = _load(name)
+    family, first, version, arch, _ = FAMILIES[name]
+    cb = _cb(pack)
+    core = lambda m: importlib.import_module(pack.__name__ + ".dreambooth_core." + m)  # noqa: E731
+    config_mod, trainer_mod, base_mod = core("config"), core("training.trainer"), core("backends.base")
+    before = _digest(model.model)
+
+    backend = cb.ComfyBackend(model, clip, vae)
+    targets = backend.lora_targets(True, False)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    assert first in targets and all(key_map.get(n) == backend._target_keys[n][1] for n in targets)
+    assert not any(re.search(r"mod|embed|final|norm", n) for n in targets), sorted(targets)
+
+    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
+    with torch.inference_mode():
+        class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
+    assert len(class_arrays) == 2 and class_arrays[0].shape == (64, 64, 3)
+    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images()]
+    classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
+    with torch.no_grad():
+        latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
+                                                     .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
+        cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
+    assert latents.shape == (3, 16, 8, 8)
+    untrained = _flow_loss(backend, latents, cond)
+
+    config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
+                                    rank=4, steps=2, learning_rate=3e-3, batch_size=1, seed=0,
+                                    output_dir=str(tmp_path), save_name=f"flow_{name}", save_precision="fp32",
+                                    max_grad_norm=0.0, thumbnail_steps=0, gradient_checkpointing=True)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            result = trainer_mod.train(backend, config, instance, classes)
+    finally:
+        backend.release()
+    trained = _flow_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
+    assert result.status == "completed" and trained < untrained, (untrained, trained)
+    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
+
+    lora = comfy.utils.load_torch_file(str(result.lora_path))
+    names = {k.split(".")[0] for k in lora}
+    assert names == set(targets)
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == (version, arch)
+
+    shutil.copyfile(result.lora_path, f"{comfy_host.get_folder_paths('loras')[0]}/flow_{name}.safetensors")
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"flow_{name}.safetensors", 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    assert len(lm.patches) == len(names), "every key patches one weight"
+    x = _host_x(model, torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5)))
+    sigma = torch.tensor([0.6])
+    v_base = _host_velocity(model, clip, PROMPT, x, sigma)
+    v_lora = _host_velocity(lm, lc, PROMPT, x, sigma)
+    assert not torch.equal(v_base, v_lora)
+    torch.testing.assert_close(v_lora, _host_velocity(backend.result()[0], clip, PROMPT, x, sigma),
+                               rtol=1e-3, atol=1e-3)
+    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+
+
+def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
+    """Qwen-Image's class image is the PNG of a stock graph with that seed: CLIPTextEncode, an empty
+    16-channel latent (EmptySD3LatentImage's), KSampler (one frame for the Wan latent format), VAEDecode."""
+    files, model, clip, vae = _load("qwen_image")
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",
+                                   width=64, height=48)
+    with torch.inference_mode():
+        ours = backend.generate(["a photo of a dog"], [7], settings)[0]
+    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", {"samples": torch.zeros([1, 16, 6, 8])}, 7, 2,
+                        3.0, "euler", "simple")
+    assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
