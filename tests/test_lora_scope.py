@@ -185,6 +185,33 @@ def test_attention_scope_keeps_the_attention_projections_of_the_flow_transformer
     assert set(picked) == {n for n, keep in names.items() if keep}
 
 
+def test_flux_block_targets_are_the_blocks_attention_and_mlp_linears_by_kohya_name():
+    """The Flux / Chroma LoRA Linears (kohya.FLUX_BLOCK_LINEARS, shared by every host): attention and MLP
+    of both block kinds, never the modulation Linears or anything outside the blocks."""
+    from torch import nn
+
+    from dreambooth_core.adapters.kohya import FLUX_BLOCK_LINEARS, block_lora_targets
+
+    def block(double):
+        if double:
+            parts = {f"{s}_{k}": nn.Module() for s in ("img", "txt") for k in ("attn", "mod")}
+            for s in ("img", "txt"):
+                parts[f"{s}_attn"].qkv, parts[f"{s}_attn"].proj = nn.Linear(4, 12), nn.Linear(4, 4)
+                parts[f"{s}_mod"].lin = nn.Linear(4, 24)
+                parts[f"{s}_mlp"] = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+            return nn.ModuleDict(parts)
+        return nn.ModuleDict({"linear1": nn.Linear(4, 20), "linear2": nn.Linear(12, 4),
+                              "modulation": nn.ModuleDict({"lin": nn.Linear(4, 12)})})
+
+    dm = nn.Module()
+    dm.img_in, dm.double_blocks, dm.single_blocks = nn.Linear(64, 4), nn.ModuleList([block(True)]), \
+        nn.ModuleList([block(False), block(False)])
+    names = set(block_lora_targets(dm, FLUX_BLOCK_LINEARS))
+    assert names == {f"lora_unet_double_blocks_0_{s}_{k}" for s in ("img", "txt")
+                     for k in ("attn_qkv", "attn_proj", "mlp_0", "mlp_2")} | \
+        {f"lora_unet_single_blocks_{i}_linear{j}" for i in (0, 1) for j in (1, 2)}
+
+
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_every_locon_name_is_one_the_webui_puts_on_that_convolution(arch):
     """The Automatic1111 WebUI maps `up_blocks_{b}_upsamplers_0_conv` to module 1 of its output

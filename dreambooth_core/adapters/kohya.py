@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import fileio
 from .base import LoRAError
+from .lora import is_linear_like
 from .metadata import OURS_KEY
 from .network import LoRANetwork
 
@@ -103,6 +104,22 @@ ATTENTION_PROJECTION = re.compile(r"(_attn\d+_to_(q|k|v|out_0)|_self_attn_(q|k|v
 # encoders, and the blocks of the flow transformers
 IN_TRANSFORMER = re.compile(r"_attentions_\d+_|^lora_te\d?_|^lora_unet_(double_blocks|single_blocks|joint_blocks"
                             r"|layers|noise_refiner|context_refiner)_\d+_")
+
+
+#: the Linears of a Flux / Chroma transformer that carry a LoRA, by module path in BFL's layout (which
+#: ComfyUI and Forge both hold): the double blocks' attention and MLP, the single blocks' fused linear1 /
+#: linear2. The adaLN modulation Linears are left out: they are large, and a LoRA there mostly rescales
+#: the whole image.
+FLUX_BLOCK_LINEARS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+                                r"|single_blocks\.\d+\.linear[12])$")
+
+
+def block_lora_targets(diffusion_model: nn.Module, rule: "re.Pattern[str]") -> Dict[str, nn.Module]:
+    """kohya name (`lora_unet_` + the module path, dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv`)
+    → module, for the Linears of a flow transformer whose path matches `rule`. Every host's loader maps
+    these names by its generic `lora_unet_` rule."""
+    return {"lora_unet_" + path.replace(".", "_"): module for path, module in diffusion_model.named_modules()
+            if rule.match(path) and is_linear_like(module)}
 
 
 def webui_nameable(targets: Dict[str, torch.nn.Module]) -> Dict[str, torch.nn.Module]:
