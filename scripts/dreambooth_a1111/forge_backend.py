@@ -28,9 +28,11 @@ ldm model (../shared/FORGE_NOTES.md). What that changes, and how this backend me
    taken off the weights before training, so the run starts from the checkpoint itself. The file's keys
    are the kohya names Forge's loader maps (`model_lora_keys_unet` / `_clip`), every one of them.
 
-SD1.x, SD2.x (ε and v) and SDXL train; every other engine Forge loads (SD3.5, Flux, Chroma, the SDXL
-refiner, inpainting models, quantized UNets) is refused with its name before any work. LoRA only: the
-weights are inference tensors, which a full fine-tune cannot train in place.
+SD1.x, SD2.x (ε and v) and SDXL train, and so do Flux (dev, schnell) and Chroma, Forge's flow-matching
+engines (forge_flow.py: the velocity on the predictor's own shifted σ, the text encoders frozen, the LoRA on
+the transformer's blocks). Which path trains is decided by the engine's class. Every other engine Forge
+loads (SD3.5, the SDXL refiner, inpainting models, quantized UNets) is refused with its name before any
+work. LoRA only: the weights are inference tensors, which a full fine-tune cannot train in place.
 """
 from __future__ import annotations
 
@@ -46,12 +48,13 @@ from torch import nn
 from dreambooth_core.adapters.frozen import FrozenForward, frozen_patchable
 from dreambooth_core.backends.base import BackendDefaults, UnsupportedModel
 
+from . import forge_flow as flow
 from .backend import clear_active_loras, txt2img_images
 from .common import checkpointed, conditioning_parts, owned, prompt_batch, unet_blocks, unet_inputs
 from .names import clip_lora_targets, unet_lora_targets
 
 log = logging.getLogger("dreambooth")
-TRAINS = "SD1.x, SD2.x (ε and v) and SDXL"
+TRAINS = "SD1.x, SD2.x (ε and v), SDXL, Flux (dev, schnell) and Chroma"
 #: engine class -> (family, text encoders in the LoRA file's order)
 ENGINES = {"StableDiffusion": ("sd1", ("clip_l",)), "StableDiffusion2": ("sd2", ("clip_h",)),
            "StableDiffusionXL": ("sdxl", ("clip_l", "clip_g"))}
@@ -89,14 +92,18 @@ class ForgeBackend(BackendDefaults):
         self.m = sd_model
         kind = type(sd_model).__name__
         what = f"{kind} ({type(sd_model).__module__})"
-        if kind not in ENGINES:
+        self.flow = kind in flow.FLOW_ENGINES
+        if kind not in ENGINES and not self.flow:
             raise UnsupportedModel(f"the loaded checkpoint is a {what} model; DreamBooth in Forge trains {TRAINS} "
                                    f"checkpoints: load one of those")
         if getattr(sd_model, "is_inpaint", False):
             raise UnsupportedModel(f"the loaded checkpoint is an inpainting {kind} model (its UNet takes a mask and "
                                    f"a masked image too); DreamBooth in Forge trains {TRAINS} text-to-image "
                                    "checkpoints: load the base model")
-        self.family, self.encoder_names = ENGINES[kind]
+        if self.flow:
+            self.family, self.encoder_names = flow.flow_family(sd_model), flow.FLOW_ENGINES[kind]
+        else:
+            self.family, self.encoder_names = ENGINES[kind]
         self.kmodel = sd_model.forge_objects.unet.model
         storage = getattr(self.kmodel, "storage_dtype", torch.float32)
         if storage not in FLOAT_STORAGE and not (isinstance(storage, torch.dtype) and storage.is_floating_point):
@@ -105,15 +112,24 @@ class ForgeBackend(BackendDefaults):
                                    "(Diffusion in Low Bits: Automatic)")
         predictor = self.kmodel.predictor
         ptype = getattr(predictor, "prediction_type", None)
-        if type(predictor).__name__ != "Prediction" or ptype not in ("epsilon", "v_prediction"):
+        if self.flow:
+            self.flow_shift = flow.flow_shift(predictor, kind)
+        elif type(predictor).__name__ != "Prediction" or ptype not in ("epsilon", "v_prediction"):
             raise UnsupportedModel(f"the loaded {kind} model samples with {type(predictor).__name__} "
                                    f"({ptype}); only the discrete ε and v-prediction schedules train here")
         if mode != "lora":
             raise ValueError(f"mode {mode!r}: Forge holds the loaded weights as inference tensors, which a full "
                              "fine-tune cannot train in place; choose mode 'lora'")
-        self.prediction_type = ptype
-        self.alphas_cumprod = predictor.alphas_cumprod.detach().float().cpu().clone()
-        self.native_resolution = {"sdxl": 1024, "sd2": 768 if ptype == "v_prediction" else 512}.get(self.family, 512)
+        self.class_sampling = flow.CLASS_SAMPLING.get(self.family, {})
+        if self.flow:
+            flow.refuse_text_encoder(kind, train_text_encoder)
+            self.prediction_type = "flow"
+            self.alphas_cumprod = None  # a flow model trains on schedule(), not on ᾱ
+            self.native_resolution = 1024
+        else:
+            self.prediction_type = ptype
+            self.alphas_cumprod = predictor.alphas_cumprod.detach().float().cpu().clone()
+            self.native_resolution = {"sdxl": 1024, "sd2": 768 if ptype == "v_prediction" else 512}.get(self.family, 512)
         self.latent_factor = 8
         self.mode = mode
         self.train_text_encoder = bool(train_text_encoder)
@@ -130,6 +146,14 @@ class ForgeBackend(BackendDefaults):
         self._installed = False
         self._last_shape: Optional[list] = None
         self._fingerprint: Optional[str] = None
+
+    def schedule(self):
+        """Rectified flow with the predictor's own shift for Flux and Chroma; the discrete ᾱ schedule otherwise."""
+        if not self.flow:
+            return super().schedule()
+        from dreambooth_core.training.objective import FlowSchedule
+
+        return FlowSchedule(shift=self.flow_shift)
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -194,6 +218,8 @@ class ForgeBackend(BackendDefaults):
     # -- encoding ------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str], *, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         texts = prompt_batch(prompts, size)  # SDXL's size conditioning
+        if self.flow:
+            return flow.flow_conditioning(self.m.get_learned_conditioning(texts))
         if self.train_text_encoder and torch.is_grad_enabled():
             self._ensure_loaded()
             cond = type(self.m).get_learned_conditioning.__wrapped__(self.m, texts)  # the same code, with grad
@@ -214,6 +240,8 @@ class ForgeBackend(BackendDefaults):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         self._last_shape = list(noisy.shape)
         self._ensure_loaded()
+        if self.flow:  # timesteps are σ
+            return flow.predict_velocity(self.kmodel, noisy, timesteps, cond, self.device)
         dev, dtype = self.device, self.weight_dtype
         out = self.diffusion_model(noisy.to(dev, dtype), timesteps.to(dev).float(), control=None,
                                    transformer_options={}, **unet_inputs(cond, dev, dtype))
@@ -222,7 +250,9 @@ class ForgeBackend(BackendDefaults):
     # -- training surface ----------------------------------------------------------------------
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         targets: Dict[str, nn.Module] = {}
-        if unet:
+        if unet and self.flow:
+            targets.update(flow.flow_lora_targets(self.diffusion_model))
+        elif unet:
             targets.update(unet_lora_targets(self.diffusion_model, conv))
         if text_encoder:
             encoders = self._encoders()
@@ -260,7 +290,7 @@ class ForgeBackend(BackendDefaults):
                     self._patch(module, FrozenForward(module, adapters.pop(id(module), None), _read_weight))
                     patched.add(id(module))
         for module in self.diffusion_model.modules():
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, nn.LayerNorm) and not self.flow:  # the flow blocks add out of place
                 self._patch(module, _FreshInput(module))
         if adapters:
             raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears or convolutions; cannot train them")
@@ -295,10 +325,12 @@ class ForgeBackend(BackendDefaults):
         return [self._container] if unet else []
 
     def set_gradient_checkpointing(self, enabled) -> None:
-        """Checkpoint the UNet's blocks (Forge has no switch of its own: its sd_hijack_checkpoint is empty)."""
+        """Checkpoint the UNet's (or the transformer's) blocks (Forge has no switch of its own: its
+        sd_hijack_checkpoint is empty)."""
         if enabled and self._checkpoint_mark is None:
             self._checkpoint_mark = len(self._patches)
-            for block in unet_blocks(self.diffusion_model):
+            blocks = flow.flow_blocks if self.flow else unet_blocks
+            for block in blocks(self.diffusion_model):
                 self._patch(block, functools.partial(checkpointed, block.forward))
         elif not enabled and self._checkpoint_mark is not None:
             self._unpatch(self._checkpoint_mark)

@@ -179,6 +179,15 @@ def _config(request: Dict[str, Any]):
     return config
 
 
+def apply_class_sampling(config, request: Dict[str, Any], backend) -> None:
+    """The loaded family's class-image sampling where the request leaves it open: a backend's
+    `class_sampling` (Forge's Flux: CFG 1 beside its distilled guidance, Euler with the Simple schedule,
+    as Forge's own Flux preset) replaces the WebUI defaults that suit SD."""
+    for key, value in getattr(backend, "class_sampling", {}).items():
+        if request.get(key) is None:
+            setattr(config, key, value)
+
+
 def start(request: Dict[str, Any]) -> Job:
     """Check a training request and start it in the background; ValueError names the bad input."""
     global _current
@@ -203,6 +212,7 @@ def start(request: Dict[str, Any]) -> Job:
         if _current is not None and _current.running:
             raise RuntimeError(f"a DreamBooth job is already running ({_current.id}); cancel it or wait for it")
         backend = make_backend(mode=config.mode, train_text_encoder=config.train_text_encoder)
+        apply_class_sampling(config, request, backend)
         config.model = backend.describe()
         config.mixed_precision = mixed_precision_for(config.mixed_precision, backend.weight_dtype, backend.device)
         host = _JobHost()
