@@ -6,8 +6,9 @@ They need Forge's Python (tools/setup_forge_env.sh makes .venv-forge):
     .venv-forge/bin/python -m pytest tests/forge
 
 Forge is copied to a temporary folder with this repository linked as `extensions/dreambooth`, seeded
-mini SD1.5 checkpoints (forge_checkpoint.py: one text-to-image, one inpainting) in its models folder,
-and started API-only on CPU in fp32. Under any other Python every test here is skipped with the reason.
+mini SD1.5 checkpoints (forge_checkpoint.py: one text-to-image, one inpainting) and a tiny Flux dev
+(flow_checkpoint.py, with its scaffolding in the copy) in its models folder, and started API-only on CPU
+in fp32. Under any other Python every test here is skipped with the reason.
 """
 from __future__ import annotations
 
@@ -29,15 +30,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def checkpoints() -> dict:
+def flow_checkpoints() -> dict:
+    """family -> tiny Flux dev / Flux schnell / Chroma checkpoint (flow_checkpoint.py)."""
+    from flow_checkpoint import ensure_checkpoints
+
+    return ensure_checkpoints(FORGE_DIR)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(flow_checkpoints) -> dict:
     from forge_checkpoint import ensure_checkpoint
 
-    return {"sd15": ensure_checkpoint(FORGE_DIR), "inpaint": ensure_checkpoint(FORGE_DIR, inpaint=True)}
+    return {"sd15": ensure_checkpoint(FORGE_DIR), "inpaint": ensure_checkpoint(FORGE_DIR, inpaint=True),
+            "flux": flow_checkpoints["flux"]}
 
 
 @pytest.fixture(scope="session")
 def forge(tmp_path_factory, checkpoints):
-    server = start_forge(tmp_path_factory.mktemp("forge"), checkpoints.values(), checkpoints["sd15"])
+    """The session's server; its copy of Forge builds the tiny Flux small (flow_checkpoint.scaffold)."""
+    from flow_checkpoint import scaffold
+
+    server = start_forge(tmp_path_factory.mktemp("forge"), checkpoints.values(), checkpoints["sd15"],
+                         prepare=scaffold)
     yield server
     stop_webui(server)
 

@@ -1,24 +1,15 @@
-"""Flux dev, Flux schnell and Chroma loaded by Forge's own loader from tiny checkpoints, trained through the
-extension's ForgeBackend, in one process (test code, Forge's venv; run by test_forge_flow.py in a writable
-copy of Forge). Prints `RESULT {json}`.
+"""Flux dev, Flux schnell and Chroma loaded by Forge's own loader from the tiny checkpoints of
+flow_checkpoint.py (its reduced configs and huggingface_guess wrapper are test scaffolding), each trained
+through the extension's ForgeBackend, in one process (test code, Forge's venv; run by test_forge_flow.py in
+a writable copy of Forge). Prints `RESULT {json}`.
 
-Each checkpoint has the real single-file layout (`model.diffusion_model.*` in BFL's key names,
-`text_encoders.clip_l.*` / `text_encoders.t5xxl.*`, `vae.*`), built from Forge's own classes, so
-`huggingface_guess` detects it (Flux with `guidance_in`, FluxSchnell without it, and Chroma through
-Forge's own fallback for its `distilled_guidance_layer`), and `backend.loader.forge_loader` builds
-Forge's `Flux` / `Chroma` engine from it, as it does for a user's file. Two pieces of test scaffolding
-keep it small:
-- the pinned huggingface_guess (2024-08) writes Flux's full-size transformer config (hidden 3072, 19 + 38
-  blocks) whatever the weights: `huggingface_guess.guess` is wrapped to put the tiny sizes in (and Forge's
-  `GuessChroma` extra config likewise);
-- Forge builds the text encoders and the VAE from the configs in its `backend/huggingface/<repo>/` folders
-  (T5-XXL alone is 4.7B parameters): in the writable copy those three config.json files are replaced by
-  reduced ones (TINY_CONFIGS: CLIP-L 32 wide, T5 32 wide with 2 layers, VAE of 32 channels with Flux's
-  16 latent channels, scale and shift). Tokenizers, scheduler and model_index are Forge's own.
-Then each engine is checked: the schedule and prediction against Forge's own PredictionFlux and
-`KModel.apply_model`, a LoRA trained with prior preservation, its file loaded by Forge's built-in LoRA
-support (`extensions-builtin/sd_forge_lora/networks.load_lora_for_models`) with every key used, changing
-the prediction, and the engine as before after `release()`.
+For each engine: Forge's loader uses every key; the schedule and the prediction are Forge's own
+(PredictionFlux's σ grid and noising, x − σ·v = `KModel.apply_model`'s x0, Flux dev's distilled guidance);
+captions of different T5 lengths batch as if alone; a LoRA trains with prior preservation; its file loads
+in Forge's built-in LoRA support (`extensions-builtin/sd_forge_lora/networks.load_lora_for_models`) with
+every key used and changes the prediction; the engine predicts as before after `release()` and after the
+LoRA is taken off; text-encoder training and full fine-tuning are refused; class images default to
+Forge's Flux preset.
 """
 from __future__ import annotations
 
@@ -31,88 +22,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-REPOS = {"flux": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-         "chroma": "Chroma"}
-TINY_CONFIGS = {
-    "clip": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, projection_dim=32),
-    "t5": dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2),
-    "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),
-}
-TINY_TRANSFORMER = dict(in_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2,
-                        depth=1, depth_single_blocks=2, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True)
-TINY_CHROMA = dict(guidance_out_dim=64, guidance_hidden_dim=32, guidance_n_layers=2)
-
-
-def reduce_configs(forge: Path) -> None:
-    """The text encoders' and VAE's configs of the three repos, reduced (in the writable copy only)."""
-    for repo in REPOS.values():
-        folder = forge / "backend" / "huggingface" / repo
-        index = json.loads((folder / "model_index.json").read_text())
-        for part, (lib, cls) in ((k, v) for k, v in index.items() if isinstance(v, list)):
-            kind = {"CLIPTextModel": "clip", "T5EncoderModel": "t5", "AutoencoderKL": "vae"}.get(cls)
-            if kind is None:
-                continue
-            path = folder / part / "config.json"
-            config = json.loads(path.read_text())
-            config.update(TINY_CONFIGS[kind])
-            path.unlink()  # a copy of the read-only original: replace it, never write through it
-            path.write_text(json.dumps(config, indent=1))
-
-
-def tiny_guess() -> None:
-    """huggingface_guess.guess with the tiny transformer's sizes put into its Flux config (see above)."""
-    import huggingface_guess
-    from backend import loader
-
-    real = huggingface_guess.guess
-
-    def guess(sd):
-        result = real(sd)
-        if type(result).__name__ in ("Flux", "FluxSchnell"):
-            result.unet_config = dict(result.unet_config, **TINY_TRANSFORMER)
-        return result
-
-    huggingface_guess.guess = guess
-    if hasattr(loader, "GuessChroma"):
-        loader.GuessChroma.unet_extra_config = dict(TINY_CHROMA)
-
-
-def build_checkpoint(forge: Path, family: str, path: Path) -> dict:
-    """The tiny checkpoint's tensors (seeded), written to `path`; returns what huggingface_guess detects."""
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from backend.nn.chroma import IntegratedChromaTransformer2DModel
-    from backend.nn.clip import IntegratedCLIP
-    from backend.nn.flux import IntegratedFluxTransformer2DModel
-    from backend.nn.t5 import IntegratedT5
-    from backend.nn.vae import IntegratedAutoencoderKL
-    from backend.utils import read_arbitrary_config
-    from sdxl_engine import _seeded
-
-    folder = forge / "backend" / "huggingface" / REPOS[family]
-    index = json.loads((folder / "model_index.json").read_text())
-    t5_part = next(k for k, v in index.items() if isinstance(v, list) and v[1] == "T5EncoderModel")
-    if family == "chroma":
-        transformer = IntegratedChromaTransformer2DModel(**TINY_TRANSFORMER, **TINY_CHROMA)
-    else:
-        transformer = IntegratedFluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embed=family == "flux")
-    parts = [("model.diffusion_model.", transformer),
-             ("text_encoders.t5xxl.", IntegratedT5(read_arbitrary_config(str(folder / t5_part)))),
-             ("vae.", IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(str(folder / "vae"))))]
-    if family != "chroma":
-        parts.append(("text_encoders.clip_l.", IntegratedCLIP(
-            CLIPTextModel, CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))))
-    sd = {}
-    for prefix, module in parts:
-        for k, v in _seeded(module.state_dict()).items():
-            if k == "logit_scale" or k.endswith("position_ids"):  # not in released files
-                continue
-            sd[prefix + k] = v.float().contiguous()
-    save_file(sd, str(path))
-    import huggingface_guess
-
-    return {"detected": type(huggingface_guess.guess(dict(sd))).__name__}
 
 
 def load_engine(path: Path):
@@ -247,16 +156,15 @@ def check_engine(engine, family: str, out_dir: Path) -> dict:
     return r
 
 
-def main(forge: Path, out_dir: Path) -> dict:
-    sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(HERE),
-                    str(forge / "extensions-builtin" / "sd_forge_lora")]
+def main(forge: Path, out_dir: Path, checkpoints: Path) -> dict:
+    from flow_checkpoint import FAMILIES, reduce_configs, tiny_guess
+
     reduce_configs(forge)
     tiny_guess()
     results = {}
-    for family in REPOS:
-        path = out_dir / f"tiny_{family}.safetensors"
-        info = build_checkpoint(forge, family, path)
-        engine, load_log = load_engine(path)
+    for family in FAMILIES:
+        info = {"detected": FAMILIES[family][1]}  # flow_checkpoint.build checked it
+        engine, load_log = load_engine(checkpoints / f"tiny_{family.replace('-', '_')}.safetensors")
         info["load_log_problems"] = [line for line in load_log.splitlines() if "Missing" in line or "Unexpected" in line]
         info.update(check_engine(engine, family, out_dir))
         results[family] = info
@@ -266,11 +174,12 @@ def main(forge: Path, out_dir: Path) -> dict:
 if __name__ == "__main__":
     forge = Path(sys.argv[1]).resolve()
     sys.path[:0] = [str(forge), str(forge / "packages_3rdparty"), str(forge / "repositories" / "huggingface_guess")]
-    out = Path(sys.argv[2])
+    out, checkpoint_dir = Path(sys.argv[2]), Path(sys.argv[3])
+    sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(HERE), str(forge / "extensions-builtin" / "sd_forge_lora")]
     sys.argv = [sys.argv[0], "--always-cpu", "--all-in-fp32"]  # what Forge's argument parsers read
     os.chdir(forge)
     from modules import shared_init
 
     shared_init.initialize()  # shared.opts: the text engines read the emphasis setting
     from modules import processing  # noqa: F401  (the WebUI's import order: before sd_models, which networks imports)
-    print("RESULT " + json.dumps(main(forge, out)))
+    print("RESULT " + json.dumps(main(forge, out, checkpoint_dir)))

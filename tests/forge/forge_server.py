@@ -8,7 +8,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "a1111"))
@@ -38,11 +38,14 @@ SKIP_REASON = skip_reason()
 
 
 def start_forge(tmp: Path, checkpoints: Iterable[Path], selected: Path, ui: bool = False,
-                start_timeout: float = 600) -> WebUI:
-    """Copy Forge into `tmp`, add the extension and the checkpoints, start it with `selected` chosen;
-    returns once the API answers (the checkpoint loads at the first generation, as in Forge)."""
+                start_timeout: float = 600, prepare: Optional[Callable[[Path], None]] = None) -> WebUI:
+    """Copy Forge into `tmp`, add the extension and the checkpoints (`prepare(root)` then changes the copy),
+    start it with `selected` chosen; returns once the API answers (the checkpoint loads at the first
+    generation, as in Forge)."""
     root = tmp / "forge"
     models = prepare_copy(FORGE_DIR, root, FORGE_DIR / "repositories", checkpoints)
+    if prepare is not None:
+        prepare(root)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "HF_HOME"}  # Forge points it at its own folder
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")

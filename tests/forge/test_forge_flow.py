@@ -1,10 +1,15 @@
 """Flux dev, Flux schnell and Chroma train on Forge's own engines, loaded by Forge's loader from tiny
-checkpoints in the real single-file layout (flow_engine.py, in a fresh process in a writable copy of
-Forge whose text-encoder and VAE configs are reduced; huggingface_guess's fixed full-size Flux config is
-replaced by the tiny one). For each: Forge detects the family and loads every key; training uses Forge's
-own σ grid (the predictor's shift), noising and velocity (x − σ·v is `KModel.apply_model`'s x0), Flux
-dev's distilled guidance; a LoRA trains with prior preservation; Forge's built-in LoRA support loads the
-file with every key used and it changes the prediction; the engine predicts as before after release()."""
+checkpoints in the real single-file layout (flow_checkpoint.py; its reduced configs and huggingface_guess
+wrapper are test scaffolding).
+
+In one process (flow_engine.py, in a writable copy of Forge), for each family: Forge detects it and loads
+every key; training uses Forge's own σ grid (the predictor's shift), noising and velocity (x − σ·v is
+`KModel.apply_model`'s x0), Flux dev's distilled guidance; a LoRA trains with prior preservation; Forge's
+built-in LoRA support loads the file with every key used and it changes the prediction; the engine
+predicts as before after release(). Through the session's server, Flux dev as a user has it: picked in
+the checkpoint menu, a job with prior preservation (class images by Forge's own txt2img on Flux), the LoRA
+applied by `<lora:…>` with every key, the image changed, the model unchanged after the job.
+"""
 from __future__ import annotations
 
 import json
@@ -13,22 +18,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from forge_server import FORGE_DIR
-from webui_server import _writable_copy
+from webui_server import _writable_copy, job_body, txt2img
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory) -> dict:
+def flow(tmp_path_factory, flow_checkpoints) -> dict:
     tmp = tmp_path_factory.mktemp("forge-flow")
     root = tmp / "forge"
     _writable_copy(FORGE_DIR, root)
     (root / "repositories").symlink_to(FORGE_DIR / "repositories", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k != "HF_HOME"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("flow_engine.py")), str(root), str(tmp)],
-                         cwd=str(root), env=env, capture_output=True, text=True, timeout=900)
+    folder = flow_checkpoints["flux"].parent
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("flow_engine.py")), str(root), str(tmp),
+                          str(folder)], cwd=str(root), env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-5000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -74,3 +81,58 @@ def test_flow_lora_with_prior_preservation_on_forges_engine(flow, family, engine
     # class images: Forge's Flux preset (CFG 1 beside the distilled guidance) unless the request says otherwise
     assert r["class_sampling"]["open"] == [1.0 if family != "chroma" else 7.0, "Euler:Simple"]
     assert r["class_sampling"]["given"] == [6.0, "DPM++ 2M"]
+
+
+def flux_txt2img(webui, prompt: str, seed: int = 3):
+    """One 64 px, 2-step image with Forge's Flux preset (Euler with the Simple schedule, CFG 1 beside the
+    distilled guidance): Forge's "Automatic" schedule gives NaN images on this Flux (a blank PNG)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    r = webui.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": seed,
+                                          "sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 1.0})
+    assert r.status_code == 200, r.text[:2000]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), dtype=float)
+    assert image.std() > 0, "txt2img gave a blank image"
+    return image
+
+
+def test_a_flux_job_through_the_api_and_forges_lora_support(forge, subject_dir, checkpoints):
+    """Flux dev picked in Forge's checkpoint menu: the API's job trains a LoRA with prior preservation
+    (class images by Forge's txt2img with its Flux preset), `<lora:dbflux:1>` applies every key of it and
+    changes the image, and the loaded model is as before."""
+    from safetensors import safe_open
+
+    assert forge.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoints["flux"].stem}).status_code == 200
+    try:
+        start = len(forge.log())
+        base = flux_txt2img(forge, "a photo of sks ball")
+        assert "Loading Model" in forge.log()[start:] and "StateDict Keys" in forge.log()[start:]
+        r = forge.post("/dreambooth/v1/train", job_body(subject_dir, "dbflux"))
+        assert r.status_code == 200, r.text
+        status = forge.wait_job(r.json()["id"], timeout=600)
+        assert status["state"] == "completed", (status, forge.log()[-3000:])
+        assert status["class_images"]["generated"] == 2
+        assert [h["step"] for h in status["history"]] == [1, 2]
+        assert all(h["prior_loss"] is not None and np.isfinite(h["loss"]) for h in status["history"])
+        lora = forge.root / "models" / "Lora" / "dbflux.safetensors"
+        assert status["lora_path"] == str(lora)
+        with safe_open(str(lora), framework="pt") as f:
+            keys, meta = {k.split(".")[0] for k in f.keys()}, f.metadata()
+        assert keys == BLOCK_KEYS
+        assert meta["dreambooth_base_family"] == "flux" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+        run = json.loads((forge.root / "outputs" / "dreambooth" / "dbflux" / "config.json").read_text())["config"]
+        assert (run["class_guidance"], run["class_sampler"]) == (1.0, "Euler:Simple"), "not Forge's Flux preset"
+        assert np.array_equal(base, flux_txt2img(forge, "a photo of sks ball")), "training changed the loaded model"
+        mark = len(forge.log())
+        with_lora = flux_txt2img(forge, "<lora:dbflux:1> a photo of sks ball")
+        log = forge.log()[mark:]
+        assert f"for KModel-UNet with {len(BLOCK_KEYS)} keys at weight 1.0 (skipped 0 keys)" in log, log[-2000:]
+        assert "unmatched" not in log and "ismatch" not in log, log[-2000:]
+        assert np.abs(with_lora - base).mean() > 0.5, "the trained LoRA does not change the image"
+        assert " Missing: [" not in forge.log()[start:] and " Unexpected: [" not in forge.log()[start:]
+    finally:
+        assert forge.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoints["sd15"].stem}).status_code == 200
+    txt2img(forge, "a photo of sks ball")
