@@ -3,23 +3,29 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Flux 2, HiDream, Qwen-Image, ...) is refused before any work, with
-its name, because its conditioning, schedule or LoRA keys are not the ones implemented here.
+input channels, EDM/x0 models, Flux 2, HiDream, Z-Image, Omnigen2, HunyuanImage 2.1, Cosmos Predict2,
+PixArt, Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
+train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
 
 Per flow family (rectified flow, `CONST` sampling):
   - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
     stores μ of BFL's exponential shift e^μ/(e^μ + 1/t − 1), which is the same map with s = e^μ;
     `ModelSamplingDiscreteFlow` stores s itself.
   - `blocks`: the transformer block lists, run during training on copies of the residual stream they
-    update in place (flow_path._install_flow) and checkpointed when the user asks for it.
+    update in place (flow_path._install_flow) and checkpointed when the user asks for it. Empty: the
+    generic rule, every top-level ModuleList of the diffusion model whose entries hold Linears.
   - `lora`: which Linears of the blocks carry a LoRA (attention and MLP; the adaLN modulation
-    Linears are left out: they are large, and a LoRA there mostly rescales the whole image).
+    Linears are left out: they are large, and a LoRA there mostly rescales the whole image). None: the
+    generic rule, every Linear inside those blocks but under a path part naming modulation or a norm
+    (`img_mod`, `modC`, `adaLN_modulation`, `norm1.linear`). A family whose row names neither (Qwen-Image,
+    AuraFlow) needs nothing but its row: the conditioning comes from the host's `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
     Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
 The LoRA keys are kohya's for these models (`lora_unet_` + the module path in the host's own layout
 with dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_joint_blocks_0_x_block_attn_qkv`,
-`lora_unet_layers_0_attention_qkv`), which the stock LoraLoader maps for every model
+`lora_unet_layers_0_attention_qkv`, `lora_unet_transformer_blocks_0_attn_to_q`,
+`lora_unet_double_layers_0_attn_w1q`), which the stock LoraLoader maps for every model
 (`comfy.lora.model_lora_keys_unet`, the generic `lora_unet_` rule) in both host versions.
 """
 from __future__ import annotations
@@ -61,9 +67,11 @@ _FLOW = {
     # left out: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out, img_mlp / txt_mlp). 512 tokens: diffusers'
     # QwenImagePipeline max_sequence_length.
     "QwenImage": Family("qwen-image", True, text_cap=512),
+    # AuraFlow: its Pile-T5 pads to 256 tokens (the host's min_length), what it was trained on.
+    "AuraFlow": Family("auraflow", True, text_cap=256),
 }
 
-TRAINS = "SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2 and Qwen-Image"
+TRAINS = "SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image and AuraFlow"
 
 
 def model_class(model) -> str:

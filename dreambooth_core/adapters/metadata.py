@@ -53,6 +53,7 @@ FAMILIES = {
     "chroma": ("chroma", "chroma"),
     "lumina2": ("lumina2", "lumina-2"),
     "qwen-image": ("qwen_image", "Qwen-Image"),  # musubi-tuner's architecture name (sd-scripts has none)
+    "auraflow": ("auraflow", "auraflow"),  # no trainer we follow names it; ComfyUI's class, lower case
 }
 
 

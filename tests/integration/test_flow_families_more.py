@@ -1,6 +1,7 @@
 """The comfy backend on the flow families that train through the generic rule (families.py: the blocks
-are the transformer's block lists, the LoRA their Linears but the modulation): Qwen-Image, in-process on
-the host's own objects, with tiny checkpoints in the family's real layout (family_checkpoints_llm.py).
+are the transformer's block lists, the LoRA their Linears but the modulation): Qwen-Image and AuraFlow,
+in-process on the host's own objects, with tiny checkpoints in each family's real layout
+(family_checkpoints_llm.py).
 
 Checked per family, as test_flow_families.py checks the others:
   - the backend's velocity is the host's own (its encoding, `extra_conds`, `apply_model`);
@@ -10,8 +11,12 @@ Checked per family, as test_flow_families.py checks the others:
     key and changes the model's output as the trained MODEL does; the base MODEL stays bit-identical;
   - a class image equals the stock KSampler graph's image with that seed;
   - the families still refused are refused up front, named.
-Qwen-Image's smallest model is ~380 M parameters (one 3072-wide block: the host hard-codes the width)
-plus a 545 M-parameter text-encoder embedding: a training step takes a few seconds on one CPU thread.
+The hosts hard-code both transformers' width (3072): Qwen-Image's smallest model is ~380 M parameters
+(one block) plus a 545 M-parameter text-encoder embedding, AuraFlow's ~510 M (one double + one single
+layer), so each trains 2 steps (~5 s a step on one CPU thread) and only Qwen-Image with gradient
+checkpointing on. AuraFlow's Pile-T5 pads every prompt to 256 tokens; here it is left unpadded through
+the host's own tokenizer option (`pile_t5xl_min_length` 1), so a step costs seconds, not a minute.
+The whole file, fixtures built on a cold cache, takes ~85 s per host copy on 2 shared cores.
 """
 from __future__ import annotations
 
@@ -34,9 +39,11 @@ from test_flow_families import _digest, _flow_loss, _host_velocity, _instance_im
 
 PROMPT = "a photo of sks dog"
 # family fixture -> (Backend.family, a LoRA name it must have, metadata version, architecture, host shift)
-FAMILIES = {"qwen_image": ("qwen-image", "lora_unet_transformer_blocks_0_attn_to_q", "qwen_image",
+FAMILIES = {"auraflow": ("auraflow", "lora_unet_single_layers_0_mlp_c_proj", "auraflow", "auraflow/lora", 1.73),
+            "qwen_image": ("qwen-image", "lora_unet_transformer_blocks_0_attn_to_q", "qwen_image",
                            "Qwen-Image/lora", 1.15)}
 
+CHECKPOINTED = ("qwen_image",)  # trained with gradient checkpointing on (the blocks recomputed); AuraFlow off
 _LOADED: dict = {}
 
 
@@ -54,8 +61,17 @@ def _load(name):
         except fc.FamilyUnsupported as e:
             pytest.skip(str(e))
         with torch.inference_mode():
-            _LOADED[name] = (files, files.load_model(), files.load_clip(), files.load_vae())
+            model, clip, vae = fl.load(files)
+        if files.model_class == "AuraFlow":
+            clip.set_tokenizer_option("pile_t5xl_min_length", 1)  # see the module docstring
+        _LOADED[name] = (files, model, clip, vae)
     return _LOADED[name]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def name(request):
+    """The family fixture's name; module-scoped, so pytest runs a family's tests together (one load each)."""
+    return request.param
 
 
 def _host_x(model, x):
@@ -63,7 +79,6 @@ def _host_x(model, x):
     return x.unsqueeze(2) if model.get_model_object("latent_format").latent_dimensions == 3 else x
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
 def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
     import math
 
@@ -72,7 +87,9 @@ def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
     family, _, _, _, shift = FAMILIES[name]
     sampling = model.get_model_object("model_sampling")
     assert backend.family == family and backend.prediction_type == "flow"
-    assert backend.schedule().shift == pytest.approx(math.exp(sampling.shift)) and sampling.shift == pytest.approx(shift)
+    flux_kind = "Flux" in type(sampling).__mro__[1].__name__  # stores μ = log s (families.flow_shift)
+    assert backend.schedule().shift == pytest.approx(math.exp(sampling.shift) if flux_kind else sampling.shift)
+    assert sampling.shift == pytest.approx(shift)
     prompts = [PROMPT, "a dog"]
     x = torch.randn(2, files.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.35, 0.8])
@@ -84,7 +101,6 @@ def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
         torch.testing.assert_close(out[i:i + 1], expected.reshape(1, *x.shape[1:]), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
 def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, tmp_path, caplog):
     import comfy.lora
     import comfy.utils
@@ -115,13 +131,14 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
         latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
                                                      .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
         cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
-    assert latents.shape == (3, 16, 8, 8)
+    assert latents.shape == (3, files.latent_channels, 8, 8)
     untrained = _flow_loss(backend, latents, cond)
 
     config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
                                     rank=4, steps=2, learning_rate=3e-3, batch_size=1, seed=0,
                                     output_dir=str(tmp_path), save_name=f"flow_{name}", save_precision="fp32",
-                                    max_grad_norm=0.0, thumbnail_steps=0, gradient_checkpointing=True)
+                                    max_grad_norm=0.0, thumbnail_steps=0,
+                                    gradient_checkpointing=name in CHECKPOINTED)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             result = trainer_mod.train(backend, config, instance, classes)
@@ -144,7 +161,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
         lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"flow_{name}.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(lm.patches) == len(names), "every key patches one weight"
-    x = _host_x(model, torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5)))
+    x = _host_x(model, torch.randn(1, files.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5)))
     sigma = torch.tensor([0.6])
     v_base = _host_velocity(model, clip, PROMPT, x, sigma)
     v_lora = _host_velocity(lm, lc, PROMPT, x, sigma)
@@ -167,3 +184,33 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
     stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", {"samples": torch.zeros([1, 16, 6, 8])}, 7, 2,
                         3.0, "euler", "simple")
     assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
+
+
+# supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
+REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "HunyuanImage21": "HunyuanImage21",
+           "CosmosT2IPredict2": "CosmosPredict2", "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt",
+           "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2", "Flux2": "Flux2"}
+
+
+@pytest.mark.parametrize("cls", sorted(REFUSED))
+def test_families_that_do_not_train_are_refused_by_name(comfy_host, pack, cls):
+    """Each text-to-image family of the host that does not train here is refused before any work, by its
+    class name and its sampling, with what trains (a stand-in MODEL: detection reads only the host's
+    model config and model_sampling objects)."""
+    import inspect
+
+    import comfy.model_base
+    import comfy.supported_models
+
+    config_cls = getattr(comfy.supported_models, cls, None)
+    if config_cls is None:
+        pytest.skip(f"this host has no {cls}")
+    families = importlib.import_module(pack.__name__ + ".nodes.families")
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    config = config_cls(dict(config_cls.unet_config, hidden_size=6144))  # Flux 2 scales its memory estimate by it
+    model_type = inspect.signature(getattr(comfy.model_base, REFUSED[cls]).__init__).parameters["model_type"].default
+    sampling = comfy.model_base.model_sampling(config, model_type)
+    model = SimpleNamespace(model=SimpleNamespace(model_config=config), get_model_object=lambda _name: sampling)
+    with pytest.raises(base.UnsupportedModel, match=rf"the connected MODEL is {cls} \(\w+ sampling\); DreamBooth trains "
+                                                   r"SD1\.x, .*Qwen-Image and AuraFlow"):
+        families.detect(model)
