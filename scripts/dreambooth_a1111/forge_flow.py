@@ -6,8 +6,8 @@ engines):
   is x itself, its time input is σ (its time embedding multiplies by 1000), the noisy latent is
   (1 − σ)·x0 + σ·ε (`noise_scaling`) and the denoised one x − σ·out. So the transformer's output is the
   velocity ε − x0: dreambooth_core's FlowSchedule, whose timesteps are σ. Its shift is the predictor's:
-  Forge's σ = e^μ / (e^μ + 1/t − 1) is the core's `shift_sigmas` with s = e^μ (μ = 1.15 for dev at Forge's
-  fixed 4096-token length, 1.0 for schnell and Chroma).
+  Forge's σ grid, e^μ / (e^μ + 1/t − 1), is the core's `shift_sigmas` with s = e^μ (μ = 1.15 for dev at
+  Forge's fixed 4096-token length, 1.0 for schnell and Chroma); `flow_shift` reads s off the grid.
 - `get_learned_conditioning` gives Flux a dict: T5's `crossattn` (Forge pads it to 256 tokens), CLIP-L's
   pooled `vector` (the transformer's `y`) and, for dev, the distilled `guidance` (Forge's Distilled CFG
   default, 3.5, as kohya trains); Chroma gets T5's output alone, at the prompt's own length. `predict` calls
@@ -21,7 +21,6 @@ engines):
 from __future__ import annotations
 
 import logging
-import math
 from typing import Dict, List
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from dreambooth_core.adapters.kohya import FLUX_BLOCK_LINEARS, block_lora_targets
 from dreambooth_core.backends.base import UnsupportedModel
+from dreambooth_core.training.schedules import shift_sigmas
 
 from .common import owned
 
@@ -53,12 +53,21 @@ def flow_family(sd_model) -> str:
 
 
 def flow_shift(predictor, kind: str) -> float:
-    """The SD3-style shift s = e^μ of Forge's PredictionFlux, or UnsupportedModel for any other sampling."""
+    """The SD3-style shift s of the σ grid Forge samples on, or UnsupportedModel for any other sampling.
+    Read from the grid itself (PredictionFlux's `sigmas` at t = k/N), not from a field: Forge stores e^s's
+    log as `mu`, Forge Neo as `shift`, and either may re-shift the grid at run time."""
     if type(predictor).__name__ != "PredictionFlux" or getattr(predictor, "prediction_type", None) != "const":
         raise UnsupportedModel(f"the loaded {kind} model samples with {type(predictor).__name__} "
                                f"({getattr(predictor, 'prediction_type', None)}); DreamBooth trains it on Forge's "
                                "rectified-flow sampling (PredictionFlux) only")
-    return math.exp(float(predictor.mu))
+    sigmas = predictor.sigmas.detach().to("cpu", torch.float64)
+    t = torch.arange(1, len(sigmas) + 1, dtype=torch.float64) / len(sigmas)
+    mid = len(sigmas) // 2
+    shift = float(sigmas[mid] * (1 - t[mid]) / (t[mid] * (1 - sigmas[mid])))
+    if not torch.allclose(shift_sigmas(t, shift), sigmas, atol=1e-5):
+        raise UnsupportedModel(f"the loaded {kind} model samples on a σ grid that is no shifted rectified flow; "
+                               "DreamBooth trains Flux and Chroma on Forge's own PredictionFlux schedule")
+    return shift
 
 
 def flow_conditioning(cond) -> Dict[str, torch.Tensor]:

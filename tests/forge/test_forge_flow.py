@@ -57,7 +57,7 @@ def test_flow_lora_with_prior_preservation_on_forges_engine(flow, family, engine
     assert r["load_log_problems"] == [], "Forge's loader left keys of the tiny checkpoint unused"
     # The schedule is Forge's own: its PredictionFlux's shift e^μ, its σ grid, its noising, its velocity.
     assert r["schedule"] == "FlowSchedule" and r["mu"] == pytest.approx(mu)
-    assert r["shift"] == pytest.approx(2.718281828 ** mu, rel=1e-6)
+    assert r["shift"] == pytest.approx(2.718281828 ** mu, rel=1e-5)
     assert r["sigmas_match"] and r["noising_match"] and r["velocity_match"]
     assert r["batch_match"], "a batch of captions of different lengths predicts otherwise than each alone"
     assert r["guidance"] == guidance  # Flux dev: Forge's default Distilled CFG, as kohya trains
