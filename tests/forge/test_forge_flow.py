@@ -110,6 +110,8 @@ def test_a_flux_job_through_the_api_and_forges_lora_support(forge, subject_dir, 
         start = len(forge.log())
         base = flux_txt2img(forge, "a photo of sks ball")
         assert "Loading Model" in forge.log()[start:] and "StateDict Keys" in forge.log()[start:]
+        token = forge.post("/dreambooth/v1/token", {"token": "sks"}).json()  # checked in Flux's CLIP-L tokenizer
+        assert token["single"] is True and token["pieces"] == [["sks</w>"]], token
         r = forge.post("/dreambooth/v1/train", job_body(subject_dir, "dbflux"))
         assert r.status_code == 200, r.text
         status = forge.wait_job(r.json()["id"], timeout=600)
