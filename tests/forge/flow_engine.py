@@ -5,7 +5,8 @@ a writable copy of Forge). Prints `RESULT {json}`.
 
 For each engine: Forge's loader uses every key; the schedule and the prediction are Forge's own
 (PredictionFlux's σ grid and noising, x − σ·v = `KModel.apply_model`'s x0, Flux dev's distilled guidance);
-captions of different T5 lengths batch as if alone; a LoRA trains with prior preservation; its file loads
+captions of different T5 lengths batch as if alone; a LoRA trains with prior preservation (its gradient the
+same with the blocks checkpointed); its file loads
 in Forge's built-in LoRA support (`extensions-builtin/sd_forge_lora/networks.load_lora_for_models`) with
 every key used and changes the prediction; the engine predicts as before after `release()` and after the
 LoRA is taken off; text-encoder training and full fine-tuning are refused; class images default to
@@ -123,6 +124,19 @@ def check_engine(engine, family: str, out_dir: Path) -> dict:
                                       source="test")
     result = train(backend, config, instance, classes)
     history = result.history
+    # Gradient checkpointing of the transformer's blocks gives the adapters the same gradient.
+    params = [p for p in result.network.parameters()]
+    grads = []
+    for checkpointing in (False, True):
+        backend.set_gradient_checkpointing(checkpointing)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        backend.predict(batch.noisy, sig, both).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    backend.set_gradient_checkpointing(False)
+    r["checkpointing_grad_match"] = bool(torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+                                         and grads[0].abs().max() > 0)
     backend.release()
     with torch.no_grad():
         after_release = backend.predict(*probe, cond)
