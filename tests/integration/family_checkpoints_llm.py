@@ -1,6 +1,6 @@
 """Tiny seeded checkpoints of the flow families whose text encoder is a large language model, in their
-real key layout, for tests that may not download anything: Qwen-Image (Qwen2.5-VL-7B encoder) and
-AuraFlow (Pile-T5-XL).
+real key layout, for tests that may not download anything: Qwen-Image and HunyuanImage 2.1 (Qwen2.5-VL-7B
+encoder) and AuraFlow (Pile-T5-XL).
 
 Test code, beside family_checkpoints.py, whose helpers it uses: the host's own detection picks the layout,
 and files are written once into the same cache folder.
@@ -27,6 +27,13 @@ Per family, as ComfyUI's loaders take it (the separate UNETLoader, CLIPLoader, V
                           CLIPLoader would need `detect_te_model`'s 24 blocks (0.33: with d_ff 5120, 0.75 B
                           parameters), inside the checkpoint its class comes from the model config. The
                           SDXL VAE (4 channels, full size: both hosts hard-code it).
+  hunyuan_image21  HunyuanImage21  one double + one single block (Flux-like), 128 wide with one head of 128:
+                          the host reads the width, the text width, the patch and the block counts from the
+                          tensors (no `vector_in`, no `byt5_in`, no `guidance_in`): 1.5 M parameters.
+                          CLIPLoader type `hunyuan_image` (one file: no byT5): Qwen2.5-VL-7B's language
+                          model 64 wide, 4 layers (the host takes hidden layer -3); the embedding is then
+                          152064 x 64. VAE: HunyuanImage 2.1's 32x autoencoder (64 latent channels, widths
+                          hard-coded by both hosts: 0.4 B parameters); a 64 px image is a 2x2 latent.
 The text encoders' sizes come in through the host's own hook, `model_options["<name>_model_config"]`
 (`qwen25_7b`, `pile_t5xl`: sd1_clip.SDClipModel reads it, in 0.3.64 as in 0.33; for a checkpoint,
 load_checkpoint_guess_config's `te_model_options`); the tokenizers are the ones the host ships
@@ -37,8 +44,8 @@ Not here, and why (each stays refused by name in nodes/families.py):
     and four encoders up to Llama-3.1-8B;
   - Omnigen2: hard-coded 32 layers of 2520 (~4 B parameters);
   - Z-Image (0.33): 3840 wide (the width that selects it) with the 2+2 refiner layers the class always
-    has, ~0.9 B parameters: over the CI budget of these tests; HunyuanImage 2.1 and Cosmos Predict2
-    were not reached.
+    has, ~0.9 B parameters: over the CI budget of these tests;
+  - Cosmos Predict2: not reached (its sampling is the host's own Cosmos rectified flow, not CONST).
 """
 from __future__ import annotations
 
@@ -49,6 +56,10 @@ import family_checkpoints as fc
 
 QWEN_TE = {"hidden_size": 3584, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
            "num_key_value_heads": 4}
+# HunyuanImage 2.1 reads the text width from its tensors; it takes the encoder's hidden layer -3 (the host
+# asserts 3 < the layer count)
+QWEN_TE_SMALL = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 4}
 # AuraFlow's DiT reads 2048-wide text (supported_models.AuraFlow matches cond_seq_dim 2048)
 PILE_T5 = {"d_model": 2048, "d_ff": 64, "d_kv": 32, "num_heads": 2, "num_layers": 2}
 WAN_VAE = {"dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
@@ -136,8 +147,56 @@ def _auraflow(name: str, seed: int) -> fc.FamilyFiles:
         expect={"n_double_layers": 1, "n_layers": 2, "cond_seq_dim": 2048})
 
 
+def qwen25_7b_small_file(seed: int = fc.SEED) -> Path:
+    """Qwen2.5-VL-7B's language model at QWEN_TE_SMALL (for a DiT that reads the text width)."""
+    import torch
+    import comfy.ops
+    import comfy.text_encoders.llama as llama
+
+    with torch.device("meta"):
+        m = llama.Qwen25_7BVLI(dict(QWEN_TE_SMALL), None, "meta", comfy.ops.disable_weight_init)
+    return _write("qwen25_7b", {k: v for k, v in fc._shapes(m).items() if not k.startswith("visual.")}, seed)
+
+
+def hunyuan_image_vae_file(seed: int = fc.SEED) -> Path:
+    """HunyuanImage 2.1's 32x autoencoder (64 latent channels; both hosts hard-code its widths, 0.4 B)."""
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {"block_out_channels": [128, 256, 512, 512, 1024, 1024], "in_channels": 3, "out_channels": 3,
+                "num_res_blocks": 2, "ffactor_spatial": 32, "downsample_match_channel": True,
+                "upsample_match_channel": True, "z_channels": 64}
+    with torch.device("meta"):
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.hunyuan_video.vae.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.hunyuan_video.vae.Decoder", "params": ddconfig})
+    return _write("hunyuan_image_vae", fc._shapes(vae), seed, scale={"decoder.conv_out.weight": 0.1})
+
+
+def _hunyuan_image_skeleton(hidden=128, ctx=64):
+    m = fc._meta
+    return {"img_in.proj.weight": m(hidden, 64, 1, 1), "final_layer.linear.weight": m(64, hidden),
+            "txt_in.input_embedder.weight": m(hidden, ctx),
+            "txt_in.individual_token_refiner.blocks.0.norm1.weight": m(hidden),
+            "double_blocks.0.img_attn.qkv.weight": m(3 * hidden, hidden),
+            "single_blocks.0.linear2.weight": m(hidden, 5 * hidden)}
+
+
+def _hunyuan_image21(name: str, seed: int) -> fc.FamilyFiles:
+    ctx = QWEN_TE_SMALL["hidden_size"]
+    info, layout = fc._choose([(_hunyuan_image_skeleton(128, ctx), {"hidden": 128, "heads": 1, "te": QWEN_TE_SMALL})],
+                              "HunyuanImage21")
+    return fc.FamilyFiles(
+        name=name, model_class="HunyuanImage21", diffusion_model=_write(name, layout, seed),
+        text_encoders=(qwen25_7b_small_file(seed),), clip_type="hunyuan_image", vae=hunyuan_image_vae_file(seed),
+        latent_channels=64, te_model_options={"qwen25_7b_model_config": dict(QWEN_TE_SMALL)}, layout=info,
+        expect={"image_model": "hunyuan_video", "hidden_size": 128, "context_in_dim": ctx})
+
+
 FAMILIES = {"qwen_image": lambda seed: _qwen_image("qwen_image", seed),
-            "auraflow": lambda seed: _auraflow("auraflow", seed)}
+            "auraflow": lambda seed: _auraflow("auraflow", seed),
+            "hunyuan_image21": lambda seed: _hunyuan_image21("hunyuan_image21", seed)}
 
 
 def ensure_family(name: str, seed: int = fc.SEED) -> fc.FamilyFiles:

@@ -1,7 +1,7 @@
 """The comfy backend on the flow families that train through the generic rule (families.py: the blocks
-are the transformer's block lists, the LoRA their Linears but the modulation): Qwen-Image and AuraFlow,
-in-process on the host's own objects, with tiny checkpoints in each family's real layout
-(family_checkpoints_llm.py).
+are the transformer's block lists, the LoRA their Linears but the modulation): Qwen-Image, AuraFlow and
+HunyuanImage 2.1, in-process on the host's own objects, with tiny checkpoints in each family's real
+layout (family_checkpoints_llm.py).
 
 Checked per family, as test_flow_families.py checks the others:
   - the backend's velocity is the host's own (its encoding, `extra_conds`, `apply_model`);
@@ -16,7 +16,8 @@ The hosts hard-code both transformers' width (3072): Qwen-Image's smallest model
 layer), so each trains 2 steps (~5 s a step on one CPU thread) and only Qwen-Image with gradient
 checkpointing on. AuraFlow's Pile-T5 pads every prompt to 256 tokens; here it is left unpadded through
 the host's own tokenizer option (`pile_t5xl_min_length` 1), so a step costs seconds, not a minute.
-The whole file, fixtures built on a cold cache, takes ~85 s per host copy on 2 shared cores.
+HunyuanImage 2.1's transformer is 128 wide (the host reads its width) beside its 0.4 B-parameter VAE.
+The whole file, fixtures built on a cold cache, takes 76-84 s per host copy on 2 shared cores.
 """
 from __future__ import annotations
 
@@ -40,9 +41,15 @@ from test_flow_families import _digest, _flow_loss, _host_velocity, _instance_im
 PROMPT = "a photo of sks dog"
 # family fixture -> (Backend.family, a LoRA name it must have, metadata version, architecture, host shift)
 FAMILIES = {"auraflow": ("auraflow", "lora_unet_single_layers_0_mlp_c_proj", "auraflow", "auraflow/lora", 1.73),
+            "hunyuan_image21": ("hunyuan-image", "lora_unet_double_blocks_0_img_attn_qkv", "hunyuan_image_2.1",
+                                "hunyuan-image-2.1/lora", 5.0),
             "qwen_image": ("qwen-image", "lora_unet_transformer_blocks_0_attn_to_q", "qwen_image",
                            "Qwen-Image/lora", 1.15)}
 
+# HunyuanImage 2.1's fixture is 128 wide (the host reads its width) and its 32x latents are 2x2 at 64 px:
+# cheap steps, each moving the held-out loss little
+STEPS = {"hunyuan_image21": 6}
+LEARNING_RATE = {"hunyuan_image21": 1e-2}
 CHECKPOINTED = ("qwen_image",)  # trained with gradient checkpointing on (the blocks recomputed); AuraFlow off
 _LOADED: dict = {}
 
@@ -131,11 +138,13 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
         latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
                                                      .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
         cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
-    assert latents.shape == (3, files.latent_channels, 8, 8)
+    side = 64 // backend.latent_factor
+    assert latents.shape == (3, files.latent_channels, side, side)
     untrained = _flow_loss(backend, latents, cond)
 
     config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
-                                    rank=4, steps=2, learning_rate=3e-3, batch_size=1, seed=0,
+                                    rank=4, steps=STEPS.get(name, 2), learning_rate=LEARNING_RATE.get(name, 3e-3),
+                                    batch_size=1, seed=0,
                                     output_dir=str(tmp_path), save_name=f"flow_{name}", save_precision="fp32",
                                     max_grad_norm=0.0, thumbnail_steps=0,
                                     gradient_checkpointing=name in CHECKPOINTED)
@@ -161,7 +170,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
         lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"flow_{name}.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(lm.patches) == len(names), "every key patches one weight"
-    x = _host_x(model, torch.randn(1, files.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5)))
+    x = _host_x(model, torch.randn(1, files.latent_channels, side, side, generator=torch.Generator().manual_seed(5)))
     sigma = torch.tensor([0.6])
     v_base = _host_velocity(model, clip, PROMPT, x, sigma)
     v_lora = _host_velocity(lm, lc, PROMPT, x, sigma)
@@ -187,9 +196,9 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
 
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
-REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "HunyuanImage21": "HunyuanImage21",
-           "CosmosT2IPredict2": "CosmosPredict2", "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt",
-           "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2", "Flux2": "Flux2"}
+REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "CosmosT2IPredict2": "CosmosPredict2",
+           "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt", "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2",
+           "Flux2": "Flux2"}
 
 
 @pytest.mark.parametrize("cls", sorted(REFUSED))
@@ -212,5 +221,5 @@ def test_families_that_do_not_train_are_refused_by_name(comfy_host, pack, cls):
     sampling = comfy.model_base.model_sampling(config, model_type)
     model = SimpleNamespace(model=SimpleNamespace(model_config=config), get_model_object=lambda _name: sampling)
     with pytest.raises(base.UnsupportedModel, match=rf"the connected MODEL is {cls} \(\w+ sampling\); DreamBooth trains "
-                                                   r"SD1\.x, .*Qwen-Image and AuraFlow"):
+                                                   r"SD1\.x, .*Qwen-Image, AuraFlow and HunyuanImage 2\.1"):
         families.detect(model)
