@@ -212,6 +212,30 @@ def test_flux_block_targets_are_the_blocks_attention_and_mlp_linears_by_kohya_na
         {f"lora_unet_single_blocks_{i}_linear{j}" for i in (0, 1) for j in (1, 2)}
 
 
+def test_sd3_block_targets_are_the_joint_blocks_attention_and_mlp_linears_by_kohya_name():
+    """The SD3 / SD3.5 LoRA Linears (kohya.SD3_BLOCK_LINEARS, shared by every host): attention (medium's attn2
+    too) and MLP of both streams, never the adaLN modulation, the q/k norms or anything outside the blocks."""
+    from torch import nn
+
+    from dreambooth_core.adapters.kohya import SD3_BLOCK_LINEARS, block_lora_targets
+
+    def stream(second_attention):
+        parts = {"attn": nn.ModuleDict({"qkv": nn.Linear(4, 12), "proj": nn.Linear(4, 4), "ln_q": nn.LayerNorm(2)}),
+                 "mlp": nn.ModuleDict({"fc1": nn.Linear(4, 8), "fc2": nn.Linear(8, 4)}),
+                 "adaLN_modulation": nn.Sequential(nn.SiLU(), nn.Linear(4, 24))}
+        if second_attention:
+            parts["attn2"] = nn.ModuleDict({"qkv": nn.Linear(4, 12), "proj": nn.Linear(4, 4)})
+        return nn.ModuleDict(parts)
+
+    dm = nn.Module()
+    dm.context_embedder, dm.final_layer = nn.Linear(8, 4), nn.ModuleDict({"linear": nn.Linear(4, 4)})
+    dm.joint_blocks = nn.ModuleList([nn.ModuleDict({"context_block": stream(False), "x_block": stream(True)})])
+    names = set(block_lora_targets(dm, SD3_BLOCK_LINEARS))
+    assert names == {f"lora_unet_joint_blocks_0_{s}_block_{k}" for s in ("context", "x")
+                     for k in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")} | \
+        {"lora_unet_joint_blocks_0_x_block_attn2_qkv", "lora_unet_joint_blocks_0_x_block_attn2_proj"}
+
+
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_every_locon_name_is_one_the_webui_puts_on_that_convolution(arch):
     """The Automatic1111 WebUI maps `up_blocks_{b}_upsamplers_0_conv` to module 1 of its output

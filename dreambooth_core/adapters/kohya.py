@@ -112,6 +112,10 @@ IN_TRANSFORMER = re.compile(r"_attentions_\d+_|^lora_te\d?_|^lora_unet_(double_b
 #: the whole image.
 FLUX_BLOCK_LINEARS = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
                                 r"|single_blocks\.\d+\.linear[12])$")
+#: the same for SD3 / SD3.5's MMDiT (Stability's layout, which ComfyUI and Forge both hold): each joint block's
+#: context and x blocks, their attention (SD3.5 medium's second x attention `attn2` too) and MLP; no adaLN
+#: modulation.
+SD3_BLOCK_LINEARS = re.compile(r"^joint_blocks\.\d+\.(context|x)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])$")
 
 
 def block_lora_targets(diffusion_model: nn.Module, rule: "re.Pattern[str]") -> Dict[str, nn.Module]:
