@@ -28,10 +28,10 @@ ldm model (../shared/FORGE_NOTES.md). What that changes, and how this backend me
    taken off the weights before training, so the run starts from the checkpoint itself. The file's keys
    are the kohya names Forge's loader maps (`model_lora_keys_unet` / `_clip`), every one of them.
 
-SD1.x, SD2.x (ε and v) and SDXL train, and so do Flux (dev, schnell) and Chroma, Forge's flow-matching
-engines (forge_flow.py: the velocity on the predictor's own shifted σ, the text encoders frozen, the LoRA on
-the transformer's blocks). Which path trains is decided by the engine's class. Every other engine Forge
-loads (SD3.5, the SDXL refiner, inpainting models, quantized UNets) is refused with its name before any
+SD1.x, SD2.x (ε and v) and SDXL train, and so do Flux (dev, schnell), Chroma and SD3.5, Forge's
+flow-matching engines (forge_flow.py: the velocity on the predictor's own shifted σ, the text encoders frozen,
+the LoRA on the transformer's blocks). Which path trains is decided by the engine's class. Every other engine
+Forge loads (the SDXL refiner, inpainting models, quantized UNets) is refused with its name before any
 work. LoRA only: the weights are inference tensors, which a full fine-tune cannot train in place.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ from .common import checkpointed, conditioning_parts, owned, prompt_batch, unet_
 from .names import clip_lora_targets, unet_lora_targets
 
 log = logging.getLogger("dreambooth")
-TRAINS = "SD1.x, SD2.x (ε and v), SDXL, Flux (dev, schnell) and Chroma"
+TRAINS = "SD1.x, SD2.x (ε and v), SDXL, Flux (dev, schnell), Chroma and SD3.5"
 #: engine class -> (family, text encoders in the LoRA file's order)
 ENGINES = {"StableDiffusion": ("sd1", ("clip_l",)), "StableDiffusion2": ("sd2", ("clip_h",)),
            "StableDiffusionXL": ("sdxl", ("clip_l", "clip_g"))}
@@ -92,7 +92,8 @@ class ForgeBackend(BackendDefaults):
         self.m = sd_model
         kind = type(sd_model).__name__
         what = f"{kind} ({type(sd_model).__module__})"
-        self.flow = kind in flow.FLOW_ENGINES
+        self.flow_engine = flow.FLOW_ENGINES.get(kind)
+        self.flow = self.flow_engine is not None
         if kind not in ENGINES and not self.flow:
             raise UnsupportedModel(f"the loaded checkpoint is a {what} model; DreamBooth in Forge trains {TRAINS} "
                                    f"checkpoints: load one of those")
@@ -101,7 +102,7 @@ class ForgeBackend(BackendDefaults):
                                    f"a masked image too); DreamBooth in Forge trains {TRAINS} text-to-image "
                                    "checkpoints: load the base model")
         if self.flow:
-            self.family, self.encoder_names = flow.flow_family(sd_model), flow.FLOW_ENGINES[kind]
+            self.family, self.encoder_names = flow.flow_family(sd_model), self.flow_engine.tokenizers
         else:
             self.family, self.encoder_names = ENGINES[kind]
         self.kmodel = sd_model.forge_objects.unet.model
@@ -113,7 +114,7 @@ class ForgeBackend(BackendDefaults):
         predictor = self.kmodel.predictor
         ptype = getattr(predictor, "prediction_type", None)
         if self.flow:
-            self.flow_shift = flow.flow_shift(predictor, kind)
+            self.flow_shift = flow.flow_shift(predictor, self.flow_engine)
         elif type(predictor).__name__ != "Prediction" or ptype not in ("epsilon", "v_prediction"):
             raise UnsupportedModel(f"the loaded {kind} model samples with {type(predictor).__name__} "
                                    f"({ptype}); only the discrete ε and v-prediction schedules train here")
@@ -122,7 +123,7 @@ class ForgeBackend(BackendDefaults):
                              "fine-tune cannot train in place; choose mode 'lora'")
         self.class_sampling = flow.CLASS_SAMPLING.get(self.family, {})
         if self.flow:
-            flow.refuse_text_encoder(kind, train_text_encoder)
+            flow.refuse_text_encoder(self.flow_engine, train_text_encoder)
             self.prediction_type = "flow"
             self.alphas_cumprod = None  # a flow model trains on schedule(), not on ᾱ
             self.native_resolution = 1024
@@ -148,7 +149,7 @@ class ForgeBackend(BackendDefaults):
         self._fingerprint: Optional[str] = None
 
     def schedule(self):
-        """Rectified flow with the predictor's own shift for Flux and Chroma; the discrete ᾱ schedule otherwise."""
+        """Rectified flow with the predictor's own shift for the flow engines; the discrete ᾱ schedule otherwise."""
         if not self.flow:
             return super().schedule()
         from dreambooth_core.training.objective import FlowSchedule
@@ -251,7 +252,7 @@ class ForgeBackend(BackendDefaults):
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         targets: Dict[str, nn.Module] = {}
         if unet and self.flow:
-            targets.update(flow.flow_lora_targets(self.diffusion_model))
+            targets.update(flow.flow_lora_targets(self.diffusion_model, self.flow_engine))
         elif unet:
             targets.update(unet_lora_targets(self.diffusion_model, conv))
         if text_encoder:
@@ -329,8 +330,9 @@ class ForgeBackend(BackendDefaults):
         sd_hijack_checkpoint is empty)."""
         if enabled and self._checkpoint_mark is None:
             self._checkpoint_mark = len(self._patches)
-            blocks = flow.flow_blocks if self.flow else unet_blocks
-            for block in blocks(self.diffusion_model):
+            blocks = flow.flow_blocks(self.diffusion_model, self.flow_engine) if self.flow else \
+                unet_blocks(self.diffusion_model)
+            for block in blocks:
                 self._patch(block, functools.partial(checkpointed, block.forward))
         elif not enabled and self._checkpoint_mark is not None:
             self._unpatch(self._checkpoint_mark)

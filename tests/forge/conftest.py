@@ -6,8 +6,8 @@ They need Forge's Python (tools/setup_forge_env.sh makes .venv-forge):
     .venv-forge/bin/python -m pytest tests/forge
 
 Forge is copied to a temporary folder with this repository linked as `extensions/dreambooth`, seeded
-mini SD1.5 checkpoints (forge_checkpoint.py: one text-to-image, one inpainting) and a tiny Flux dev
-(flow_checkpoint.py, with its scaffolding in the copy) in its models folder, and started API-only on CPU
+mini SD1.5 checkpoints (forge_checkpoint.py: one text-to-image, one inpainting), a tiny Flux dev and a tiny
+SD3.5 (flow_checkpoint.py, with its scaffolding in the copy) in its models folder, and started API-only on CPU
 in fp32. Under any other Python every test here is skipped with the reason.
 """
 from __future__ import annotations
@@ -42,12 +42,12 @@ def checkpoints(flow_checkpoints) -> dict:
     from forge_checkpoint import ensure_checkpoint
 
     return {"sd15": ensure_checkpoint(FORGE_DIR), "inpaint": ensure_checkpoint(FORGE_DIR, inpaint=True),
-            "flux": flow_checkpoints["flux"]}
+            "flux": flow_checkpoints["flux"], "sd35-large": flow_checkpoints["sd35-large"]}
 
 
 @pytest.fixture(scope="session")
 def forge(tmp_path_factory, checkpoints):
-    """The session's server; its copy of Forge builds the tiny Flux small (flow_checkpoint.scaffold)."""
+    """The session's server; its copy of Forge builds the tiny Flux and SD3.5 small (flow_checkpoint.scaffold)."""
     from flow_checkpoint import scaffold
 
     server = start_forge(tmp_path_factory.mktemp("forge"), checkpoints.values(), checkpoints["sd15"],

@@ -1,19 +1,33 @@
-"""Tiny seeded Flux dev, Flux schnell and Chroma checkpoints that Forge detects and loads, and the test
-scaffolding that lets Forge build them small (test code, Forge's venv).
+"""Tiny seeded Flux dev, Flux schnell, Chroma and SD3.5 (large and medium) checkpoints that Forge detects and
+loads, and the test scaffolding that lets Forge build them small (test code, Forge's venv).
 
-Each checkpoint has the real single-file layout (`model.diffusion_model.*` in BFL's key names,
-`text_encoders.clip_l.*` / `text_encoders.t5xxl.*`, `vae.*`), built from Forge's own classes
-(`backend.nn.flux` / `chroma`, `clip`, `t5`, `vae`), so the pinned `huggingface_guess` detects it (Flux
-with `guidance_in`, FluxSchnell without it; Chroma as FluxSchnell, which Forge's loader turns into its
-Chroma engine by the `distilled_guidance_layer` keys). Two pieces of scaffolding keep Forge's build of them
-small; `scaffold(root)` puts both into a writable copy of Forge:
+Each checkpoint has the real single-file layout, built from Forge's own classes (`backend.nn.flux` / `chroma` /
+`mmditx`, `clip`, `t5`, `vae`), so the pinned `huggingface_guess` detects it:
+- Flux and Chroma: `model.diffusion_model.*` in BFL's key names, `text_encoders.clip_l.*` /
+  `text_encoders.t5xxl.*`, `vae.*` (Flux with `guidance_in`, FluxSchnell without it; Chroma as FluxSchnell,
+  which Forge's loader turns into its Chroma engine by the `distilled_guidance_layer` keys);
+- SD3.5: `model.diffusion_model.*` in Stability's MMDiT names (RMS q/k norms, as both SD3.5 models), the three
+  text encoders under `text_encoders.clip_l|clip_g|t5xxl.` (as the all-in-one files; Forge's loader needs all
+  three), `first_stage_model.*`. huggingface_guess reads the MMDiT's sizes off the weights (depth = width / 64,
+  one 64-wide head per block), so no wrapper is needed: "sd35-large" has 2 joint blocks, "sd35-medium" 1 with
+  the 384-patch position table by which Forge's MMDiT gives the first 13 x blocks medium's second attention
+  (`attn2`; a 38 MB table, the price of that rule).
+Two pieces of scaffolding keep Forge's build of them small; `scaffold(root)` puts both into a writable copy of
+Forge:
 - the pinned huggingface_guess (2024-08) writes Flux's full-size transformer config (hidden 3072, 19 + 38
   blocks) whatever the weights say: `tiny_guess()` wraps `huggingface_guess.guess` to put TINY_TRANSFORMER
   in (and Forge's `GuessChroma` extra config likewise). In a server it runs from a test-only extension;
 - Forge builds the text encoders and the VAE from the configs in its `backend/huggingface/<repo>/` folders
   (T5-XXL alone is 4.7B parameters): `reduce_configs` replaces those config.json files in the copy by
-  reduced ones (TINY_CONFIGS: CLIP-L 32 wide, T5 32 wide with 2 layers, a VAE of 32 channels with Flux's 16
-  latent channels, scale and shift). Tokenizers, scheduler and model_index stay Forge's own.
+  reduced ones (TINY_CONFIGS: CLIP-L and CLIP-G 32 wide, T5 32 wide with 2 layers, a VAE of 32 channels with
+  the family's 16 latent channels, scale and shift). Tokenizers, scheduler and model_index stay Forge's own.
+  SD3.5's conditioning pads CLIP to T5-XXL's 4096 channels, so its MMDiT takes 4096-wide context; with the
+  reduced T5, Forge's "Enable T5" option (off by default) cannot be switched on. Forge's SD3 T5 tokenizer
+  config sets `add_prefix_space`, which makes transformers rebuild the fast tokenizer from SentencePiece's
+  model through protobuf; with Forge's pinned protobuf 3.20.0 and the sentencepiece ≥ 0.2.1 that
+  open-clip-torch pulls in today, that import fails (ImportError: cannot import name 'runtime_version'), so
+  Forge itself cannot load any SD3.5 checkpoint there (sentencepiece 0.2.0 loads it, with the same tokens).
+  The copy's config leaves the flag out, and the tokenizer loads from its own tokenizer.json.
 
 Run as a script (a fresh process, Forge's folder on sys.path): `python flow_checkpoint.py FORGE OUT_DIR`;
 `ensure_checkpoints` does that once per version into the test cache.
@@ -28,21 +42,27 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-VERSION = "forge-tiny-flow-v1"
+VERSION = "forge-tiny-flow-v2"
 HERE = Path(__file__).resolve().parent
 #: family -> (Forge's config folder, what the pinned huggingface_guess detects)
 FAMILIES = {"flux": ("black-forest-labs/FLUX.1-dev", "Flux"),
             "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "FluxSchnell"),
-            "chroma": ("Chroma", "FluxSchnell")}
+            "chroma": ("Chroma", "FluxSchnell"),
+            "sd35-large": ("stabilityai/stable-diffusion-3-medium-diffusers", "SD3"),
+            "sd35-medium": ("stabilityai/stable-diffusion-3-medium-diffusers", "SD3")}
 TINY_CONFIGS = {
     "CLIPTextModel": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                           projection_dim=32),
+    "CLIPTextModelWithProjection": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                        num_hidden_layers=2, projection_dim=32),
     "T5EncoderModel": dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2),
     "AutoencoderKL": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),
 }
 TINY_TRANSFORMER = dict(in_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2,
                         depth=1, depth_single_blocks=2, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True)
 TINY_CHROMA = dict(guidance_out_dim=64, guidance_hidden_dim=32, guidance_n_layers=2)
+#: the tiny MMDiTs: joint blocks (64 wide each, as huggingface_guess reads depth) and the position table's side
+TINY_MMDIT = {"sd35-large": dict(depth=2, pos_embed_max_size=32), "sd35-medium": dict(depth=1, pos_embed_max_size=384)}
 GUESS_EXTENSION = "zz-test-tiny-flow-guess"
 
 
@@ -59,12 +79,20 @@ def tiny_configs(forge: Path, family: str) -> Dict[str, dict]:
 
 
 def reduce_configs(root: Path) -> None:
-    """The text encoders' and VAE's configs of the three families, reduced, in a writable copy of Forge."""
-    for family, (repo, _) in FAMILIES.items():
+    """The text encoders' and VAE's configs of the families, reduced, and SD3's T5 tokenizer config without
+    `add_prefix_space` (see the module docstring), in a writable copy of Forge."""
+    for repo, family in {repo: family for family, (repo, _) in FAMILIES.items()}.items():  # each folder once
         for part, config in tiny_configs(root, family).items():
             path = root / "backend" / "huggingface" / repo / part / "config.json"
-            path.unlink()  # a copy of the read-only original: replace it, never write through it
-            path.write_text(json.dumps(config, indent=1))
+            _replace_json(path, config)
+    t5_tokenizer = root / "backend" / "huggingface" / FAMILIES["sd35-large"][0] / "tokenizer_3" / "tokenizer_config.json"
+    _replace_json(t5_tokenizer, {k: v for k, v in json.loads(t5_tokenizer.read_text()).items()
+                                 if k != "add_prefix_space"})
+
+
+def _replace_json(path: Path, data: dict) -> None:
+    path.unlink()  # a copy of the read-only original: replace it, never write through it
+    path.write_text(json.dumps(data, indent=1))
 
 
 def tiny_guess() -> None:
@@ -109,24 +137,37 @@ def build(forge: Path, family: str, seed: int = 0) -> dict:
     from backend.nn.chroma import IntegratedChromaTransformer2DModel
     from backend.nn.clip import IntegratedCLIP
     from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.nn.mmditx import MMDiTX
     from backend.nn.t5 import IntegratedT5
     from backend.nn.vae import IntegratedAutoencoderKL
     from sdxl_engine import _seeded
 
     torch.manual_seed(seed)
     configs = tiny_configs(forge, family)
-    if family == "chroma":
-        transformer = IntegratedChromaTransformer2DModel(**TINY_TRANSFORMER, **TINY_CHROMA)
-        t5 = configs["text_encoder"]
+
+    def clip(part):
+        config = CLIPTextConfig(**{k: v for k, v in configs[part].items() if not k.startswith("_")})
+        return IntegratedCLIP(CLIPTextModel, config, add_text_projection=family in TINY_MMDIT)
+
+    vae = IntegratedAutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if not k.startswith("_")})
+    if family in TINY_MMDIT:
+        depth, side = TINY_MMDIT[family]["depth"], TINY_MMDIT[family]["pos_embed_max_size"]
+        width = 64 * depth
+        pooled = 2 * configs["text_encoder"]["projection_dim"]  # CLIP-L's and CLIP-G's pooled outputs side by side
+        mmdit = MMDiTX(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=depth,
+                       adm_in_channels=pooled, num_patches=side * side, pos_embed_max_size=side, qk_norm="rms",
+                       context_embedder_config={"target": "torch.nn.Linear",
+                                                "params": {"in_features": 4096, "out_features": width}})
+        parts = [("model.diffusion_model.", mmdit), ("text_encoders.clip_l.", clip("text_encoder")),
+                 ("text_encoders.clip_g.", clip("text_encoder_2")),
+                 ("text_encoders.t5xxl.", IntegratedT5(configs["text_encoder_3"])), ("first_stage_model.", vae)]
+    elif family == "chroma":
+        parts = [("model.diffusion_model.", IntegratedChromaTransformer2DModel(**TINY_TRANSFORMER, **TINY_CHROMA)),
+                 ("text_encoders.t5xxl.", IntegratedT5(configs["text_encoder"])), ("vae.", vae)]
     else:
-        transformer = IntegratedFluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embed=family == "flux")
-        t5 = configs["text_encoder_2"]
-    vae = {k: v for k, v in configs["vae"].items() if not k.startswith("_")}
-    parts = [("model.diffusion_model.", transformer), ("text_encoders.t5xxl.", IntegratedT5(t5)),
-             ("vae.", IntegratedAutoencoderKL.from_config(vae))]
-    if family != "chroma":
-        clip = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")})
-        parts.append(("text_encoders.clip_l.", IntegratedCLIP(CLIPTextModel, clip)))
+        flux = IntegratedFluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embed=family == "flux")
+        parts = [("model.diffusion_model.", flux), ("text_encoders.t5xxl.", IntegratedT5(configs["text_encoder_2"])),
+                 ("vae.", vae), ("text_encoders.clip_l.", clip("text_encoder"))]
     sd = {}
     for prefix, module in parts:
         for k, v in _seeded(module.state_dict()).items():

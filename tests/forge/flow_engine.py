@@ -1,16 +1,16 @@
-"""Flux dev, Flux schnell and Chroma loaded by Forge's own loader from the tiny checkpoints of
-flow_checkpoint.py (its reduced configs and huggingface_guess wrapper are test scaffolding), each trained
-through the extension's ForgeBackend, in one process (test code, Forge's venv; run by test_forge_flow.py in
-a writable copy of Forge). Prints `RESULT {json}`.
+"""Flux dev, Flux schnell, Chroma and SD3.5 (large, medium) loaded by Forge's own loader from the tiny
+checkpoints of flow_checkpoint.py (its reduced configs and huggingface_guess wrapper are test scaffolding),
+each trained through the extension's ForgeBackend, in one process (test code, Forge's venv; run by
+test_forge_flow.py in a writable copy of Forge). Prints `RESULT {json}`.
 
 For each engine: Forge's loader uses every key; the schedule and the prediction are Forge's own
-(PredictionFlux's σ grid and noising, x − σ·v = `KModel.apply_model`'s x0, Flux dev's distilled guidance);
-captions of different T5 lengths batch as if alone; a LoRA trains with prior preservation (its gradient the
-same with the blocks checkpointed); its file loads
-in Forge's built-in LoRA support (`extensions-builtin/sd_forge_lora/networks.load_lora_for_models`) with
-every key used and changes the prediction; the engine predicts as before after `release()` and after the
+(PredictionFlux's or PredictionDiscreteFlow's σ grid and noising, x − σ·v = `KModel.apply_model`'s x0, Flux
+dev's distilled guidance, SD3.5's pooled CLIP-L + CLIP-G); captions of different text lengths batch as if
+alone; a LoRA trains with prior preservation (its gradient the same with the blocks checkpointed); its file
+loads in Forge's built-in LoRA support (`extensions-builtin/sd_forge_lora/networks.load_lora_for_models`)
+with every key used and changes the prediction; the engine predicts as before after `release()` and after the
 LoRA is taken off; text-encoder training and full fine-tuning are refused; class images default to
-Forge's Flux preset.
+Forge's Flux preset (Flux, Chroma) or Stability's SD3.5 sampling.
 """
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def check_engine(engine, family: str, out_dir: Path) -> dict:
     predictor = kmodel.predictor
     schedule = backend.schedule()
     r = {"engine": type(engine).__name__, "family": backend.family, "native_resolution": backend.native_resolution,
-         "schedule": type(schedule).__name__, "shift": schedule.shift, "mu": float(predictor.mu)}
+         "schedule": type(schedule).__name__, "shift": schedule.shift, "predictor": type(predictor).__name__,
+         "host_shift": float(getattr(predictor, "shift", None) or np.exp(predictor.mu)),  # Forge's own field
+         "tokenizers": [type(t).__name__ for t in backend.tokenizers()]}
     # Forge's σ grid is the core's shifted σ, and its noising the core's line.
     ts = torch.arange(1, len(predictor.sigmas) + 1, dtype=torch.float64) / len(predictor.sigmas)
     r["sigmas_match"] = bool(torch.allclose(shift_sigmas(ts, schedule.shift).float(), predictor.sigmas.float(),
@@ -77,7 +79,7 @@ def check_engine(engine, family: str, out_dir: Path) -> dict:
             extra["guidance"] = cond["guidance"].reshape(-1)
         denoised = kmodel.apply_model(probe[0], probe[1], c_crossattn=cond["context"][:, :n], **extra)
     r["velocity_match"] = bool(torch.allclose(probe[0] - probe[1].view(-1, 1, 1, 1) * before, denoised, atol=1e-5))
-    # A batch of captions of different T5 lengths (Chroma's: Forge pads no prompt) predicts each sample as alone.
+    # A batch of captions of different text lengths (Chroma's: Forge pads no prompt) predicts each sample as alone.
     class_cond = backend.encode_text(["a photo of ball"], size=(64, 64))
     both = {k: torch.cat([cond[k], class_cond[k]]) for k in cond}
     with torch.no_grad():
@@ -104,6 +106,7 @@ def check_engine(engine, family: str, out_dir: Path) -> dict:
     r["cond_keys"] = sorted(cond)
     r["guidance"] = float(cond["guidance"][0, 0]) if "guidance" in cond else None
     r["text_len"] = n
+    r["vector_width"] = int(cond["vector"].shape[-1]) if "vector" in cond else None
 
     class Item:
         def __init__(self, image, caption):
@@ -120,7 +123,8 @@ def check_engine(engine, family: str, out_dir: Path) -> dict:
     config = TrainConfig.from_mapping(dict(token="sks", class_noun="ball", steps=2, resolution=64, rank=4,
                                            learning_rate=5e-3, prior=True, output_dir=str(out_dir / name),
                                            save_name=name, sample_every=0,
-                                           gradient_checkpointing="full" if family == "flux" else "off"),
+                                           gradient_checkpointing="full" if family in ("flux", "sd35-large")
+                                           else "off"),
                                       source="test")
     result = train(backend, config, instance, classes)
     history = result.history
@@ -180,6 +184,7 @@ def main(forge: Path, out_dir: Path, checkpoints: Path) -> dict:
         info = {"detected": FAMILIES[family][1]}  # flow_checkpoint.build checked it
         engine, load_log = load_engine(checkpoints / f"tiny_{family.replace('-', '_')}.safetensors")
         info["load_log_problems"] = [line for line in load_log.splitlines() if "Missing" in line or "Unexpected" in line]
+        info["state_dict_keys"] = next(line for line in load_log.splitlines() if line.startswith("StateDict Keys:"))
         info.update(check_engine(engine, family, out_dir))
         results[family] = info
     return results
