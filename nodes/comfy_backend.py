@@ -64,7 +64,8 @@ class _SentencePieceView:
 
 def clip_tokenizers(clip) -> list:
     """The tokenizers inside a ComfyUI CLIP the identifier is checked in: its CLIP tokenizers (clip_l;
-    clip_l and clip_g for SDXL and SD3), else its T5 (Chroma) or SentencePiece (Lumina 2) one."""
+    clip_l and clip_g for SDXL and SD3), else its T5 (Chroma), SentencePiece (Lumina 2, AuraFlow) or
+    Qwen2 (Qwen-Image, HunyuanImage 2.1) one."""
     if clip is None:
         raise ValueError("no CLIP connected: the identifier token is checked with the model's tokenizer")
     found = []
@@ -77,7 +78,10 @@ def clip_tokenizers(clip) -> list:
     # Beside CLIP, Flux and SD3 tokenize for T5, whose SentencePiece splits the usual rare identifiers
     # ("sks" in 4 pieces): the identifier is checked in the CLIP tokenizers where the model has any.
     clip_like = [t for t in found if "clip" in type(t).__name__.lower()]
-    found = clip_like or found
+    # A byte-level tokenizer beside the prompt's (HunyuanImage 2.1's ByT5, which reads only quoted text)
+    # splits every word into bytes: the identifier is checked in the others.
+    words = [t for t in found if len(t.get_vocab()) >= 1000]
+    found = clip_like or words or found
     if not found:
         raise UnsupportedModel(f"this CLIP ({type(clip.tokenizer).__name__}) has no tokenizer the identifier can be "
                                f"checked in; DreamBooth trains {families.TRAINS}: connect the CLIP loaded for one of them")

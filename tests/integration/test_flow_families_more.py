@@ -46,6 +46,7 @@ FAMILIES = {"auraflow": ("auraflow", "lora_unet_single_layers_0_mlp_c_proj", "au
             "qwen_image": ("qwen-image", "lora_unet_transformer_blocks_0_attn_to_q", "qwen_image",
                            "Qwen-Image/lora", 1.15)}
 
+TOKENIZER = {"auraflow": "_SentencePieceView", "hunyuan_image21": "Qwen2Tokenizer", "qwen_image": "Qwen2Tokenizer"}
 # HunyuanImage 2.1's fixture is 128 wide (the host reads its width) and its 32x latents are 2x2 at 64 px:
 # cheap steps, each moving the held-out loss little
 STEPS = {"hunyuan_image21": 6}
@@ -127,6 +128,8 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     assert first in targets and all(key_map.get(n) == backend._target_keys[n][1] for n in targets)
     assert not any(re.search(r"mod|embed|final|norm", n) for n in targets), sorted(targets)
+    # the identifier is checked in the tokenizer that reads the prompt (not HunyuanImage's byte-level ByT5)
+    assert [type(t).__name__ for t in backend.tokenizers()] == [TOKENIZER[name]]
 
     settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
     with torch.inference_mode():
