@@ -91,6 +91,9 @@ def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
     import math
 
     files, model, clip, vae = _load(name)
+    assert type(model.model.model_config).__name__ == files.model_class  # the host's own detection
+    unet_config = model.model.model_config.unet_config
+    assert {k: unet_config.get(k) for k in files.expect} == files.expect
     backend = _cb(pack).ComfyBackend(model, clip, vae)
     family, _, _, _, shift = FAMILIES[name]
     sampling = model.get_model_object("model_sampling")
