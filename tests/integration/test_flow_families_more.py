@@ -17,7 +17,8 @@ layer), so each trains 2 steps (~5 s a step on one CPU thread) and only Qwen-Ima
 checkpointing on. AuraFlow's Pile-T5 pads every prompt to 256 tokens; here it is left unpadded through
 the host's own tokenizer option (`pile_t5xl_min_length` 1), so a step costs seconds, not a minute.
 HunyuanImage 2.1's transformer is 128 wide (the host reads its width) beside its 0.4 B-parameter VAE.
-The whole file, fixtures built on a cold cache, takes 76-84 s per host copy on 2 shared cores.
+The whole file, fixtures built on a cold cache, took 76 s (0.3.64) and 84 s (0.33) on 2 cores shared with
+other jobs (load ~2.5; at load 5-7, 140 s); with the cache warm, 60-75 s.
 """
 from __future__ import annotations
 
