@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from ..dreambooth_core.adapters.kohya import FLUX_BLOCK_LINEARS, SD3_BLOCK_LINEARS
 from ..dreambooth_core.backends.base import UnsupportedModel
 
 
@@ -44,7 +45,7 @@ class Family:
     flow: bool
     native_resolution: int = 1024
     blocks: Tuple[str, ...] = ()  # empty: the generic rule (transformer_block_lists)
-    lora: Optional[str] = None  # regex on the module path inside diffusion_model; None: the generic rule
+    lora: Optional["re.Pattern[str]"] = None  # on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
 
 
@@ -52,16 +53,17 @@ class Family:
 _DISCRETE = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
              "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
 
-_FLUX_LORA = r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])$"
+# Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).
+_LUMINA_LORA = re.compile(r"^(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])$")
 _FLOW = {
-    "Flux": Family("flux", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA, text_cap=512),
-    "FluxSchnell": Family("flux-schnell", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA,
+    "Flux": Family("flux", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS, text_cap=512),
+    "FluxSchnell": Family("flux-schnell", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                           text_cap=256),
-    "SD3": Family("sd3", True, blocks=("joint_blocks",), text_cap=256,
-                  lora=r"^joint_blocks\.\d+\.(context|x)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])$"),
-    "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=_FLUX_LORA, text_cap=512),
-    "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256,
-                      lora=r"^(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])$"),
+    "SD3": Family("sd3", True, blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
+    "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
+                     text_cap=512),
+    "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
+                      text_cap=256),
     # The generic rule: the blocks are the transformer's block lists, the LoRA every Linear in them but
     # the modulation (musubi-tuner's Qwen-Image default: the Linears of QwenImageTransformerBlock, `*_mod`
     # left out: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out, img_mlp / txt_mlp). 512 tokens: diffusers'
@@ -153,8 +155,7 @@ def transformer_block_lists(diffusion_model) -> Tuple[str, ...]:
 
 def _lora_rule(family: Family, diffusion_model):
     if family.lora is not None:
-        rule = re.compile(family.lora)
-        return rule.match
+        return family.lora.match
     lists = transformer_block_lists(diffusion_model)
 
     def generic(path: str) -> bool:
