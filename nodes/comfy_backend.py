@@ -47,8 +47,9 @@ log = logging.getLogger("dreambooth")
 
 
 class _SentencePieceView:
-    """The host's SentencePiece tokenizer (Lumina 2's Gemma), seen as the identifier check reads a
-    transformers tokenizer: `tokenize` into pieces, `get_vocab`, `convert_tokens_to_ids`."""
+    """The host's SentencePiece tokenizer (Lumina 2's Gemma, AuraFlow's Pile-T5), seen as the identifier
+    check reads a transformers tokenizer: `tokenize` into pieces, `get_vocab`, `convert_tokens_to_ids`,
+    and `encode` / `decode`, by which suggestions are checked to read back as themselves."""
 
     def __init__(self, spiece):
         self.spiece = spiece
@@ -61,6 +62,12 @@ class _SentencePieceView:
 
     def convert_tokens_to_ids(self, piece: str) -> int:
         return self.spiece.tokenizer.piece_to_id(piece)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list:
+        return self.spiece.tokenizer.encode(text, add_bos=add_special_tokens, add_eos=add_special_tokens)
+
+    def decode(self, ids: list) -> str:
+        return self.spiece.tokenizer.decode(ids)
 
 
 def clip_tokenizers(clip) -> list:

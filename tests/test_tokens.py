@@ -29,7 +29,7 @@ class Picky:
         self.base = base
 
     def tokenize(self, text):
-        return list(text) if "a" in text else self.base.tokenize(text)
+        return [p for word in text.split() for p in (list(word) if "a" in word else self.base.tokenize(word))]
 
     def encode(self, text, add_special_tokens=False):
         return self.base.encode(text, add_special_tokens=add_special_tokens)
@@ -122,3 +122,47 @@ def test_suggestions_are_single_and_round_trip_in_every_tokenizer(clip):
 def test_no_tokenizer_is_an_error():
     with pytest.raises(ValueError, match="tokenizers"):
         check_token([], "sks")
+
+
+class MarkedVocab:
+    """A long-context encoder's tokenizer in miniature: whole words carry a space marker (SentencePiece's
+    '▁', byte-level BPE's 'Ġ'), ids grow with rarity, and a word not in the vocabulary splits into the
+    marker and its letters, as T5 splits 'sks' (▁ + s + k + s)."""
+
+    def __init__(self, marker, words):
+        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        self.pieces = [marker] + letters + [marker + w for w in words]
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.marker = marker
+
+    def tokenize(self, text):
+        out = []
+        for word in text.split():
+            out += [self.marker + word] if self.marker + word in self.ids else [self.marker, *word]
+        return out
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.ids[p] for p in self.tokenize(text)]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids).replace(self.marker, " ")
+
+    def convert_tokens_to_ids(self, piece):
+        return self.ids[piece]
+
+    def get_vocab(self):
+        return dict(self.ids)
+
+
+@pytest.mark.parametrize("marker", ["\u2581", "\u0120"])
+def test_suggestions_come_from_a_long_context_vocabulary_that_splits_the_usual_identifiers(marker):
+    """Qwen2, T5 and Gemma split 'sks'; their suggestions come from the rare end of their own vocabulary
+    (ids from RARE_SHARE of its size), without everyday English words, and pass the check in a caption."""
+    frequent = ["the", "dog", "photo"] * 30  # the frequent start of the vocabulary
+    tok = MarkedVocab(marker, [f"{w}{i}" for i, w in enumerate(frequent)] + ["zale", "pony", "vaz", "khu", "dvd"])
+    check = check_token([tok], "sks")
+    assert not check.single and check.pieces == [[marker, "s", "k", "s"]]
+    picks = suggest_tokens([tok], n=5)
+    assert sorted(picks) == ["khu", "vaz", "zale"]  # 'pony' and 'dvd' are everyday words
+    assert all(check_token([tok], w).single for w in picks)
+    assert "'zale'" in check.message or "'vaz'" in check.message or "'khu'" in check.message, check.message

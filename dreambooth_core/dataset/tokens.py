@@ -7,10 +7,18 @@ up *rare* tokens in the vocabulary instead. This module checks a proposed identi
 model's own tokenizer(s) and proposes rare single tokens the same way.
 
 CLIP's BPE vocabulary is ordered by merge rank: a lower id was merged earlier, i.e. is more
-frequent in CLIP's training text. That is what `COMMON_MAX_ID` and `RARE_MIN_ID` rely on.
+frequent in CLIP's training text. That is what `COMMON_MAX_ID` and `RARE_MIN_ID` rely on. The
+long-context encoders of flow models (T5 and Gemma's SentencePiece, Qwen2's byte-level BPE) order
+theirs by frequency or merge rank as well, and split CLIP's usual identifiers ("sks" is s + k + s in
+T5, sk + s in Qwen2): suggestions for them come from the rare end of their own vocabulary.
+
+An identifier is checked as it stands in a caption, after another word ("a photo of sks dog"): a
+byte-level BPE tokenizes a word after a space differently from the same word alone.
 """
 from __future__ import annotations
 
+import functools
+import json
 import random
 import re
 from dataclasses import dataclass, replace
@@ -22,7 +30,13 @@ COMMON_MAX_ID = 20000
 #: Suggestions come from ids at or above this: the last ~9k merges of CLIP's 49408-token
 #: vocabulary, where "sks" (48136) and "ohwx" (47993) also sit.
 RARE_MIN_ID = 40000
+#: The same rare end in another vocabulary: ids at or above this share of its size.
+RARE_SHARE = RARE_MIN_ID / 49408
 _WORD_END = "</w>"
+#: A whole word of 3-4 lowercase letters, as one piece of each kind of vocabulary: CLIP's BPE marks a
+#: word's end, SentencePiece (T5, Gemma) and byte-level BPE (Qwen2, Llama 3) the space before it.
+_CLIP_WORD = re.compile(r"([a-z]{3,4})" + re.escape(_WORD_END))
+_OTHER_WORDS = (re.compile("\u2581([a-z]{3,4})"), re.compile("\u0120([a-z]{3,4})"))
 
 
 class TokenError(ValueError):
@@ -40,7 +54,14 @@ class TokenCheck:
 
 
 def _piece_text(piece: str) -> str:
-    return piece[: -len(_WORD_END)] if piece.endswith(_WORD_END) else piece.lstrip("\u2581")
+    return piece[: -len(_WORD_END)] if piece.endswith(_WORD_END) else piece.lstrip("\u2581\u0120")
+
+
+def _in_caption(tokenizer, word: str) -> List[str]:
+    """The pieces of `word` where it stands in a caption, after another word: the pieces of "a <word>"
+    past those of "a" (a SentencePiece without whitespace folding reads a leading space as a piece)."""
+    lead, pieces = list(tokenizer.tokenize("a")), list(tokenizer.tokenize("a " + word))
+    return pieces[len(lead):] if pieces[:len(lead)] == lead else pieces
 
 
 def _token_id(tokenizer, piece: str):
@@ -48,6 +69,16 @@ def _token_id(tokenizer, piece: str):
         return tokenizer.convert_tokens_to_ids(piece)
     except Exception:
         return tokenizer.get_vocab().get(piece)
+
+
+@functools.lru_cache(maxsize=1)
+def _english_words() -> frozenset:
+    """The everyday English words (CLIP whole-word letter tokens below COMMON_MAX_ID, from the CLIP
+    vocabulary the package ships): what "common" means in a vocabulary not ordered like CLIP's."""
+    from ..embedded.model import CLIP_TOKENIZER_DIR
+
+    vocab = json.loads((CLIP_TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
+    return frozenset(m.group(1) for t, i in vocab.items() if i < COMMON_MAX_ID and (m := _CLIP_WORD.fullmatch(t)))
 
 
 def _is_common(tokenizer, pieces: Sequence[str]) -> bool:
@@ -83,7 +114,7 @@ def check_token(tokenizers: list, word: str) -> TokenCheck:
     if not word:
         return TokenCheck("", [[] for _ in tokenizers], False, False,
                           f"The identifier is empty: use a rare single token such as {_examples(tokenizers)}.", False)
-    pieces = [list(t.tokenize(word)) for t in tokenizers]
+    pieces = [_in_caption(t, word) for t in tokenizers]
     single = all(len(p) == 1 for p in pieces)
     spaced = any(c.isspace() for c in word)
     common = spaced or any(_is_common(t, p) for t, p in zip(tokenizers, pieces))
@@ -134,24 +165,33 @@ def _round_trips(tokenizer, word: str) -> bool:
         return False
 
 
+def _rare_words(vocab: Dict[str, int]) -> List[Tuple[int, str]]:
+    """(id, word) of the whole-word pieces of 3-4 lowercase letters at the rare end of `vocab`:
+    CLIP's from RARE_MIN_ID; another vocabulary's from RARE_SHARE of its size, everyday English words
+    left out (a small vocabulary such as T5's has "pony" and "dvd" there)."""
+    clip = [(i, m.group(1)) for t, i in vocab.items() if i >= RARE_MIN_ID and (m := _CLIP_WORD.fullmatch(t))]
+    if clip:
+        return sorted(clip)
+    floor, common = int(RARE_SHARE * len(vocab)), _english_words()
+    return sorted((i, m.group(1)) for t, i in vocab.items() if isinstance(i, int) and i >= floor
+                  for rule in _OTHER_WORDS if (m := rule.fullmatch(t)) and m.group(1) not in common)
+
+
 def suggest_tokens(tokenizers: list, n: int = 5, seed: int = 0) -> List[str]:
-    """Rare single tokens, as in the paper: CLIP whole-word tokens of 3-4 lowercase ASCII letters
-    from the rare end of the first tokenizer's vocabulary (id >= RARE_MIN_ID), not common, that
-    stay one token and decode back to themselves in every tokenizer given.
+    """Rare single tokens, as in the paper: whole-word tokens of 3-4 lowercase ASCII letters from
+    the rare end of the first tokenizer's vocabulary (_rare_words), not common, that stay one token
+    in a caption and decode back to themselves in every tokenizer given.
 
     Deterministic for a seed. May return fewer than `n` if the vocabulary has too few."""
     if not tokenizers:
         raise ValueError("tokenizers: none given; pass the model's tokenizer(s), e.g. backend.tokenizers()")
     if n <= 0:
         return []
-    vocab = tokenizers[0].get_vocab()
-    pattern = re.compile(r"[a-z]{3,4}" + re.escape(_WORD_END))
-    candidates = sorted((i, t[: -len(_WORD_END)]) for t, i in vocab.items()
-                        if i >= RARE_MIN_ID and pattern.fullmatch(t))
+    candidates = _rare_words(tokenizers[0].get_vocab())
     random.Random(seed).shuffle(candidates)
     out: List[str] = []
     for _, word in candidates:
-        if all(len(pieces := list(t.tokenize(word))) == 1 and not _is_common(t, pieces) and _round_trips(t, word)
+        if all(len(pieces := _in_caption(t, word)) == 1 and not _is_common(t, pieces) and _round_trips(t, word)
                for t in tokenizers):
             out.append(word)
             if len(out) == n:

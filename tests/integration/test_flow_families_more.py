@@ -134,6 +134,12 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     assert not any(re.search(r"mod|embed|final|norm", n) for n in targets), sorted(targets)
     # the identifier is checked in the tokenizer that reads the prompt (not HunyuanImage's byte-level ByT5)
     assert [type(t).__name__ for t in backend.tokenizers()] == [TOKENIZER[name]]
+    # which splits the usual identifiers: the suggestions come from its own vocabulary and pass the check
+    tokens = core("dataset.tokens")
+    check = tokens.check_token(backend.tokenizers(), "sks")
+    picks = tokens.suggest_tokens(backend.tokenizers(), 3)
+    assert not check.single and len(picks) == 3 and repr(picks[0]) in check.message, (picks, check.message)
+    assert all(tokens.check_token(backend.tokenizers(), w).single for w in picks), picks
 
     settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
     with torch.inference_mode():
