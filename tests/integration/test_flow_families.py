@@ -380,6 +380,24 @@ def _instance_images(n=3, size=64):
     return out
 
 
+def _training_data(backend, base_mod):
+    """Two class images the backend makes with the host's sampler, three instance photos, and the
+    photos' latents and prompt conditioning (the held-out loss is measured on these)."""
+    from PIL import Image
+
+    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
+    with torch.inference_mode():
+        class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
+    assert len(class_arrays) == 2 and class_arrays[0].shape == (64, 64, 3)
+    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images()]
+    classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
+    with torch.no_grad():
+        latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
+                                                     .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
+        cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
+    return instance, classes, latents, cond
+
+
 def _flow_loss(backend, latents, cond, seed=1234):
     """The mean flow loss at fixed held-out noise and σ (not drawn by any training step)."""
     g = torch.Generator().manual_seed(seed)
@@ -410,7 +428,6 @@ LEARNING_RATE = {"sd3": 1e-2, "chroma": 1e-3}  # Chroma: 3e-3 raises the held-ou
 def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, steps, tmp_path, caplog):
     import comfy.utils
     import nodes as host_nodes
-    from PIL import Image
 
     files, model, clip, vae = _load(name)
     if name == "flux_schnell" and files.layout.get("hidden") == 3072:
@@ -422,17 +439,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     before = _digest(model.model)
 
     backend = cb.ComfyBackend(model, clip, vae)
-    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
-    with torch.inference_mode():
-        class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
-    assert len(class_arrays) == 2 and class_arrays[0].shape == (64, 64, 3)
-    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images()]
-    classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
-
-    with torch.no_grad():
-        latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
-                                                     .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
-        cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
+    instance, classes, latents, cond = _training_data(backend, base_mod)
     untrained = _flow_loss(backend, latents, cond)
 
     config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,

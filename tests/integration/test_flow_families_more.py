@@ -37,7 +37,7 @@ torch = pytest.importorskip("torch")
 import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_llm as fl  # noqa: E402
 from stock_graph import stock_image  # noqa: E402
-from test_flow_families import _digest, _flow_loss, _host_velocity, _instance_images  # noqa: E402
+from test_flow_families import _digest, _flow_loss, _host_velocity, _training_data  # noqa: E402
 
 PROMPT = "a photo of sks dog"
 # family fixture -> (Backend.family, a LoRA name it must have, metadata version, architecture, host shift)
@@ -117,7 +117,6 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     import comfy.lora
     import comfy.utils
     import nodes as host_nodes
-    from PIL import Image
     from safetensors import safe_open
 
     files, model, clip, vae = _load(name)
@@ -141,16 +140,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     assert not check.single and len(picks) == 3 and repr(picks[0]) in check.message, (picks, check.message)
     assert all(tokens.check_token(backend.tokenizers(), w).single for w in picks), picks
 
-    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
-    with torch.inference_mode():
-        class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
-    assert len(class_arrays) == 2 and class_arrays[0].shape == (64, 64, 3)
-    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images()]
-    classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
-    with torch.no_grad():
-        latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
-                                                     .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
-        cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
+    instance, classes, latents, cond = _training_data(backend, base_mod)
     side = 64 // backend.latent_factor
     assert latents.shape == (3, files.latent_channels, side, side)
     untrained = _flow_loss(backend, latents, cond)
