@@ -22,7 +22,7 @@ def is_linear_like(module: nn.Module) -> bool:
             tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
     """Whether autocast is on for tensors of `device_type`; off for a device it does not cover (meta)."""
     try:
         return torch.is_autocast_enabled(device_type)
@@ -54,7 +54,7 @@ class LoRAModule(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the down projection casts its input itself; casting here first would give
         # every adapter its own saved copy of the input (q, k and v: three) instead of sharing it.
-        if not _autocast_on(x.device.type):
+        if not autocast_on(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
         return self.lora_up(self.lora_down(x))
 
