@@ -124,13 +124,13 @@ class _FrozenLoRA(torch.autograd.Function):
                     gu = torch.bmm(hs, gm.transpose(1, 2)).sum(0).t().reshape(up.shape)
                 if need_d:
                     gd = torch.bmm(ghs, xm.transpose(1, 2)).sum(0).view_as(down)
-                if need_x:
-                    gx = _conv_input_grad(ctx.module, ctx.x_shape, ctx.read_weight(ctx.module, grad), grad)
-                    gxm = gx.view(gx.shape[0], gx.shape[1], -1)
-                    if gx.dtype == d.dtype:
+                if need_x:  # a 1×1 convolution's dL/dx is a product too (the CPU's conv kernel copies more)
+                    gxm = torch.matmul(ctx.read_weight(ctx.module, grad).flatten(1).t(), grad.reshape(gm.shape))
+                    if gxm.dtype == d.dtype:
                         gxm.baddbmm_(d.t().expand(gxm.shape[0], -1, -1), ghs)
                     else:
-                        gxm.add_(torch.matmul(d.t(), ghs).to(gx.dtype))
+                        gxm.add_(torch.matmul(d.t(), ghs).to(gxm.dtype))
+                    gx = gxm.view(ctx.x_shape)
             else:
                 gm = gl.reshape(-1, gl.shape[-1])                            # tokens × out
                 ghs = u.t().mm(gm.t()).t().mul_(ctx.scale)                  # tokens × r
@@ -181,7 +181,7 @@ class FrozenForward:
         self.module, self.adapter, self.read_weight, self.state = module, adapter, read_weight, state
         self.host_forward = module.forward  # bound: the class's forward or a previous instance patch
         self.op = _FrozenConv2d if isinstance(module, nn.Conv2d) else _FrozenLinear
-        self.pointwise_lora = _pointwise_lora(adapter)
+        self.pointwise_lora = _pointwise_lora(adapter) and getattr(module, "groups", 1) == 1
         self._last: Optional[tuple] = None  # (input, host output): see _host_for
 
     def _host_for(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
