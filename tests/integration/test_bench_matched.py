@@ -1,6 +1,6 @@
 """The benchmark's matched rows (bench/comfy_child.py, bench/comfy_host_trainer.py): the host's own
 TrainLoraNode, narrowed to the modules our Train node adapts, trains exactly as many parameters as
-ours, on this host's node API (classic on 0.3.64, V3 on 0.33); as shipped it trains more.
+ours, on this host's node API (classic on 0.3.64, V3 on 0.33); as shipped it creates more.
 
 Each run is the bench's own child process (one training step at 32 px), under this Python."""
 from __future__ import annotations
@@ -35,11 +35,6 @@ def test_a_matched_row_trains_the_same_parameters_in_both_trainers(tmp_path, mod
     host = _trainable(tmp_path, "host", model, "--lora-set", "matched", *gc)
     ours = _trainable(tmp_path, "ours", model, *gc)
     assert host["trainable_params"] == ours["trainable_params"] > 0
-    # The restriction narrows what the host creates; as shipped it adapts every Linear/Conv and more.
-    assert host["host_created_params"] > host["trainable_params"]
-
-
-def test_the_host_as_shipped_trains_more_than_the_matched_set(tmp_path):
-    shipped = _trainable(tmp_path, "host", "sd15", "--lora-set", "shipped")
-    matched = _trainable(tmp_path, "host", "sd15", "--lora-set", "matched")
-    assert shipped["trainable_params"] > 2 * matched["trainable_params"]
+    # The restriction narrows what the host creates: as shipped it adapts every Linear/Conv and more
+    # (on the mini SD1.5 more than twice the matched set: 1,149,851 against 493,568).
+    assert host["host_created_params"] > (2 if model == "sd15" else 1) * host["trainable_params"]
