@@ -542,6 +542,11 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
     """A class image of a flow family is the PNG a stock graph makes with that seed: CLIPTextEncode, an
     empty latent of the family's 16 channels (what EmptySD3LatentImage gives), KSampler, VAEDecode."""
     files, model, clip, vae = _load(name)
+    _assert_class_image_is_stock(pack, model, clip, vae)
+
+
+def _assert_class_image_is_stock(pack, model, clip, vae):
+    """The backend's class image (seed 7, 2 Euler steps, CFG 3 against "blurry", 64×48) equals the stock graph's."""
     base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
     backend = _cb(pack).ComfyBackend(model, clip, vae)
     settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",

@@ -29,15 +29,14 @@ import re
 import shutil
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_llm as fl  # noqa: E402
-from stock_graph import stock_image  # noqa: E402
-from test_flow_families import _digest, _flow_loss, _host_velocity, _training_data  # noqa: E402
+from test_flow_families import (_assert_class_image_is_stock, _digest, _flow_loss, _host_velocity,  # noqa: E402
+                                _training_data)
 
 PROMPT = "a photo of sks dog"
 # family fixture -> (Backend.family, a LoRA name it must have, metadata version, architecture, host shift)
@@ -187,15 +186,7 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
     """Qwen-Image's class image is the PNG of a stock graph with that seed: CLIPTextEncode, an empty
     16-channel latent (EmptySD3LatentImage's), KSampler (one frame for the Wan latent format), VAEDecode."""
     files, model, clip, vae = _load("qwen_image")
-    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
-    backend = _cb(pack).ComfyBackend(model, clip, vae)
-    settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",
-                                   width=64, height=48)
-    with torch.inference_mode():
-        ours = backend.generate(["a photo of a dog"], [7], settings)[0]
-    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", {"samples": torch.zeros([1, 16, 6, 8])}, 7, 2,
-                        3.0, "euler", "simple")
-    assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
+    _assert_class_image_is_stock(pack, model, clip, vae)
 
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
