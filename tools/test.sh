@@ -58,6 +58,34 @@ comfyui_host "0.3.64 (oldest supported)" "${COMFYUI_DIR:-$shared/comfyui}" COMFY
 comfyui_host "current (0.33)" "${COMFYUI_CURRENT_DIR:-$shared/comfyui-0.33}" COMFYUI_CURRENT_DIR \
   .venv-comfyui-current "$@"
 
+# The two WebUI suites run side by side (each in its own venv, each server on a free port), their output
+# printed when both are done: exit 97 from a suite is its venv's set-up failing, anything else its tests.
+webui_logs="$(mktemp -d)"
+declare -A webui_pid=()
+a1111_suite() {
+  A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" bash tools/setup_a1111_env.sh || return 97
+  A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" .venv-a1111/bin/python -m pytest -q tests/a1111 "$@"
+}
+forge_suite() {
+  FORGE_DIR="$forge" bash tools/setup_forge_env.sh || return 97
+  FORGE_DIR="$forge" .venv-forge/bin/python -m pytest -q tests/forge "$@"
+}
+start_webui() {  # start_webui NAME SUITE ARGS...
+  local name="$1" suite="$2"
+  shift 2
+  "$suite" "$@" >"$webui_logs/$name.log" 2>&1 &
+  webui_pid[$name]=$!
+}
+finish_webui() {  # finish_webui NAME VENV TESTS: wait for a started suite, print its output, record a failure
+  local name="$1" rc
+  [ -n "${webui_pid[$name]:-}" ] || return 0
+  wait "${webui_pid[$name]}"
+  rc=$?
+  echo "== $3 ($2)"
+  cat "$webui_logs/$name.log"
+  [ "$rc" -eq 0 ] || { [ "$rc" -eq 97 ] && fail "setting up $2"; } || fail "$3"
+}
+
 # Automatic1111 WebUI extension (tests/a1111); its setup also reads CLIP-L's config from a ComfyUI copy.
 a1111="${A1111_DIR:-$shared/a1111}"
 repos="${A1111_REPOSITORIES:-$a1111/repositories}"
@@ -70,9 +98,7 @@ elif [ ! -f "${COMFYUI_DIR:-$shared/comfyui}/comfy/sd1_clip_config.json" ]; then
   host_missing "tests/a1111" "its offline CLIP-L config comes from a ComfyUI copy, and there is none" \
     "set COMFYUI_DIR to a ComfyUI folder"
 else
-  A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" bash tools/setup_a1111_env.sh || fail "setting up .venv-a1111"
-  [ -x .venv-a1111/bin/python ] && { A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" \
-    .venv-a1111/bin/python -m pytest -q tests/a1111 "$@" || fail "tests/a1111"; }
+  start_webui a1111 a1111_suite "$@"
 fi
 
 # Forge WebUI (tests/forge): the same extension on Forge's ForgeDiffusionEngine, in its own venv.
@@ -83,10 +109,10 @@ elif [ ! -d "$forge/repositories/huggingface_guess/huggingface_guess" ]; then
   host_missing "tests/forge" "Forge cannot load a checkpoint without repositories/huggingface_guess (missing in $forge)" \
     "place the repository its launcher clones there, see ../shared/FORGE_NOTES.md"
 else
-  FORGE_DIR="$forge" bash tools/setup_forge_env.sh || fail "setting up .venv-forge"
-  [ -x .venv-forge/bin/python ] && { FORGE_DIR="$forge" .venv-forge/bin/python -m pytest -q tests/forge "$@" \
-    || fail "tests/forge"; }
+  start_webui forge forge_suite "$@"
 fi
+finish_webui a1111 .venv-a1111 tests/a1111
+finish_webui forge .venv-forge tests/forge
 
 if [ "${#missing_hosts[@]}" -gt 0 ]; then
   fail "missing host copies under CI: ${missing_hosts[*]}"
