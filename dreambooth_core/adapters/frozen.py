@@ -177,9 +177,12 @@ class FrozenForward:
     the host's forward plus the LoRA, or the host's alone while `state` is off."""
 
     def __init__(self, module: nn.Module, adapter: Optional[nn.Module] = None,
-                 read_weight: WeightReader = plain_weight, state: Optional[FrozenState] = None):
+                 read_weight: WeightReader = plain_weight, state: Optional[FrozenState] = None,
+                 host_forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.module, self.adapter, self.read_weight, self.state = module, adapter, read_weight, state
-        self.host_forward = module.forward  # bound: the class's forward or a previous instance patch
+        # bound: the class's forward or a previous instance patch, unless the host layer gives an
+        # equivalent one (nodes.adapters: torch's own op where ComfyUI's cast would change nothing)
+        self.host_forward = host_forward or module.forward
         self.op = _FrozenConv2d if isinstance(module, nn.Conv2d) else _FrozenLinear
         self.pointwise_lora = _pointwise_lora(adapter) and getattr(module, "groups", 1) == 1
         self._last: Optional[tuple] = None  # (input, host output): see _host_for

@@ -672,3 +672,64 @@ def test_a_v_prediction_model_trains_on_its_v_objective(pack, loaded, instance_f
         eps_trained = ModelSamplingDiscrete().patch(eps_trained, "v_prediction", False)[0]
     untrained_loss, trained_loss, eps_loss = held_out(v_model), held_out(trained), held_out(eps_trained)
     assert trained_loss < min(untrained_loss, eps_loss), (untrained_loss, trained_loss, eps_loss)
+
+
+def test_the_frozen_path_runs_plain_ops_as_torch_ops_and_casts_where_the_host_would(pack, host, monkeypatch):
+    """A plain ComfyUI Linear or Conv2d whose cast would hand back its own weight and bias runs as
+    torch's op (the host's cast is called once, to see that), with the host's output and dL/dx; a
+    weight function added later (another node's patch), or a weight the cast must convert, goes
+    through the host's forward again, so what the host would compute is what trains."""
+    import importlib
+
+    import comfy.ops
+
+    adapters = importlib.import_module(pack.__name__ + ".nodes.adapters")
+    frozen = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters.frozen")
+    calls = []
+    cast = comfy.ops.cast_bias_weight
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return cast(*args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted)
+    torch.manual_seed(0)
+    ops = comfy.ops.disable_weight_init
+    for module, x in ((ops.Linear(8, 6), torch.randn(3, 8)), (ops.Conv2d(4, 5, 3, padding=1), torch.randn(1, 4, 6, 6))):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_()
+        module.comfy_cast_weights = True  # as the host runs a model it manages on the CPU
+        host_out = module(x)
+        calls.clear()
+        ff = adapters.frozen_forward(module, frozen.FrozenState())
+        for _ in range(3):
+            xg = x.clone().requires_grad_(True)
+            y = ff(xg)
+            y.square().sum().backward()
+            assert torch.allclose(y, host_out, atol=1e-6)
+            xh = x.clone().requires_grad_(True)
+            module.weight.requires_grad_(False)
+            module.bias.requires_grad_(False)
+            module(xh).square().sum().backward()
+            assert torch.allclose(xg.grad, xh.grad, atol=1e-5)
+        # one cast to see the identity, then the host's own forward's three (the reference above): none of ours
+        assert len(calls) == 1 + 3, len(calls)
+
+        module.weight_function.append(lambda w: w * 2)  # another node's patch: the host's path again
+        patched = module(x)
+        assert not torch.allclose(patched, host_out)
+        assert torch.allclose(ff(x.clone().requires_grad_(True)), patched, atol=1e-6)
+        module.weight_function.clear()
+
+        half = type(module).__new__(type(module))  # the same op with an fp16 weight: the cast converts it
+        half.__dict__.update(module.__dict__)
+        half._parameters = {k: torch.nn.Parameter(v.detach().half(), requires_grad=False)
+                            for k, v in module._parameters.items()}
+        manual = adapters.frozen_forward(half, frozen.FrozenState())
+        calls.clear()
+        out1 = manual(x)
+        n1 = len(calls)
+        manual(x + 1)  # another input: the Linears' cache of a repeated grad-free input does not apply
+        assert (n1, len(calls)) == (2, 3), (n1, len(calls), "an fp16 weight: the host's cast at every call")
+        assert torch.allclose(out1, half(x))
