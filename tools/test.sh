@@ -34,29 +34,64 @@ host_missing() {
 
 bash tools/setup_env.sh || { echo "FAILED: could not set up .venv" >&2; exit 1; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+comfy_old="${COMFYUI_DIR:-$shared/comfyui}"
+comfy_new="${COMFYUI_CURRENT_DIR:-$shared/comfyui-0.33}"
+a1111="${A1111_DIR:-$shared/a1111}"
+repos="${A1111_REPOSITORIES:-$a1111/repositories}"
+forge="${FORGE_DIR:-$shared/forge}"
+
+# The hosts' venvs are built in the background while the core's tests run (pip mostly waits on the
+# disk), one after the other (pip's cache is shared); each host waits for its own result, and the
+# WebUI suites for the whole chain (their own set-up then finds their venvs current).
+setup_logs="$(mktemp -d)"
+prebuild() {  # prebuild NAME COMMAND...: run one set-up, keep its output and exit status
+  local name="$1"
+  shift
+  "$@" >"$setup_logs/$name.log" 2>&1
+  echo $? >"$setup_logs/$name.rc"
+}
+(
+  [ -f "$comfy_old/main.py" ] && prebuild comfyui-old env COMFYUI_DIR="$comfy_old" COMFYUI_VENV=.venv-comfyui \
+    bash tools/setup_comfyui_env.sh
+  [ -f "$comfy_new/main.py" ] && prebuild comfyui-new env COMFYUI_DIR="$comfy_new" \
+    COMFYUI_VENV=.venv-comfyui-current bash tools/setup_comfyui_env.sh
+  prebuild browser bash tools/setup_browser.sh
+  [ -f "$a1111/launch.py" ] && prebuild a1111 env A1111_DIR="$a1111" A1111_REPOSITORIES="$repos" \
+    bash tools/setup_a1111_env.sh
+  [ -f "$forge/launch.py" ] && prebuild forge env FORGE_DIR="$forge" bash tools/setup_forge_env.sh
+  true
+) &
+prebuild_pid=$!
+# setup_result NAME: wait for that set-up, print its output, return its exit status
+setup_result() {
+  while [ ! -f "$setup_logs/$1.rc" ] && kill -0 "$prebuild_pid" 2>/dev/null; do sleep 2; done
+  cat "$setup_logs/$1.log" 2>/dev/null
+  return "$(cat "$setup_logs/$1.rc" 2>/dev/null || echo 1)"
+}
 unit_tests=(tests --ignore=tests/integration --ignore=tests/browser --ignore=tests/a1111 --ignore=tests/forge)
 .venv/bin/python -m pytest -q -m "not slow" --durations=10 "${unit_tests[@]}" "$@" || fail "unit tests"
 # the embedded model trained for hundreds of steps (marked slow): apart, so the unit tests stay quick
 .venv/bin/python -m pytest -q -m slow --durations=5 "${unit_tests[@]}" "$@" || fail "slow training tests"
 
-# comfyui_host LABEL DIR VAR VENV: integration + browser tests against the ComfyUI at DIR.
+# comfyui_host LABEL DIR VAR VENV SETUP: integration + browser tests against the ComfyUI at DIR.
 comfyui_host() {
-  local label="$1" dir="$2" var="$3" venv="$4"
-  shift 4
+  local label="$1" dir="$2" var="$3" venv="$4" setup="$5"
+  shift 5
   if [ ! -f "$dir/main.py" ]; then
     host_missing "tests/integration + tests/browser on $label" "no ComfyUI at $dir" \
       "set $var to a ComfyUI folder to run them"
     return
   fi
   echo "== ComfyUI $label: $dir ($(sed -n 's/^__version__ *= *//p' "$dir/comfyui_version.py" | tr -d "\"'"))"
-  COMFYUI_DIR="$dir" COMFYUI_VENV="$venv" bash tools/setup_comfyui_env.sh || { fail "setting up $venv for $dir"; return; }
+  setup_result "$setup" || { fail "setting up $venv for $dir"; return; }
   COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q --durations=15 tests/integration "$@" || fail "tests/integration on $label"
-  bash tools/setup_browser.sh
+  setup_result browser
   COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q tests/browser "$@" || fail "tests/browser on $label"
 }
-comfyui_host "0.3.64 (oldest supported)" "${COMFYUI_DIR:-$shared/comfyui}" COMFYUI_DIR .venv-comfyui "$@"
-comfyui_host "current (0.33)" "${COMFYUI_CURRENT_DIR:-$shared/comfyui-0.33}" COMFYUI_CURRENT_DIR \
-  .venv-comfyui-current "$@"
+comfyui_host "0.3.64 (oldest supported)" "$comfy_old" COMFYUI_DIR .venv-comfyui comfyui-old "$@"
+comfyui_host "current (0.33)" "$comfy_new" COMFYUI_CURRENT_DIR .venv-comfyui-current comfyui-new "$@"
+wait "$prebuild_pid"
 
 # The two WebUI suites run side by side (each in its own venv, each server on a free port), their output
 # printed when both are done: exit 97 from a suite is its venv's set-up failing, anything else its tests.
@@ -87,14 +122,12 @@ finish_webui() {  # finish_webui NAME VENV TESTS: wait for a started suite, prin
 }
 
 # Automatic1111 WebUI extension (tests/a1111); its setup also reads CLIP-L's config from a ComfyUI copy.
-a1111="${A1111_DIR:-$shared/a1111}"
-repos="${A1111_REPOSITORIES:-$a1111/repositories}"
 if [ ! -f "$a1111/launch.py" ]; then
   host_missing "tests/a1111" "no Automatic1111 WebUI at $a1111" "set A1111_DIR to a WebUI 1.10 folder to run them"
 elif [ ! -d "$repos/stable-diffusion-stability-ai" ]; then
   host_missing "tests/a1111" "the WebUI cannot start without its repositories ($repos is missing)" \
     "set A1111_REPOSITORIES to a folder holding them, see scripts/README.md"
-elif [ ! -f "${COMFYUI_DIR:-$shared/comfyui}/comfy/sd1_clip_config.json" ]; then
+elif [ ! -f "$comfy_old/comfy/sd1_clip_config.json" ]; then
   host_missing "tests/a1111" "its offline CLIP-L config comes from a ComfyUI copy, and there is none" \
     "set COMFYUI_DIR to a ComfyUI folder"
 else
@@ -102,7 +135,6 @@ else
 fi
 
 # Forge WebUI (tests/forge): the same extension on Forge's ForgeDiffusionEngine, in its own venv.
-forge="${FORGE_DIR:-$shared/forge}"
 if [ ! -f "$forge/launch.py" ] || [ ! -d "$forge/backend/diffusion_engine" ]; then
   host_missing "tests/forge" "no Forge WebUI at $forge" "set FORGE_DIR to a Forge folder to run them"
 elif [ ! -d "$forge/repositories/huggingface_guess/huggingface_guess" ]; then
