@@ -3,7 +3,7 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Flux 2, HiDream, Z-Image, Omnigen2, Cosmos Predict2, PixArt,
+input channels, EDM/x0 models, HiDream, Z-Image, Omnigen2, Cosmos Predict2, PixArt,
 Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
 train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
 
@@ -18,7 +18,8 @@ Per flow family (rectified flow, `CONST` sampling):
     Linears are left out: they are large, and a LoRA there mostly rescales the whole image). None: the
     generic rule, every Linear inside those blocks but under a path part naming modulation or a norm
     (`img_mod`, `modC`, `adaLN_modulation`, `norm1.linear`). A family whose row names neither (Qwen-Image,
-    AuraFlow, HunyuanImage 2.1) needs nothing but its row: the conditioning comes from the host's `extra_conds`.
+    AuraFlow, HunyuanImage 2.1, Flux 2) needs nothing but its row: the conditioning comes from the host's
+    `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
     Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
@@ -74,9 +75,12 @@ _FLOW = {
     # HunyuanImage 2.1 (double/single blocks as Flux; `img_mod`, `txt_mod`, `modulation` left out, as sd-scripts'
     # HunyuanImage LoRA): the Qwen2.5-VL encoder as Qwen-Image, so the same cap.
     "HunyuanImage21": Family("hunyuan-image", True, text_cap=512),
+    # Flux 2 (0.33; its modulation is global, outside the blocks): 512 tokens, what the host pads its
+    # Mistral / Qwen3 text to (model_base.Flux2.extra_conds).
+    "Flux2": Family("flux2", True, text_cap=512),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow and "
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow and "
           "HunyuanImage 2.1")
 
 

@@ -1,0 +1,137 @@
+"""Tiny seeded checkpoints of Flux 2 (dev, with its Mistral-Small-3 text encoder) and Cosmos Predict2
+text-to-image, in their real key layout, for tests that may not download anything.
+
+Test code, beside family_checkpoints.py, whose helpers it uses: the host's own detection picks the layout,
+and files are written once into the same cache folder.
+  flux2   Flux2   (0.33 only; 0.3.64 has no Flux 2) one double + one single block. The host reads the width
+                  (`img_in`, 128: one head of 128), the text width (`txt_in`) and the block counts from the
+                  tensors; `double_stream_modulation_img` selects Flux 2, `guidance_in` is there as in
+                  FLUX.2-dev. RMSNorm scales keep BFL's `*_norm.scale` names (the host renames them).
+                  CLIPLoader type `flux2`: Mistral-Small-3's language model as FLUX.2-dev ships it pruned
+                  (`detect_te_model`: 5120 wide, no layer 39, so the host builds 30 layers and taps
+                  layers 10, 20 and the output: 15360-wide text), 1 query + 1 key/value head of 128,
+                  intermediate 16, a 1276-row embedding (`mistral3_24b_model_config`): 89 M parameters.
+                  Its tokenizer is the `tekken_model` tensor of the same file (the host reads Mistral's
+                  tekken JSON from there and ships none): a tekken file written here (tekken_json) with
+                  Mistral's special tokens at their ranks (<s> 1, [INST] 3, <pad> 11, [SYSTEM_PROMPT] 17),
+                  the 256 bytes, the words of the host's Flux 2 template and of the tests' prompts, and a
+                  few rare 4-letter words at the end of the vocabulary, where identifiers are suggested from.
+                  VAE: FLUX.2's autoencoder (32 channels, batch-normed 2x2 patches: 128-channel latents at
+                  16x), the SD layout whose encoder width the host hard-codes (84 M parameters).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Tuple
+
+import family_checkpoints as fc
+
+_write = fc._write
+
+# FLUX.2-dev's pruned Mistral-Small-3 (30 layers: the host taps layers 10, 20 and the last output)
+MISTRAL_TE = {"hidden_size": 5120, "intermediate_size": 16, "num_hidden_layers": 30, "num_attention_heads": 1,
+              "num_key_value_heads": 1, "final_norm": False}
+# Mistral's special tokens at their tekken ranks (the host's Flux2Tokenizer uses <s> 1, <pad> 11 and the
+# template's [SYSTEM_PROMPT] / [INST] pairs); the other ranks below the offset are filler, as in tekken
+_SPECIAL = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 11: "<pad>", 17: "[SYSTEM_PROMPT]",
+            18: "[/SYSTEM_PROMPT]"}
+_SPECIAL_COUNT = 1000
+# the words of comfy.text_encoders.flux.Flux2Tokenizer's template and of the tests' prompts ("sks" is not one:
+# it splits, as in Mistral's own vocabulary), then rare words, the last entries (the identifier suggestions)
+_WORDS = ("You are an AI that reasons about image descriptions give structured responses focusing on object "
+          "relationships attribution and actions without speculation a photo of dog cat person").split()
+_WORDS = tuple(dict.fromkeys(_WORDS))
+_RARE = ("vlok", "qrum", "zept", "wabe", "plox", "drif")
+
+
+def tekken_json() -> bytes:
+    """A small tekken tokenizer file (Mistral's format: base64 token bytes by rank, special tokens apart):
+    the bytes, then each word after a space with every prefix of it (its BPE merges), then _RARE."""
+    tokens = [bytes([b]) for b in range(256)]
+    for word in _WORDS + _RARE:
+        for raw in (" " + word, word):
+            for end in range(2, len(raw) + 1):
+                piece = raw[:end].encode()
+                if piece not in tokens:
+                    tokens.append(piece)
+    vocab = [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("latin-1")}
+             for r, t in enumerate(tokens)]
+    special = [{"rank": r, "token_str": _SPECIAL.get(r, f"<SPECIAL_{r}>"), "is_control": True}
+               for r in range(_SPECIAL_COUNT)]
+    config = {"pattern": "", "num_vocab_tokens": len(tokens), "default_vocab_size": _SPECIAL_COUNT + len(tokens),
+              "default_num_special_tokens": _SPECIAL_COUNT, "version": "v7"}
+    return json.dumps({"config": config, "vocab": vocab, "special_tokens": special}).encode()
+
+
+def mistral_te_file(seed: int = fc.SEED) -> Tuple[Path, dict]:
+    """The pruned Mistral-Small-3 language model (`model.embed_tokens`, `model.layers.N.*`) at MISTRAL_TE,
+    with its tokenizer as the `tekken_model` uint8 tensor (the file named by the tokenizer's hash: the
+    cache keys a file by its layout), and the config the host gets for it."""
+    import torch
+    import comfy.ops
+    import comfy.text_encoders.llama as llama
+
+    blob = tekken_json()
+    config = dict(MISTRAL_TE, vocab_size=_SPECIAL_COUNT + json.loads(blob)["config"]["num_vocab_tokens"])
+    with torch.device("meta"):
+        m = llama.Mistral3Small24B(dict(config), None, "meta", comfy.ops.disable_weight_init)
+    extra = {"tekken_model": torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
+    stem = "mistral3_24b-" + hashlib.sha256(blob).hexdigest()[:8]
+    return _write(stem, fc._shapes(m), seed, extra=extra), config
+
+
+def flux2_vae_file(seed: int = fc.SEED) -> Path:
+    """FLUX.2's autoencoder: the SD KL layout with 32 latent channels and a batch norm over 2x2 patches."""
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = dict(fc.VAE_DDCONFIG, z_channels=32, batch_norm_latent=True)
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=32)
+    layout = {k: v for k, v in fc._shapes(vae).items() if not k.endswith("num_batches_tracked")}
+    return _write("flux2_vae", layout, seed, scale={"decoder.conv_out.weight": 0.1, "bn.running_mean": 0.0})
+
+
+def _flux2_skeleton(hidden, ctx):
+    m = fc._meta
+    return {"img_in.weight": m(hidden, 128), "txt_in.weight": m(hidden, ctx),
+            "double_blocks.0.img_attn.norm.key_norm.scale": m(128), "single_blocks.0.norm.key_norm.scale": m(128),
+            "double_stream_modulation_img.lin.weight": m(6 * hidden, hidden),
+            "guidance_in.in_layer.weight": m(hidden, 256)}
+
+
+def _bfl_names(layout: dict) -> dict:
+    """BFL's file names: RMSNorm scales `*_norm.scale` (the host's modules call them `weight`)."""
+    return {(k[:-len("weight")] + "scale" if k.endswith("_norm.weight") else k): v for k, v in layout.items()}
+
+
+def _flux2(name: str, seed: int) -> fc.FamilyFiles:
+    ctx = 3 * MISTRAL_TE["hidden_size"]
+    import comfy.model_detection as md
+
+    skeleton = _flux2_skeleton(128, ctx)
+    if (md.detect_unet_config(skeleton, "") or {}).get("image_model") != "flux2":  # 0.3.64: a Flux 1 layout
+        raise fc.FamilyUnsupported(f"this host ({fc._host_version()}) has no Flux 2")
+    model_config, layout = fc._detect(skeleton)
+    if model_config is None or type(model_config).__name__ != "Flux2":
+        raise fc.FamilyUnsupported(f"this host ({fc._host_version()}) detects no Flux 2 "
+                                   f"({layout if model_config is None else type(model_config).__name__})")
+    layout = _bfl_names(layout)
+    assert all(layout.get(k) == tuple(v.shape) for k, v in skeleton.items()), "the host builds another Flux 2"
+    te, te_config = mistral_te_file(seed)
+    return fc.FamilyFiles(
+        name=name, model_class="Flux2", diffusion_model=_write(name, layout, seed), text_encoders=(te,),
+        clip_type="flux2", vae=flux2_vae_file(seed), latent_channels=128,
+        te_model_options={"mistral3_24b_model_config": te_config}, layout={"hidden": 128, "heads": 1, "te": te_config},
+        expect={"image_model": "flux2", "hidden_size": 128, "context_in_dim": ctx, "guidance_embed": True})
+
+
+FAMILIES = {"flux2": lambda seed: _flux2("flux2", seed)}
+
+
+def ensure_family(name: str, seed: int = fc.SEED) -> fc.FamilyFiles:
+    """The family's files for the running host (written once); FamilyUnsupported where it detects none."""
+    return FAMILIES[name](seed)
