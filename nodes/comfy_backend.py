@@ -11,8 +11,9 @@
   (`calculate_input` of x0 + σε with σ = sqrt((1-ᾱ)/ᾱ)), so the UNet is called the way
   `BaseModel._apply_model` calls it, without the final `calculate_denoised`.
 - Flow-matching transformers (Flux dev/schnell, Flux 2, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow,
-  HunyuanImage 2.1; families.py tells them from the host's detection and refuses every other family) train
-  with `FlowSchedule(shift)`, the shift read from their `model_sampling`. `predict` gets σ and returns the
+  HunyuanImage 2.1, Cosmos Predict2; families.py tells them from the host's detection and refuses every
+  other family) train with `FlowSchedule(shift)`, the shift read from their `model_sampling` (Cosmos's
+  RFlow: unshifted, up to its sigma_max's point; flow_path converts to its coordinates). `predict` gets σ and returns the
   raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
   `guidance` at the host's default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then
   `_apply_model`'s pieces run (input, timestep, dtype casts, `process_timestep`, the diffusion model)
@@ -269,6 +270,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             self._refuse_flow_settings(mode)
             self.prediction_type = "flow"
             self.flow_shift = families.flow_shift(self.model_sampling)
+            self.flow_max_sigma = families.cosmos_max_sigma(self.model_sampling)
             # ᾱ of the flow line x = (1−σ)x0 + σε at 1000 σ (informational: schedule() is what trains)
             sig = torch.linspace(1e-3, 1.0 - 1e-3, 1000)
             self.alphas_cumprod = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
@@ -308,7 +310,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             return super().schedule()
         from ..dreambooth_core.training.objective import FlowSchedule
 
-        return FlowSchedule(shift=self.flow_shift)
+        return FlowSchedule(shift=self.flow_shift, max_sigma=self.flow_max_sigma)
 
     # -- identity ------------------------------------------------------------------------------
     def _native_resolution(self) -> int:

@@ -18,16 +18,30 @@ and files are written once into the same cache folder.
                   few rare 4-letter words at the end of the vocabulary, where identifiers are suggested from.
                   VAE: FLUX.2's autoencoder (32 channels, batch-normed 2x2 patches: 128-channel latents at
                   16x), the SD layout whose encoder width the host hard-codes (84 M parameters).
+  cosmos_predict2  CosmosT2IPredict2  (both hosts) MiniTrainDIT with one block, 128 wide, two heads of 64.
+                  CLIPLoader type `cosmos`: T5-XXL v1.0 (`DenseReluDense.wi`, which `detect_te_model` takes for
+                  Cosmos's encoder whatever its width when it has 24 blocks) 64 wide (`t5xxl_model_config`).
+                  VAE: the Wan 2.1 autoencoder of family_checkpoints_llm (the same cached file); latents are
+                  [B, 16, 1, H/8, W/8].
+                  Scaffolding (test code, not the pack): both hosts hard-code the transformer's head count and
+                  text width (16 heads, 1024-wide text, for the 2048-wide 2B model; 0.3.64 also 28 blocks) and
+                  read only its width; `cosmos_detection()` wraps `comfy.model_detection.detect_unet_config`
+                  while the test loads this file, so that for a width the host does not know it reads the head
+                  count (`q_norm`'s width is the head size), the block count and the text width (`cross_attn.
+                  k_proj`) from the tensors as it reads the width. Real checkpoints (2048 or 5120 wide) are
+                  left to the host's own values.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 from typing import Tuple
 
 import family_checkpoints as fc
+import family_checkpoints_llm as fl
 
 _write = fc._write
 
@@ -129,7 +143,68 @@ def _flux2(name: str, seed: int) -> fc.FamilyFiles:
         expect={"image_model": "flux2", "hidden_size": 128, "context_in_dim": ctx, "guidance_embed": True})
 
 
-FAMILIES = {"flux2": lambda seed: _flux2("flux2", seed)}
+# Cosmos Predict2's T5-XXL v1.0 (t5_old_config_xxl.json: one ReLU `wi`), 24 blocks for detect_te_model
+COSMOS_T5 = {"d_model": 64, "d_ff": 64, "d_kv": 32, "num_heads": 2, "num_layers": 24}
+
+
+def cosmos_t5_file(seed: int = fc.SEED) -> Path:
+    """T5-XXL v1.0's encoder layout (`encoder.block.N.layer.*`, `shared.weight`) at COSMOS_T5."""
+    import torch
+    import comfy.ops
+    import comfy.text_encoders.t5 as t5
+
+    cfg = json.loads((Path(t5.__file__).parent / "t5_old_config_xxl.json").read_text())
+    cfg.update(COSMOS_T5)
+    with torch.device("meta"):
+        m = t5.T5(cfg, None, "meta", comfy.ops.disable_weight_init)
+    return _write("t5xxl_old", fc._shapes(m), seed)
+
+
+@contextlib.contextmanager
+def cosmos_detection():
+    """Test scaffolding (see the module docstring): the host's detect_unet_config, reading a small Cosmos
+    Predict2's head count, block count and text width from its tensors."""
+    import comfy.model_detection as md
+
+    original = md.detect_unet_config
+
+    def detect(state_dict, key_prefix, metadata=None):
+        config = original(state_dict, key_prefix, metadata=metadata)
+        if config and config.get("image_model") == "cosmos_predict2" and config["model_channels"] not in (2048, 5120):
+            p = key_prefix
+            head = state_dict[f"{p}blocks.0.self_attn.q_norm.weight"].shape[0]
+            config["num_heads"] = config["model_channels"] // head
+            config["num_blocks"] = md.count_blocks(list(state_dict.keys()), f"{p}blocks." + "{}.")
+            config["crossattn_emb_channels"] = state_dict[f"{p}blocks.0.cross_attn.k_proj.weight"].shape[1]
+        return config
+
+    md.detect_unet_config = detect
+    try:
+        yield
+    finally:
+        md.detect_unet_config = original
+
+
+def _cosmos_skeleton(width, head, ctx):
+    m = fc._meta
+    return {"x_embedder.proj.1.weight": m(width, (16 + 1) * 4), "blocks.0.mlp.layer1.weight": m(4 * width, width),
+            "blocks.0.self_attn.q_norm.weight": m(head), "blocks.0.cross_attn.k_proj.weight": m(width, ctx)}
+
+
+def _cosmos_predict2(name: str, seed: int) -> fc.FamilyFiles:
+    with cosmos_detection():
+        info, layout = fc._choose([(_cosmos_skeleton(128, 64, COSMOS_T5["d_model"]), {"width": 128, "heads": 2})],
+                                  "CosmosT2IPredict2")
+    return fc.FamilyFiles(
+        name=name, model_class="CosmosT2IPredict2", diffusion_model=_write(name, layout, seed),
+        text_encoders=(cosmos_t5_file(seed),), clip_type="cosmos", vae=fl.wan21_vae_file(seed),
+        te_model_options={"t5xxl_model_config": dict(COSMOS_T5)}, layout=info,
+        expect={"image_model": "cosmos_predict2", "model_channels": 128, "num_heads": 2, "num_blocks": 1,
+                "crossattn_emb_channels": COSMOS_T5["d_model"]})
+
+
+FAMILIES = {"flux2": lambda seed: _flux2("flux2", seed),
+            "cosmos_predict2": lambda seed: _cosmos_predict2("cosmos_predict2", seed)}
 
 
 def ensure_family(name: str, seed: int = fc.SEED) -> fc.FamilyFiles:
