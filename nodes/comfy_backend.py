@@ -13,8 +13,8 @@
 - Flow-matching transformers (Flux dev/schnell, Flux 2, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow,
   HunyuanImage 2.1, Cosmos Predict2; families.py tells them from the host's detection and refuses every
   other family) train with `FlowSchedule(shift)`, the shift read from their `model_sampling` (Cosmos's
-  RFlow: unshifted, up to its sigma_max's point; flow_path converts to its coordinates). `predict` gets σ and returns the
-  raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
+  RFlow: unshifted, up to its sigma_max's point; flow_path converts to its coordinates). `predict` gets σ
+  and returns the raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
   `guidance` at the host's default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then
   `_apply_model`'s pieces run (input, timestep, dtype casts, `process_timestep`, the diffusion model)
   without the final `calculate_denoised` (x − σ·v): no division by σ (flow_path.py). A MODEL whose options

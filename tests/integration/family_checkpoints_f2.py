@@ -3,14 +3,14 @@ text-to-image, in their real key layout, for tests that may not download anythin
 
 Test code, beside family_checkpoints.py, whose helpers it uses: the host's own detection picks the layout,
 and files are written once into the same cache folder.
-  flux2   Flux2   (0.33 only; 0.3.64 has no Flux 2) one double + one single block. The host reads the width
-                  (`img_in`, 128: one head of 128), the text width (`txt_in`) and the block counts from the
-                  tensors; `double_stream_modulation_img` selects Flux 2, `guidance_in` is there as in
+  flux2   Flux2   (0.33 only; 0.3.64 has no Flux 2) one double + one single block, 3 M parameters. The host
+                  reads the width (`img_in`, 128: one head of 128), the text width (`txt_in`) and the block
+                  counts from the tensors; `double_stream_modulation_img` selects Flux 2, `guidance_in` is there as in
                   FLUX.2-dev. RMSNorm scales keep BFL's `*_norm.scale` names (the host renames them).
                   CLIPLoader type `flux2`: Mistral-Small-3's language model as FLUX.2-dev ships it pruned
                   (`detect_te_model`: 5120 wide, no layer 39, so the host builds 30 layers and taps
                   layers 10, 20 and the output: 15360-wide text), 1 query + 1 key/value head of 128,
-                  intermediate 16, a 1276-row embedding (`mistral3_24b_model_config`): 89 M parameters.
+                  intermediate 16, a 1557-row embedding (`mistral3_24b_model_config`): 94 M parameters.
                   Its tokenizer is the `tekken_model` tensor of the same file (the host reads Mistral's
                   tekken JSON from there and ships none): a tekken file written here (tekken_json) with
                   Mistral's special tokens at their ranks (<s> 1, [INST] 3, <pad> 11, [SYSTEM_PROMPT] 17),
@@ -18,7 +18,8 @@ and files are written once into the same cache folder.
                   few rare 4-letter words at the end of the vocabulary, where identifiers are suggested from.
                   VAE: FLUX.2's autoencoder (32 channels, batch-normed 2x2 patches: 128-channel latents at
                   16x), the SD layout whose encoder width the host hard-codes (84 M parameters).
-  cosmos_predict2  CosmosT2IPredict2  (both hosts) MiniTrainDIT with one block, 128 wide, two heads of 64.
+  cosmos_predict2  CosmosT2IPredict2  (both hosts) MiniTrainDIT with one block, 128 wide, two heads of 64
+                  (0.8 M parameters).
                   CLIPLoader type `cosmos`: T5-XXL v1.0 (`DenseReluDense.wi`, which `detect_te_model` takes for
                   Cosmos's encoder whatever its width when it has 24 blocks) 64 wide (`t5xxl_model_config`).
                   VAE: the Wan 2.1 autoencoder of family_checkpoints_llm (the same cached file); latents are
