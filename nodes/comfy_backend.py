@@ -10,10 +10,11 @@
   the core's VP input sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε is exactly what ComfyUI feeds the UNet
   (`calculate_input` of x0 + σε with σ = sqrt((1-ᾱ)/ᾱ)), so the UNet is called the way
   `BaseModel._apply_model` calls it, without the final `calculate_denoised`.
-- Flow-matching transformers (Flux dev/schnell, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow,
-  HunyuanImage 2.1; families.py tells them from the host's detection and refuses every other family) train
-  with `FlowSchedule(shift)`, the shift read from their `model_sampling`. `predict` gets σ and returns the
-  raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
+- Flow-matching transformers (Flux dev/schnell, Flux 2, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow,
+  HunyuanImage 2.1, Cosmos Predict2; families.py tells them from the host's detection and refuses every
+  other family) train with `FlowSchedule(shift)`, the shift read from their `model_sampling` (Cosmos's
+  RFlow: unshifted, up to its sigma_max's point; flow_path converts to its coordinates). `predict` gets σ
+  and returns the raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
   `guidance` at the host's default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then
   `_apply_model`'s pieces run (input, timestep, dtype casts, `process_timestep`, the diffusion model)
   without the final `calculate_denoised` (x − σ·v): no division by σ (flow_path.py). A MODEL whose options
@@ -70,10 +71,37 @@ class _SentencePieceView:
         return self.spiece.tokenizer.decode(ids)
 
 
+class _BytePairView:
+    """The host's own byte-level BPE (`comfy.text_encoders.bpe_tokenizer.BPETokenizer`: Flux 2's Mistral
+    tekken tokenizer, called with a text, giving ids), seen as the identifier check reads a transformers
+    tokenizer (see _SentencePieceView)."""
+
+    def __init__(self, bpe):
+        self.bpe = bpe
+        self._pieces = {i: p for p, i in bpe.get_vocab().items()}
+
+    def tokenize(self, text: str) -> list:
+        return [self._pieces[i] for i in self.encode(text)]
+
+    def get_vocab(self) -> dict:
+        return self.bpe.get_vocab()
+
+    def convert_tokens_to_ids(self, piece: str) -> int:
+        return self.bpe.get_vocab()[piece]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list:
+        ids = self.bpe(text)["input_ids"]
+        bos = getattr(self.bpe, "_bos_id", None)
+        return ids[1:] if not add_special_tokens and bos is not None and ids[:1] == [bos] else ids
+
+    def decode(self, ids: list) -> str:
+        return self.bpe.decode(ids)
+
+
 def clip_tokenizers(clip) -> list:
     """The tokenizers inside a ComfyUI CLIP the identifier is checked in: its CLIP tokenizers (clip_l;
-    clip_l and clip_g for SDXL and SD3), else its T5 (Chroma), SentencePiece (Lumina 2, AuraFlow) or
-    Qwen2 (Qwen-Image, HunyuanImage 2.1) one."""
+    clip_l and clip_g for SDXL and SD3), else its T5 (Chroma), SentencePiece (Lumina 2, AuraFlow),
+    Qwen2 (Qwen-Image, HunyuanImage 2.1) or Mistral tekken (Flux 2) one."""
     if clip is None:
         raise ValueError("no CLIP connected: the identifier token is checked with the model's tokenizer")
     found = []
@@ -83,6 +111,8 @@ def clip_tokenizers(clip) -> list:
             found.append(inner)
         elif inner is not None and hasattr(inner, "get_vocab") and hasattr(getattr(inner, "tokenizer", None), "encode"):
             found.append(_SentencePieceView(inner))
+        elif inner is not None and hasattr(inner, "get_vocab") and callable(inner) and hasattr(inner, "decode"):
+            found.append(_BytePairView(inner))
     # Beside CLIP, Flux and SD3 tokenize for T5, whose SentencePiece splits the usual rare identifiers
     # ("sks" in 4 pieces): the identifier is checked in the CLIP tokenizers where the model has any.
     clip_like = [t for t in found if "clip" in type(t).__name__.lower()]
@@ -240,6 +270,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             self._refuse_flow_settings(mode)
             self.prediction_type = "flow"
             self.flow_shift = families.flow_shift(self.model_sampling)
+            self.flow_max_sigma = families.cosmos_max_sigma(self.model_sampling)
             # ᾱ of the flow line x = (1−σ)x0 + σε at 1000 σ (informational: schedule() is what trains)
             sig = torch.linspace(1e-3, 1.0 - 1e-3, 1000)
             self.alphas_cumprod = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
@@ -279,7 +310,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             return super().schedule()
         from ..dreambooth_core.training.objective import FlowSchedule
 
-        return FlowSchedule(shift=self.flow_shift)
+        return FlowSchedule(shift=self.flow_shift, max_sigma=self.flow_max_sigma)
 
     # -- identity ------------------------------------------------------------------------------
     def _native_resolution(self) -> int:

@@ -3,11 +3,12 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Flux 2, HiDream, Z-Image, Omnigen2, Cosmos Predict2, PixArt,
+input channels, EDM/x0 models, HiDream, Z-Image, Omnigen2, PixArt,
 Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
 train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
 
-Per flow family (rectified flow, `CONST` sampling):
+Per flow family (rectified flow: `CONST` sampling, or Cosmos Predict2's `COSMOS_RFLOW`, the same line in
+EDM-style coordinates that the backend converts to and from, cosmos_max_sigma):
   - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
     stores μ of BFL's exponential shift e^μ/(e^μ + 1/t − 1), which is the same map with s = e^μ;
     `ModelSamplingDiscreteFlow` stores s itself.
@@ -18,7 +19,8 @@ Per flow family (rectified flow, `CONST` sampling):
     Linears are left out: they are large, and a LoRA there mostly rescales the whole image). None: the
     generic rule, every Linear inside those blocks but under a path part naming modulation or a norm
     (`img_mod`, `modC`, `adaLN_modulation`, `norm1.linear`). A family whose row names neither (Qwen-Image,
-    AuraFlow, HunyuanImage 2.1) needs nothing but its row: the conditioning comes from the host's `extra_conds`.
+    AuraFlow, HunyuanImage 2.1, Flux 2) needs nothing but its row: the conditioning comes from the host's
+    `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
     Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
@@ -47,6 +49,7 @@ class Family:
     blocks: Tuple[str, ...] = ()  # empty: the generic rule (transformer_block_lists)
     lora: Optional["re.Pattern[str]"] = None  # on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
+    sampling: str = "CONST"  # the host's sampling kind: CONST, or COSMOS_RFLOW (flow_path._host_noise_level)
 
 
 # Discrete-schedule families: the SD path (ε/v from the model's own ᾱ), unchanged.
@@ -74,10 +77,16 @@ _FLOW = {
     # HunyuanImage 2.1 (double/single blocks as Flux; `img_mod`, `txt_mod`, `modulation` left out, as sd-scripts'
     # HunyuanImage LoRA): the Qwen2.5-VL encoder as Qwen-Image, so the same cap.
     "HunyuanImage21": Family("hunyuan-image", True, text_cap=512),
+    # Flux 2 (0.33; its modulation is global, outside the blocks): 512 tokens, what the host pads its
+    # Mistral / Qwen3 text to (model_base.Flux2.extra_conds).
+    "Flux2": Family("flux2", True, text_cap=512),
+    # Cosmos Predict2 text-to-image: the same straight line in the host's COSMOS_RFLOW coordinates (see
+    # cosmos_max_sigma); its T5-XXL pads to 512 tokens (CosmosT5Tokenizer's min_length).
+    "CosmosT2IPredict2": Family("cosmos-predict2", True, text_cap=512, sampling="COSMOS_RFLOW"),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow and "
-          "HunyuanImage 2.1")
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Cosmos Predict2 "
+          "(text-to-image), Qwen-Image, AuraFlow and HunyuanImage 2.1")
 
 
 def model_class(model) -> str:
@@ -108,12 +117,16 @@ def detect(model) -> Family:
         raise UnsupportedModel(
             f"the connected MODEL is {name} ({kind} sampling); DreamBooth trains {TRAINS}. Load one of those "
             "(video, audio, inpainting/control and other families are not supported)")
-    flow_classes = tuple(c for c in (getattr(ms, "ModelSamplingDiscreteFlow", None), getattr(ms, "ModelSamplingFlux", None))
-                         if c is not None)
-    if kind != "CONST" or not isinstance(sampling, flow_classes):
+    if family.sampling == "COSMOS_RFLOW":
+        flow_classes = (ms.ModelSamplingCosmosRFlow,)
+    else:
+        flow_classes = tuple(c for c in (getattr(ms, "ModelSamplingDiscreteFlow", None),
+                                         getattr(ms, "ModelSamplingFlux", None)) if c is not None)
+    if kind != family.sampling or not isinstance(sampling, flow_classes):
         raise UnsupportedModel(
-            f"the connected {name} MODEL samples with {type(sampling).__mro__[1].__name__} ({kind}), not rectified "
-            "flow: a node patched its sampling (e.g. ModelSamplingDiscrete); connect the model without that patch")
+            f"the connected {name} MODEL samples with {type(sampling).__mro__[1].__name__} ({kind}), not its "
+            f"rectified flow ({family.sampling}): a node patched its sampling (e.g. ModelSamplingDiscrete); "
+            "connect the model without that patch")
     if float(getattr(sampling, "noise_scale", 1.0)) != 1.0:
         raise UnsupportedModel(f"the connected {name} MODEL scales its noise by {sampling.noise_scale}; DreamBooth "
                                "trains flow models with unit noise only")
@@ -127,12 +140,29 @@ def detect(model) -> Family:
 
 
 def flow_shift(model_sampling) -> float:
-    """The SD3-style shift s of the host's flow sampling (see the module docstring)."""
+    """The SD3-style shift s of the host's flow sampling (see the module docstring); 1 for Cosmos RFlow,
+    whose σ range alone says where it samples (cosmos_max_sigma)."""
     import comfy.model_sampling as ms
 
     if isinstance(model_sampling, ms.ModelSamplingFlux):
         return math.exp(float(model_sampling.shift))
+    if isinstance(model_sampling, getattr(ms, "ModelSamplingCosmosRFlow", ())):
+        return 1.0
     return float(model_sampling.shift)
+
+
+def cosmos_max_sigma(model_sampling) -> Optional[float]:
+    """The noisiest point of the line a COSMOS_RFLOW model samples from, None for the other flow samplings.
+    COSMOS_RFLOW is rectified flow in EDM-style coordinates: at the host's σ_e the model reads
+    `calculate_input` (x0 + σ_e·ε)·(1 − σ) = (1 − σ)·x0 + σ·ε with σ = σ_e/(1 + σ_e) (also its time
+    input, `timestep`), and `calculate_denoised` x0 = that input − σ·output makes the output the velocity
+    ε − x0: the core's FlowSchedule at σ, up to σ_max/(1 + σ_max) (80/81 for sigma_max 80)."""
+    import comfy.model_sampling as ms
+
+    if not isinstance(model_sampling, getattr(ms, "ModelSamplingCosmosRFlow", ())):
+        return None
+    top = float(model_sampling.sigma_max)
+    return top / (1 + top)
 
 
 # The generic rule's exclusions: a path part naming modulation (adaLN, `img_mod`, `modC`) or a norm

@@ -1,7 +1,8 @@
-"""The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, SD3/SD3.5, Chroma,
-Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1; families.py says which): their text, their velocity
-prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their frozen weights
-take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
+"""The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, Flux 2, SD3/SD3.5,
+Chroma, Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1, Cosmos Predict2; families.py says which): their
+text, their velocity prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their
+frozen weights take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which
+holds the state it uses."""
 from __future__ import annotations
 
 import functools
@@ -61,6 +62,7 @@ def _block_on_copies(streams: _Streams, forward: Callable[..., Any], *args: Any,
 
 class FlowModelPath:
     _flow_checkpointing: bool = False  # set_gradient_checkpointing's choice, read at every block call
+    _kitchen_fused: Optional[Callable[..., Any]] = None  # comfy_kitchen's op while a run replaces it
 
     def _cap_tokens(self, key: str, windows: list) -> list:
         """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
@@ -127,21 +129,31 @@ class FlowModelPath:
         return bool(self.model.model_options.get("model_function_wrapper")
                     or pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options))
 
+    def _host_noise_level(self, x: torch.Tensor, sigma: torch.Tensor):
+        """The core's point x = (1−σ)·x0 + σ·ε at σ as the host's sampler holds it: unchanged for CONST; for
+        COSMOS_RFLOW its σ_e = σ/(1−σ) and the unscaled x0 + σ_e·ε = x/(1−σ) (families.cosmos_max_sigma)."""
+        if self._family.sampling != "COSMOS_RFLOW":
+            return x, sigma
+        return x / (1 - sigma).view(-1, *([1] * (x.ndim - 1))), sigma / (1 - sigma)
+
     def _flow_forward(self, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
         """The raw velocity for one batch whose conds concatenate: `BaseModel._apply_model` up to the
-        diffusion model's output, which for CONST sampling is v (denoised = x − σ·v)."""
+        diffusion model's output, which for CONST and COSMOS_RFLOW sampling is v (denoised = x − σ·v on
+        the core's line)."""
         import comfy.model_base
         import comfy.model_management as mm
 
         base = self.model.model
-        options = self._transformer_options(sigma)
+        host_x, host_sigma = self._host_noise_level(x, sigma)
+        options = self._transformer_options(host_sigma)
         if self._wraps_apply_model(options):
             wrapper = self.model.model_options.get("model_function_wrapper")
             if wrapper is not None:
                 c = dict(conds, transformer_options=options)
-                denoised = wrapper(base.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+                denoised = wrapper(base.apply_model, {"input": host_x, "timestep": host_sigma, "c": c,
+                                                      "cond_or_uncond": [0]})
             else:
-                denoised = base.apply_model(x, sigma, transformer_options=options, **conds)
+                denoised = base.apply_model(host_x, host_sigma, transformer_options=options, **conds)
             return (x - denoised.float()) / sigma.view(-1, *([1] * (x.ndim - 1)))
         conds = dict(conds)
         context = conds.pop("c_crossattn", None)
@@ -150,8 +162,8 @@ class FlowModelPath:
         sampling = base.model_sampling
         get_dtype = getattr(base, "get_dtype_inference", None)
         dtype = get_dtype() if get_dtype is not None else (base.manual_cast_dtype or base.get_dtype())
-        xc = sampling.calculate_input(sigma, x).to(dtype)
-        t = sampling.timestep(sigma).float()
+        xc = sampling.calculate_input(host_sigma, host_x).to(dtype)
+        t = sampling.timestep(host_sigma).float()
         if context is not None:
             context = mm.cast_to_device(context, x.device, dtype)
         extra = {k: ([comfy.model_base.convert_tensor(e, dtype, x.device) for e in v] if isinstance(v, list)
@@ -267,6 +279,7 @@ class FlowModelPath:
         from fused inference kernels without a backward (comfy_kitchen's RoPE) to differentiable ones."""
         import comfy.model_management as mm
 
+        self._kitchen_with_backward(on)
         if hasattr(mm, "in_training"):
             if on and self._kernels_before is None:
                 self._kernels_before = getattr(mm, "in_training")
@@ -274,6 +287,29 @@ class FlowModelPath:
             elif not on and self._kernels_before is not None:
                 setattr(mm, "in_training", self._kernels_before)
                 self._kernels_before = None
+
+    def _kitchen_with_backward(self, on: bool) -> None:
+        """comfy_kitchen's fused RMSNorm + split-half RoPE (`rms_rope_split_half`), which 0.33's Cosmos Predict2
+        attention calls whatever `in_training` says, has no autograd formula: while a run trains, the calls
+        that take a gradient go to comfy_kitchen's own eager (plain torch) implementation of it instead."""
+        try:
+            import comfy_kitchen as ck
+            from comfy_kitchen.backends.eager import rope
+        except ImportError:
+            return
+        if on and self._kitchen_fused is None and hasattr(ck, "rms_rope_split_half") \
+                and hasattr(rope, "rms_rope_split_half"):
+            fused = self._kitchen_fused = ck.rms_rope_split_half
+
+            def rms_rope_split_half(*args: Any, **kwargs: Any) -> Any:
+                grad = torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad
+                                                       for a in list(args) + list(kwargs.values()))
+                return (rope.rms_rope_split_half if grad else fused)(*args, **kwargs)
+
+            ck.rms_rope_split_half = rms_rope_split_half
+        elif not on and self._kitchen_fused is not None:
+            ck.rms_rope_split_half = self._kitchen_fused
+            self._kitchen_fused = None
 
     def _restore_swapped(self) -> None:
         """Put the host's own tensors back; where the memory manager has moved the module since, the

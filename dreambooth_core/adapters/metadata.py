@@ -55,6 +55,8 @@ FAMILIES = {
     "qwen-image": ("qwen_image", "Qwen-Image"),  # musubi-tuner's architecture name (sd-scripts has none)
     "auraflow": ("auraflow", "auraflow"),  # no trainer we follow names it; ComfyUI's class, lower case
     "hunyuan-image": ("hunyuan_image_2.1", "hunyuan-image-2.1"),  # sd-scripts' sai_model_spec architecture
+    "flux2": ("flux_2_dev", "Flux.2-dev"),  # musubi-tuner's names (FLUX.2-dev; Klein loads as the same class)
+    "cosmos-predict2": ("cosmos_predict2", "cosmos-predict2"),  # no trainer we follow names it: ComfyUI's image_model
 }
 
 

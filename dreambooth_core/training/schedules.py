@@ -7,7 +7,9 @@ knows only this interface; a backend says which schedule its model was trained w
 
 - `DiscreteSchedule`: DDPM's ᾱ_t over integer timesteps, ε- or v-prediction (SD1/SD2/SDXL).
 - `FlowSchedule`: rectified flow (SD3, Flux, Chroma, Lumina 2): a straight line from the image
-  (σ = 0) to noise (σ = 1), the model predicting its velocity.
+  (σ = 0) to noise (σ = 1), the model predicting its velocity. Cosmos Predict2's "RFlow" is the same
+  line in its own coordinates (an EDM-style σ_e = σ/(1 − σ), input x0 + σ_e·ε scaled by 1 − σ), which its
+  backend converts to; `max_sigma` keeps the draws on the part of the line the model samples from.
 """
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ def schedule_settings(schedule: Schedule) -> Dict[str, object]:
     if is_dataclass(schedule):
         for f in fields(schedule):
             value = getattr(schedule, f.name)
-            out[f.name] = value if isinstance(value, (str, bool)) or value is None else float(value)
+            if value is not None:  # an unset option (max_sigma) leaves the record as it was before it existed
+                out[f.name] = value if isinstance(value, (str, bool)) else float(value)
     return out
 
 
@@ -126,12 +129,16 @@ class FlowSchedule:
     """Rectified flow as SD3 and Flux train it: x_σ = (1 − σ)·x0 + σ·ε, target the velocity ε − x0,
     every sample weighted alike. σ is drawn logit-normal (σ = sigmoid(N(mean, std)), SD3's default:
     most steps in the middle, where the velocity is hardest to predict) or uniform, then shifted
-    by the family's `shift`. `timesteps` are the σ values; the backend maps σ to its model's time input."""
+    by the family's `shift`. `timesteps` are the σ values; the backend maps σ to its model's time input.
+    `max_sigma` (None: 1): the noisiest σ the model is sampled from where that is below 1 (Cosmos Predict2:
+    its sigma_max 80 is σ = 80/81); draws above it are taken at it, so no step trains a noise level the
+    model never sees."""
 
     shift: float = 1.0
     sampling: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    max_sigma: Optional[float] = None
 
     kind = "flow"  # a class attribute, not a field
 
@@ -142,6 +149,8 @@ class FlowSchedule:
             raise ValueError(f"sampling {self.sampling!r}: expected one of {FLOW_SAMPLINGS}")
         if not self.logit_std > 0:
             raise ValueError(f"logit_std {self.logit_std!r}: must be > 0 (SD3 uses 1.0)")
+        if self.max_sigma is not None and not SIGMA_MARGIN < self.max_sigma <= 1:
+            raise ValueError(f"max_sigma {self.max_sigma!r}: must be in ({SIGMA_MARGIN}, 1] (None for 1)")
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.sampling == "logit_normal":
@@ -149,7 +158,8 @@ class FlowSchedule:
         else:
             u = torch.rand(n, generator=generator)
         sigmas = shift_sigmas(u.to(torch.float32), float(self.shift))
-        return sigmas.clamp(SIGMA_MARGIN, 1 - SIGMA_MARGIN)
+        top = 1 - SIGMA_MARGIN if self.max_sigma is None else min(1 - SIGMA_MARGIN, float(self.max_sigma))
+        return sigmas.clamp(SIGMA_MARGIN, top)
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                min_snr_gamma: Optional[float] = None) -> NoisedBatch:

@@ -190,9 +190,8 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
 
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
-REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "CosmosT2IPredict2": "CosmosPredict2",
-           "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt", "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2",
-           "Flux2": "Flux2"}
+REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "CosmosI2VPredict2": "CosmosPredict2",
+           "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt", "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2"}
 
 
 @pytest.mark.parametrize("cls", sorted(REFUSED))
