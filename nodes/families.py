@@ -3,8 +3,7 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Flux 2, HiDream, Z-Image, Omnigen2, Cosmos Predict2, PixArt,
-Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
+input channels, EDM/x0 models, Flux 2, HiDream, Cosmos Predict2, PixArt, Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
 train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
 
 Per flow family (rectified flow, `CONST` sampling):
@@ -16,9 +15,10 @@ Per flow family (rectified flow, `CONST` sampling):
     generic rule, every top-level ModuleList of the diffusion model whose entries hold Linears.
   - `lora`: which Linears of the blocks carry a LoRA (attention and MLP; the adaLN modulation
     Linears are left out: they are large, and a LoRA there mostly rescales the whole image). None: the
-    generic rule, every Linear inside those blocks but under a path part naming modulation or a norm
+    generic rule, every Linear inside the blocks (`blocks`, else the block lists) but under a path part
+    naming modulation or a norm
     (`img_mod`, `modC`, `adaLN_modulation`, `norm1.linear`). A family whose row names neither (Qwen-Image,
-    AuraFlow, HunyuanImage 2.1) needs nothing but its row: the conditioning comes from the host's `extra_conds`.
+    AuraFlow, HunyuanImage 2.1; Omnigen2 names only its blocks) needs nothing but its row: the conditioning comes from the host's `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
     Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
@@ -74,10 +74,17 @@ _FLOW = {
     # HunyuanImage 2.1 (double/single blocks as Flux; `img_mod`, `txt_mod`, `modulation` left out, as sd-scripts'
     # HunyuanImage LoRA): the Qwen2.5-VL encoder as Qwen-Image, so the same cap.
     "HunyuanImage21": Family("hunyuan-image", True, text_cap=512),
+    # Z-Image (ComfyUI 0.33): Lumina 2's NextDiT with its own modulation, so Lumina 2's blocks and Linears;
+    # Qwen3-4B reads up to 512 tokens (diffusers' ZImagePipeline max_sequence_length).
+    "ZImage": Family("z-image", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
+                     text_cap=512),
+    # Omnigen2: text-to-image runs the noise and context refiners and the layers; `ref_image_refiner` reads
+    # only reference images, so it is left out. Its Qwen2.5-VL encoder as Qwen-Image's, so the same cap.
+    "Omnigen2": Family("omnigen2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=512),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow and "
-          "HunyuanImage 2.1")
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Z-Image, Qwen-Image, AuraFlow, "
+          "HunyuanImage 2.1 and Omnigen2")
 
 
 def model_class(model) -> str:
@@ -156,7 +163,7 @@ def transformer_block_lists(diffusion_model) -> Tuple[str, ...]:
 def _lora_rule(family: Family, diffusion_model):
     if family.lora is not None:
         return family.lora.match
-    lists = transformer_block_lists(diffusion_model)
+    lists = family.blocks or transformer_block_lists(diffusion_model)
 
     def generic(path: str) -> bool:
         parts = path.split(".")

@@ -1,6 +1,6 @@
 """The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, SD3/SD3.5, Chroma,
-Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1; families.py says which): their text, their velocity
-prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their frozen weights
+Lumina 2, Z-Image, Qwen-Image, AuraFlow, HunyuanImage 2.1, Omnigen2; families.py says which): their text,
+their velocity prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their frozen weights
 take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
 from __future__ import annotations
 

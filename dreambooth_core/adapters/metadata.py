@@ -55,6 +55,9 @@ FAMILIES = {
     "qwen-image": ("qwen_image", "Qwen-Image"),  # musubi-tuner's architecture name (sd-scripts has none)
     "auraflow": ("auraflow", "auraflow"),  # no trainer we follow names it; ComfyUI's class, lower case
     "hunyuan-image": ("hunyuan_image_2.1", "hunyuan-image-2.1"),  # sd-scripts' sai_model_spec architecture
+    # no trainer we follow names these: ComfyUI's names, lower case
+    "z-image": ("z_image", "z-image"),
+    "omnigen2": ("omnigen2", "omnigen2"),
 }
 
 
