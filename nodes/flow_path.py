@@ -19,6 +19,9 @@ from .adapters import FrozenState, frozen_forward, frozen_patchable
 log = logging.getLogger("dreambooth")
 
 
+_EXTRA = "extra:"  # the cond entries that go to the host's `extra_conds` as they are (_encode_flow)
+
+
 class _Streams:
     """The storages of the tensors a flow block is running on (its copied inputs), while it runs."""
 
@@ -94,6 +97,12 @@ class FlowModelPath:
             out["attention_mask"] = torch.zeros((n, width), dtype=rows[0]["attention_mask"].dtype)
             for i, r in enumerate(rows):
                 out["attention_mask"][i, :r["attention_mask"].shape[-1]] = r["attention_mask"][0]
+        for key in self._family.extras:  # to `extra_conds` under their names, as the host's conditioning carries them
+            values = [r.get(key) for r in rows]
+            if any(v is None for v in values) or len({tuple(v.shape) for v in values}) != 1:
+                raise UnsupportedModel(f"this {self._family.name} text encoder returns `{key}` of another shape per "
+                                       "prompt or not at all; connect the CLIP loaded for the model")
+            out[_EXTRA + key] = torch.cat(values)
         return out
 
     def _flow_conds(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], i: int) -> dict:
@@ -106,6 +115,7 @@ class FlowModelPath:
         kw["pooled_output"] = cond["pooled"][i:i + 1].to(x.device) if "pooled" in cond else None
         if "attention_mask" in cond:
             kw["attention_mask"] = cond["attention_mask"][i:i + 1, :n].to(x.device)
+        kw.update({k[len(_EXTRA):]: v[i:i + 1].to(x.device) for k, v in cond.items() if k.startswith(_EXTRA)})
         conds = self.model.model.extra_conds(**kw)
         return {k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()}
 

@@ -57,6 +57,7 @@ FAMILIES = {
     "hunyuan-image": ("hunyuan_image_2.1", "hunyuan-image-2.1"),  # sd-scripts' sai_model_spec architecture
     # no trainer we follow names these: ComfyUI's names, lower case
     "z-image": ("z_image", "z-image"),
+    "hidream": ("hidream", "hidream"),
     "omnigen2": ("omnigen2", "omnigen2"),
 }
 

@@ -8,14 +8,14 @@ say, in 0.3.64 as in 0.33, and tells Z-Image from Lumina 2 only by its full widt
 layers: ~0.9 B). A real-layout file of these families therefore cannot be loaded small by the host as
 shipped. `reduced_detection()` wraps the host's `comfy.model_detection.model_config_from_unet` (what
 UNETLoader and CheckpointLoaderSimple call) while a test loads: for a state dict that carries the family's
-detection key at this module's reduced width (REDUCED), the host's own function runs on the same tensors
+detection key at this module's reduced width (`_reduced()`), the host's own function runs on the same tensors
 with that one key shown at its published size (Z-Image's `cap_embedder.1.weight`, 3840 rows; HiDream and
 Omnigen2 read no size), so the host itself picks the class (ZImage, HiDream, Omnigen2), its sampling and its
-config; the wrapper then replaces the hard-coded widths and depths in that config (REDUCED[...].config).
+config; the wrapper then replaces the hard-coded widths and depths in that config (`Reduced.config`).
 Every other state dict goes to the host's function untouched. Everything after detection is the host's own:
 the model class, `process_unet_state_dict`, the weights loading, `extra_conds`, the LoRA key map, sampling.
 The files are written from the model the wrapped host builds (on the meta device), so they hold exactly its
-tensors under its names.
+tensors under its names. (tests/forge/flow_checkpoint.py does the same for Forge's detector.)
 
 Per family (ComfyUI's loaders; text encoders reduced through the host's `<name>_model_config` model_options
 hook, which sd1_clip.SDClipModel reads in both copies):
@@ -24,14 +24,17 @@ hook, which sd1_clip.SDClipModel reads in both copies):
                       from the class's own clip_target, so no text-encoder detection is involved. NextDiT 256
                       wide (2 heads of 128, the host's rope axes; its blocks' modulation reads min(width, 256)
                       features of a time embedding it makes 256 wide, so no narrower), 1 layer + 1+1 refiner
-                      layers, Z-Image's modulation and pad tokens. Qwen3-4B's language model (`qwen3_4b_model_config`) 64 wide,
-                      3 layers (the host takes hidden layer -2, and asserts 2 < the layer count); its 151936-row embedding stays.
+                      layers, Z-Image's modulation and pad tokens. Qwen3-4B's language model
+                      (`qwen3_4b_model_config`) 64 wide, 3 layers (the host takes hidden layer -2, and asserts
+                      2 < the layer count); its 151936-row embedding stays.
   hidream   HiDream   separate files, as published (UNETLoader; QuadrupleCLIPLoader, whose `detect_te_model`
-                      tells each file: CLIP-L, CLIP-G, T5-XXL as family_checkpoints' Chroma, Llama-3.1-8B).
+                      tells each file: CLIP-L, CLIP-G, T5-XXL (24 blocks, HIDREAM_T5), Llama-3.1-8B).
                       2 heads of 32 (rope axes 16/8/8), 1 double + 1 single MoE block (4 experts, 2 active),
                       caption widths of the reduced T5 and Llama, pooled width 128 (CLIP-L + CLIP-G, 64 each);
                       Llama 64 wide, 2 layers, `llama_layers` [0, 1] (one hidden state per block, as the host's
-                      list for 48 blocks). Every prompt is padded to 128 T5 and 128 Llama tokens, as the host does.
+                      list for 48 blocks). The host pads every prompt to 128 T5 and 128 Llama tokens.
+                      The host copies these tests run on lack Llama 3's tokenizer.json: `llama_tokenizer()` stands
+                      CLIP-L's vocabulary in for it there (see its docstring).
   omnigen2  Omnigen2  one checkpoint (`text_encoders.qwen25_3b.transformer.`, from the class's clip_target).
                       64 wide (2 heads of 32, 1 key/value head, rope axes 8/12/12), 1 layer + 1 refiner layer of
                       each kind. Qwen2.5-VL-3B's language model (`qwen25_3b_model_config`) 64 wide, 1 layer.
@@ -41,6 +44,7 @@ use the Flux latent format.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +85,16 @@ def _reduced(t5_width: int = 64) -> dict:
     }
 
 
+# T5-XXL as the host's detect_te_model tells it (24 blocks; 0.33: `wi_1` 10240 rows, 0.3.64: 4096 columns), every
+# other width as small as that allows: HiDream encodes 128 T5 tokens per prompt
+HIDREAM_T5 = ({"d_model": 16, "d_ff": 10240, "d_kv": 8, "num_heads": 2, "num_layers": 24},
+              {"d_model": 4096, "d_ff": 16, "d_kv": 8, "num_heads": 2, "num_layers": 24})
+
+
+@functools.lru_cache(maxsize=None)
 def _hidream_t5() -> dict:
-    """The reduced T5 that the running host's detect_te_model takes for T5-XXL (family_checkpoints' Chroma's)."""
-    for t5 in fc.T5_XXL_DETECTED:
+    """The reduced T5 that the running host's detect_te_model takes for T5-XXL."""
+    for t5 in HIDREAM_T5:
         if fc._host_detects_t5xxl(t5):
             return t5
     raise fc.FamilyUnsupported("detect_te_model takes none of the reduced 24-block T5 layouts for T5-XXL")
@@ -127,6 +138,36 @@ def reduced_detection():
         yield
     finally:
         md.model_config_from_unet = original
+
+
+@contextlib.contextmanager
+def llama_tokenizer():
+    """While HiDream's CLIP is built: where the host copy lacks Llama 3's tokenizer
+    (`comfy/text_encoders/llama_tokenizer/tokenizer.json`, which ComfyUI ships; the copies these tests run on
+    have only its tokenizer_config.json), the host's LLAMA3Tokenizer is given CLIP-L's BPE tokenizer (the
+    host's sd1_tokenizer, ids below Llama's 128256) under a name that is not a CLIP one, so the pack looks at
+    it as at the Llama tokenizer. Everything else of the tokenizer (start token, padding to 128) is the host's."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.hunyuan_video as hv
+    from transformers import CLIPTokenizer
+
+    folder = Path(hv.__file__).parent / "llama_tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        yield
+        return
+    clip_folder = str(Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer")
+
+    class StandInLlamaTokenizer(CLIPTokenizer):
+        @classmethod
+        def from_pretrained(cls, _path, *args, **kwargs):
+            return super().from_pretrained(clip_folder)
+
+    original = hv.LlamaTokenizerFast
+    hv.LlamaTokenizerFast = StandInLlamaTokenizer
+    try:
+        yield
+    finally:
+        hv.LlamaTokenizerFast = original
 
 
 def _layout(skeleton: dict, expected: str) -> dict:
@@ -196,7 +237,8 @@ def _hidream(seed: int) -> fc.FamilyFiles:
         clip_type="hidream", vae=fc.vae_file(seed),
         te_model_options={"model_config": dict(fc.CLIP_OVERRIDES), "t5xxl_model_config": dict(t5),
                           "llama_model_config": dict(LLAMA)},
-        expect={"image_model": "hidream", "num_layers": 1, "num_single_layers": 1, "caption_channels": [t5["d_model"], 64]})
+        expect={"image_model": "hidream", "num_layers": 1, "num_single_layers": 1,
+                "caption_channels": [t5["d_model"], LLAMA["hidden_size"]]})
 
 
 def _omnigen2(seed: int) -> fc.FamilyFiles:
@@ -214,6 +256,7 @@ def _omnigen2(seed: int) -> fc.FamilyFiles:
 FAMILIES = {"zimage": _zimage, "hidream": _hidream, "omnigen2": _omnigen2}
 
 
+@functools.lru_cache(maxsize=None)
 def ensure_family(name: str, seed: int = fc.SEED) -> fc.FamilyFiles:
     """The family's files for the running host (written once); FamilyUnsupported where it has no such family."""
     return FAMILIES[name](seed)
@@ -225,7 +268,8 @@ def load(files: fc.FamilyFiles):
 
     with reduced_detection():
         if files.clip_type != "checkpoint":
-            return files.load_model(), files.load_clip(), files.load_vae()
+            with llama_tokenizer():
+                return files.load_model(), files.load_clip(), files.load_vae()
         out = comfy.sd.load_checkpoint_guess_config(str(files.diffusion_model),
                                                     te_model_options=files.clip_model_options())
     return out[0], out[1], out[2]
