@@ -57,12 +57,12 @@ def _cb(pack):
 def _load(name):
     """(files, MODEL, CLIP, VAE) of a family, loaded once per module under inference mode."""
     if name not in _LOADED:
-        _LOADED.clear()
-        gc.collect()
         try:
             files = fb.ensure_family(name)
         except fc.FamilyUnsupported as e:
             pytest.skip(str(e))
+        _LOADED.clear()
+        gc.collect()
         with torch.inference_mode():
             model, clip, vae = fb.load(files)
         if files.model_class == "HiDream":
