@@ -105,6 +105,14 @@ def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
     for i, prompt in enumerate(prompts):
         expected = _host_velocity(model, clip, prompt, _host_x(model, x[i:i + 1]), sigma[i:i + 1])
         torch.testing.assert_close(out[i:i + 1], expected.reshape(1, *x.shape[1:]), rtol=1e-3, atol=1e-3)
+    if name == "hidream":
+        # the Llama hidden states are one shape per prompt only as the host pads them (to 128 tokens): a CLIP
+        # whose padding a node turned off is refused, naming them, rather than trained on mismatched batches
+        unpadded = clip.clone()
+        unpadded.set_tokenizer_option("llama_min_length", 1)
+        base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+        with pytest.raises(base.UnsupportedModel, match="conditioning_llama3"), torch.no_grad():
+            _cb(pack).ComfyBackend(model, unpadded, vae).encode_text(prompts, size=(64, 64))
 
 
 def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, tmp_path, caplog):
