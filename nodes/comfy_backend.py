@@ -11,10 +11,10 @@
   (`calculate_input` of x0 + σε with σ = sqrt((1-ᾱ)/ᾱ)), so the UNet is called the way
   `BaseModel._apply_model` calls it, without the final `calculate_denoised`.
 - Flow-matching transformers (Flux dev/schnell, SD3/SD3.5, Chroma, Lumina 2, Z-Image, Qwen-Image, AuraFlow,
-  HunyuanImage 2.1, Omnigen2; families.py tells them from the host's detection and refuses every other family) train
-  with `FlowSchedule(shift)`, the shift read from their `model_sampling`. `predict` gets σ and returns the
-  raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
-  `guidance` at the host's default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then
+  HunyuanImage 2.1, HiDream, Omnigen2; families.py tells them from the host's detection and refuses every
+  other family) train with `FlowSchedule(shift)`, the shift read from their `model_sampling`. `predict` gets σ
+  and returns the raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`,
+  Flux dev's `guidance` at the host's default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then
   `_apply_model`'s pieces run (input, timestep, dtype casts, `process_timestep`, the diffusion model)
   without the final `calculate_denoised` (x − σ·v): no division by σ (flow_path.py). A MODEL whose options
   wrap `apply_model` goes through `apply_model` itself and v = (x − denoised)/σ. The frozen Linears run the

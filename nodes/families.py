@@ -90,8 +90,9 @@ _FLOW = {
     "HiDream": Family("hidream", True, blocks=("double_stream_blocks", "single_stream_blocks"), text_cap=128,
                       extras=("conditioning_llama3",)),
     # Omnigen2: text-to-image runs the noise and context refiners and the layers; `ref_image_refiner` reads
-    # only reference images, so it is left out. Its Qwen2.5-VL encoder as Qwen-Image's, so the same cap.
-    "Omnigen2": Family("omnigen2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=512),
+    # only reference images, so it is left out. Its Qwen2.5-VL-3B reads up to 256 tokens, the chat template
+    # included (OmniGen2Pipeline's max_sequence_length).
+    "Omnigen2": Family("omnigen2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256),
 }
 
 TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Z-Image, Qwen-Image, AuraFlow, "

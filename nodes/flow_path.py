@@ -1,7 +1,7 @@
 """The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, SD3/SD3.5, Chroma,
-Lumina 2, Z-Image, Qwen-Image, AuraFlow, HunyuanImage 2.1, Omnigen2; families.py says which): their text,
-their velocity prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their frozen weights
-take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
+Lumina 2, Z-Image, Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2; families.py says which): their
+text, their velocity prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their
+frozen weights take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
 from __future__ import annotations
 
 import functools
@@ -100,8 +100,9 @@ class FlowModelPath:
         for key in self._family.extras:  # to `extra_conds` under their names, as the host's conditioning carries them
             values = [r.get(key) for r in rows]
             if any(v is None for v in values) or len({tuple(v.shape) for v in values}) != 1:
-                raise UnsupportedModel(f"this {self._family.name} text encoder returns `{key}` of another shape per "
-                                       "prompt or not at all; connect the CLIP loaded for the model")
+                raise UnsupportedModel(f"this {self._family.name} CLIP returns `{key}` of another shape per prompt "
+                                       "or not at all (a node changed its padding?); connect the CLIP as its loader "
+                                       "gives it")
             out[_EXTRA + key] = torch.cat(values)
         return out
 
