@@ -77,11 +77,6 @@ def name(request):
     return request.param
 
 
-def _host_x(model, x):
-    """A [B, C, H, W] latent as the host's sampler hands it to this model (one frame for 3-D formats)."""
-    return x.unsqueeze(2) if model.get_model_object("latent_format").latent_dimensions == 3 else x
-
-
 def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
     import math
 
@@ -103,7 +98,7 @@ def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
         out = backend.predict(x, sigma, backend.encode_text(prompts, size=(64, 64)))
     assert out.shape == x.shape and out.dtype == torch.float32
     for i, prompt in enumerate(prompts):
-        expected = _host_velocity(model, clip, prompt, _host_x(model, x[i:i + 1]), sigma[i:i + 1])
+        expected = _host_velocity(model, clip, prompt, x[i:i + 1], sigma[i:i + 1])
         torch.testing.assert_close(out[i:i + 1], expected.reshape(1, *x.shape[1:]), rtol=1e-3, atol=1e-3)
     if name == "hidream":
         # the Llama hidden states are one shape per prompt only as the host pads them (to 128 tokens): a CLIP
@@ -179,7 +174,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
         lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"flow_{name}.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(lm.patches) == len(names), "every key patches one weight"
-    x = _host_x(model, torch.randn(1, files.latent_channels, side, side, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(1, files.latent_channels, side, side, generator=torch.Generator().manual_seed(5))
     sigma = torch.tensor([0.6])
     v_base = _host_velocity(model, clip, PROMPT, x, sigma)
     v_lora = _host_velocity(lm, lc, PROMPT, x, sigma)
