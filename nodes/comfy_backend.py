@@ -10,12 +10,13 @@
   the core's VP input sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε is exactly what ComfyUI feeds the UNet
   (`calculate_input` of x0 + σε with σ = sqrt((1-ᾱ)/ᾱ)), so the UNet is called the way
   `BaseModel._apply_model` calls it, without the final `calculate_denoised`.
-- Flow-matching transformers (Flux dev/schnell, Flux 2, SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow,
-  HunyuanImage 2.1, Cosmos Predict2; families.py tells them from the host's detection and refuses every
-  other family) train with `FlowSchedule(shift)`, the shift read from their `model_sampling` (Cosmos's
-  RFlow: unshifted, up to its sigma_max's point; flow_path converts to its coordinates). `predict` gets σ
-  and returns the raw velocity: the host's own `extra_conds` make the model's inputs from the text (pooled `y`, Flux dev's
-  `guidance` at the host's default 3.5 as kohya trains it, Lumina 2's mask and `num_tokens`), then
+- Flow-matching transformers (Flux dev/schnell, Flux 2, SD3/SD3.5, Chroma, Lumina 2, Z-Image, Qwen-Image,
+  AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, Cosmos Predict2; families.py tells them from the host's
+  detection and refuses every other family) train with `FlowSchedule(shift)`, the shift read from their
+  `model_sampling` (Cosmos's RFlow: unshifted, up to its sigma_max's point; flow_path converts to its
+  coordinates). `predict` gets σ and returns the raw velocity: the host's own `extra_conds` make the model's
+  inputs from the text (pooled `y`, Flux dev's `guidance` at the host's default 3.5 as kohya trains it,
+  Lumina 2's mask and `num_tokens`), then
   `_apply_model`'s pieces run (input, timestep, dtype casts, `process_timestep`, the diffusion model)
   without the final `calculate_denoised` (x − σ·v): no division by σ (flow_path.py). A MODEL whose options
   wrap `apply_model` goes through `apply_model` itself and v = (x − denoised)/σ. The frozen Linears run the
@@ -101,7 +102,7 @@ class _BytePairView:
 def clip_tokenizers(clip) -> list:
     """The tokenizers inside a ComfyUI CLIP the identifier is checked in: its CLIP tokenizers (clip_l;
     clip_l and clip_g for SDXL and SD3), else its T5 (Chroma), SentencePiece (Lumina 2, AuraFlow),
-    Qwen2 (Qwen-Image, HunyuanImage 2.1) or Mistral tekken (Flux 2) one."""
+    Qwen2 (Qwen-Image, HunyuanImage 2.1, Z-Image, Omnigen2) or Mistral tekken (Flux 2) one."""
     if clip is None:
         raise ValueError("no CLIP connected: the identifier token is checked with the model's tokenizer")
     found = []

@@ -3,9 +3,9 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, HiDream, Z-Image, Omnigen2, PixArt,
-Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
-train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
+input channels, EDM/x0 models, PixArt, Hunyuan-DiT, ...) is refused before any work, with its name:
+none of them has been shown to train here (a tiny checkpoint of its layout, trained inside the host;
+tests/integration).
 
 Per flow family (rectified flow: `CONST` sampling, or Cosmos Predict2's `COSMOS_RFLOW`, the same line in
 EDM-style coordinates that the backend converts to and from, cosmos_max_sigma):
@@ -17,13 +17,16 @@ EDM-style coordinates that the backend converts to and from, cosmos_max_sigma):
     generic rule, every top-level ModuleList of the diffusion model whose entries hold Linears.
   - `lora`: which Linears of the blocks carry a LoRA (attention and MLP; the adaLN modulation
     Linears are left out: they are large, and a LoRA there mostly rescales the whole image). None: the
-    generic rule, every Linear inside those blocks but under a path part naming modulation or a norm
-    (`img_mod`, `modC`, `adaLN_modulation`, `norm1.linear`). A family whose row names neither (Qwen-Image,
-    AuraFlow, HunyuanImage 2.1, Flux 2) needs nothing but its row: the conditioning comes from the host's
-    `extra_conds`.
+    generic rule, every Linear inside the blocks (`blocks`, else the block lists) but under a path part
+    naming modulation or a norm (`img_mod`, `modC`, `adaLN_modulation`, `norm1.linear`). A family whose row
+    names neither (Qwen-Image, AuraFlow, HunyuanImage 2.1, Flux 2) or only its blocks (HiDream, Omnigen2)
+    needs nothing but its row: the conditioning comes from the host's `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
     Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
+  - `extras`: what the host's text encoder returns beside the text and pooled vectors that its `extra_conds`
+    reads (HiDream's Llama hidden states, every layer's, `conditioning_llama3`): one shape for every prompt
+    (the host pads HiDream's to 128 tokens, which `text_cap` keeps).
 The LoRA keys are kohya's for these models (`lora_unet_` + the module path in the host's own layout
 with dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_joint_blocks_0_x_block_attn_qkv`,
 `lora_unet_layers_0_attention_qkv`, `lora_unet_transformer_blocks_0_attn_to_q`,
@@ -50,6 +53,7 @@ class Family:
     lora: Optional["re.Pattern[str]"] = None  # on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
     sampling: str = "CONST"  # the host's sampling kind: CONST, or COSMOS_RFLOW (flow_path._host_noise_level)
+    extras: Tuple[str, ...] = ()  # text-encoder outputs beside the text that go to the host's `extra_conds`
 
 
 # Discrete-schedule families: the SD path (ε/v from the model's own ᾱ), unchanged.
@@ -83,10 +87,24 @@ _FLOW = {
     # Cosmos Predict2 text-to-image: the same straight line in the host's COSMOS_RFLOW coordinates (see
     # cosmos_max_sigma); its T5-XXL pads to 512 tokens (CosmosT5Tokenizer's min_length).
     "CosmosT2IPredict2": Family("cosmos-predict2", True, text_cap=512, sampling="COSMOS_RFLOW"),
+    # Z-Image (ComfyUI 0.33): Lumina 2's NextDiT with its own modulation, so Lumina 2's blocks and Linears;
+    # Qwen3-4B reads up to 512 tokens (diffusers' ZImagePipeline max_sequence_length).
+    "ZImage": Family("z-image", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
+                     text_cap=512),
+    # HiDream: its double and single stream blocks (not `caption_projection`, the text's input projections, a list
+    # too); the MoE experts' Linears carry LoRAs, the gates are no Linears. T5 and Llama read 128 tokens (the host's
+    # padding, diffusers' HiDreamImagePipeline max_sequence_length); the Llama hidden states reach `extra_conds`
+    # as the host's conditioning carries them (flow_path._encode_flow).
+    "HiDream": Family("hidream", True, blocks=("double_stream_blocks", "single_stream_blocks"), text_cap=128,
+                      extras=("conditioning_llama3",)),
+    # Omnigen2: text-to-image runs the noise and context refiners and the layers; `ref_image_refiner` reads
+    # only reference images, so it is left out. Its Qwen2.5-VL-3B reads up to 256 tokens, the chat template
+    # included (OmniGen2Pipeline's max_sequence_length).
+    "Omnigen2": Family("omnigen2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Cosmos Predict2 "
-          "(text-to-image), Qwen-Image, AuraFlow and HunyuanImage 2.1")
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Z-Image, Cosmos Predict2 "
+          "(text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream and Omnigen2")
 
 
 def model_class(model) -> str:
@@ -186,7 +204,7 @@ def transformer_block_lists(diffusion_model) -> Tuple[str, ...]:
 def _lora_rule(family: Family, diffusion_model):
     if family.lora is not None:
         return family.lora.match
-    lists = transformer_block_lists(diffusion_model)
+    lists = family.blocks or transformer_block_lists(diffusion_model)
 
     def generic(path: str) -> bool:
         parts = path.split(".")

@@ -1,8 +1,8 @@
 """The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, Flux 2, SD3/SD3.5,
-Chroma, Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1, Cosmos Predict2; families.py says which): their
-text, their velocity prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their
-frozen weights take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which
-holds the state it uses."""
+Chroma, Lumina 2, Z-Image, Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, Cosmos Predict2;
+families.py says which): their text, their velocity prediction through the host's own `extra_conds` and
+`_apply_model` pieces, and how their frozen weights take part in training without being copied. A mixin of
+`comfy_backend.ComfyBackend`, which holds the state it uses."""
 from __future__ import annotations
 
 import functools
@@ -18,6 +18,9 @@ from . import families
 from .adapters import FrozenState, frozen_forward, frozen_patchable
 
 log = logging.getLogger("dreambooth")
+
+
+_EXTRA = "extra:"  # the cond entries that go to the host's `extra_conds` as they are (_encode_flow)
 
 
 class _Streams:
@@ -96,6 +99,13 @@ class FlowModelPath:
             out["attention_mask"] = torch.zeros((n, width), dtype=rows[0]["attention_mask"].dtype)
             for i, r in enumerate(rows):
                 out["attention_mask"][i, :r["attention_mask"].shape[-1]] = r["attention_mask"][0]
+        for key in self._family.extras:  # to `extra_conds` under their names, as the host's conditioning carries them
+            values = [r.get(key) for r in rows]
+            if any(v is None for v in values) or len({tuple(v.shape) for v in values}) != 1:
+                raise UnsupportedModel(f"this {self._family.name} CLIP returns `{key}` of another shape per prompt "
+                                       "or not at all (a node changed its padding?); connect the CLIP as its loader "
+                                       "gives it")
+            out[_EXTRA + key] = torch.cat(values)
         return out
 
     def _flow_conds(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], i: int) -> dict:
@@ -108,6 +118,7 @@ class FlowModelPath:
         kw["pooled_output"] = cond["pooled"][i:i + 1].to(x.device) if "pooled" in cond else None
         if "attention_mask" in cond:
             kw["attention_mask"] = cond["attention_mask"][i:i + 1, :n].to(x.device)
+        kw.update({k[len(_EXTRA):]: v[i:i + 1].to(x.device) for k, v in cond.items() if k.startswith(_EXTRA)})
         conds = self.model.model.extra_conds(**kw)
         return {k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()}
 

@@ -57,6 +57,10 @@ FAMILIES = {
     "hunyuan-image": ("hunyuan_image_2.1", "hunyuan-image-2.1"),  # sd-scripts' sai_model_spec architecture
     "flux2": ("flux_2_dev", "Flux.2-dev"),  # musubi-tuner's names (FLUX.2-dev; Klein loads as the same class)
     "cosmos-predict2": ("cosmos_predict2", "cosmos-predict2"),  # no trainer we follow names it: ComfyUI's image_model
+    # no trainer we follow names these: ComfyUI's names, lower case
+    "z-image": ("z_image", "z-image"),
+    "hidream": ("hidream", "hidream"),
+    "omnigen2": ("omnigen2", "omnigen2"),
 }
 
 
