@@ -3,11 +3,20 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Flux 2, HiDream, Z-Image, Omnigen2, Cosmos Predict2, PixArt,
-Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
-train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
+input channels, EDM/x0 models, Flux 2, HiDream, Z-Image, Omnigen2, Cosmos Predict2, ...) is refused
+before any work, with its name: none of them has been shown to train here (a tiny checkpoint of its
+layout, trained inside the host; tests/integration).
 
-Per flow family (rectified flow, `CONST` sampling):
+A family is two choices (`Family.schedule`, `Family.transformer`):
+  - its schedule: "discrete" (ε or v on the model's own ᾱ, read from its `model_sampling` sigmas) or
+    "flow" (rectified flow with the model's shift);
+  - its model path: the SD UNet (comfy_backend: the UNet's own LoRA names, its blocks checkpointed) or a
+    transformer (flow_path: the blocks, LoRA and checkpointing below, predictions through the host's
+    `extra_conds` and `_apply_model` pieces). The discrete-schedule transformers (PixArt α/Σ)
+    are the second path on the first schedule: their diffusion model returns only the ε / v channels of
+    its learned-σ output, as the host's samplers read it.
+
+Per transformer family (the flow ones with `CONST` sampling):
   - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
     stores μ of BFL's exponential shift e^μ/(e^μ + 1/t − 1), which is the same map with s = e^μ;
     `ModelSamplingDiscreteFlow` stores s itself.
@@ -42,42 +51,54 @@ from ..dreambooth_core.backends.base import UnsupportedModel
 @dataclass(frozen=True)
 class Family:
     name: str  # what Backend.family says and the LoRA metadata names (dreambooth_core.adapters.metadata.FAMILIES)
-    flow: bool
+    schedule: str  # "discrete" (ε/v on the model's ᾱ) or "flow" (rectified flow)
+    transformer: bool = True  # the transformer path (flow_path); False: the SD UNet path
     native_resolution: int = 1024
     blocks: Tuple[str, ...] = ()  # empty: the generic rule (transformer_block_lists)
     lora: Optional["re.Pattern[str]"] = None  # on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
 
+    @property
+    def flow(self) -> bool:
+        return self.schedule == "flow"
 
-# Discrete-schedule families: the SD path (ε/v from the model's own ᾱ), unchanged.
-_DISCRETE = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
-             "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
+
+# Discrete-schedule UNets: the SD path (ε/v from the model's own ᾱ).
+_UNET = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+         "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
+
+# Discrete-schedule transformers (the generic block and LoRA rules): PixArt's T5 caps at the length the
+# model was trained on (`model_max_length`: 120 tokens for α, 300 for Σ).
+_DIT = {
+    "PixArtAlpha": Family("pixart-alpha", "discrete", text_cap=120),
+    "PixArtSigma": Family("pixart-sigma", "discrete", text_cap=300),
+}
 
 # Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).
 _LUMINA_LORA = re.compile(r"^(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])$")
 _FLOW = {
-    "Flux": Family("flux", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS, text_cap=512),
-    "FluxSchnell": Family("flux-schnell", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
+    "Flux": Family("flux", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS, text_cap=512),
+    "FluxSchnell": Family("flux-schnell", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                           text_cap=256),
-    "SD3": Family("sd3", True, blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
-    "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
+    "SD3": Family("sd3", "flow", blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
+    "Chroma": Family("chroma", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                      text_cap=512),
-    "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
+    "Lumina2": Family("lumina2", "flow", blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
                       text_cap=256),
     # The generic rule: the blocks are the transformer's block lists, the LoRA every Linear in them but
     # the modulation (musubi-tuner's Qwen-Image default: the Linears of QwenImageTransformerBlock, `*_mod`
     # left out: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out, img_mlp / txt_mlp). 512 tokens: diffusers'
     # QwenImagePipeline max_sequence_length.
-    "QwenImage": Family("qwen-image", True, text_cap=512),
+    "QwenImage": Family("qwen-image", "flow", text_cap=512),
     # AuraFlow: its Pile-T5 pads to 256 tokens (the host's min_length), what it was trained on.
-    "AuraFlow": Family("auraflow", True, text_cap=256),
+    "AuraFlow": Family("auraflow", "flow", text_cap=256),
     # HunyuanImage 2.1 (double/single blocks as Flux; `img_mod`, `txt_mod`, `modulation` left out, as sd-scripts'
     # HunyuanImage LoRA): the Qwen2.5-VL encoder as Qwen-Image, so the same cap.
-    "HunyuanImage21": Family("hunyuan-image", True, text_cap=512),
+    "HunyuanImage21": Family("hunyuan-image", "flow", text_cap=512),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow and "
-          "HunyuanImage 2.1")
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow, "
+          "HunyuanImage 2.1 and PixArt α/Σ")
 
 
 def model_class(model) -> str:
@@ -101,8 +122,10 @@ def detect(model) -> Family:
     name = model_class(model)
     sampling = model.get_model_object("model_sampling")
     kind = _sampling_kind(sampling)
-    if name in _DISCRETE:
-        return Family(_DISCRETE[name], False)
+    if name in _UNET:
+        return Family(_UNET[name], "discrete", transformer=False)
+    if name in _DIT:
+        return _DIT[name]  # its sampling is checked with the UNets' (comfy_backend._prediction_type)
     family = _FLOW.get(name)
     if family is None:
         raise UnsupportedModel(

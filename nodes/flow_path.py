@@ -1,7 +1,8 @@
-"""The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, SD3/SD3.5, Chroma,
-Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1; families.py says which): their text, their velocity
-prediction through the host's own `extra_conds` and `_apply_model` pieces, and how their frozen weights
-take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
+"""The transformers' side of the "comfy" backend: the flow-matching ones (Flux dev/schnell, SD3/SD3.5,
+Chroma, Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1) and the discrete-schedule ones (PixArt α/Σ);
+families.py says which. Their text, their prediction (velocity, or ε / v) through the host's own
+`extra_conds` and `_apply_model` pieces, and how their frozen weights take part in training without being
+copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
 from __future__ import annotations
 
 import functools
@@ -128,8 +129,9 @@ class FlowModelPath:
                     or pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options))
 
     def _flow_forward(self, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
-        """The raw velocity for one batch whose conds concatenate: `BaseModel._apply_model` up to the
-        diffusion model's output, which for CONST sampling is v (denoised = x − σ·v)."""
+        """The raw output for one batch whose conds concatenate: `BaseModel._apply_model` up to the
+        diffusion model's output, which is the target of the sampling's kind (CONST: v, denoised = x − σ·v;
+        EPS: ε; V_PREDICTION: v)."""
         import comfy.model_base
         import comfy.model_management as mm
 
@@ -142,7 +144,7 @@ class FlowModelPath:
                 denoised = wrapper(base.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
             else:
                 denoised = base.apply_model(x, sigma, transformer_options=options, **conds)
-            return (x - denoised.float()) / sigma.view(-1, *([1] * (x.ndim - 1)))
+            return self._raw_output(x, sigma, denoised.float())
         conds = dict(conds)
         context = conds.pop("c_crossattn", None)
         if conds.pop("c_concat", None) is not None:
@@ -162,10 +164,30 @@ class FlowModelPath:
         out = base.diffusion_model(xc, t, context=context, control=None, transformer_options=options, **extra)
         return out.float()
 
+    def _raw_output(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's raw output from what `apply_model` returned (`calculate_denoised` undone):
+        x − σ·out for CONST and EPS; for V_PREDICTION (σ_d: sigma_data) x·σ_d²/(σ²+σ_d²) − out·σ·σ_d/√(σ²+σ_d²)."""
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        if self.prediction_type != "v_prediction":
+            return (x - denoised) / s
+        d = float(self.model_sampling.sigma_data)
+        return (x * d ** 2 / (s ** 2 + d ** 2) - denoised) * (s ** 2 + d ** 2).sqrt() / (s * d)
+
+    def _predict_transformer(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                             cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The schedule's target: the velocity at σ (flow), or ε / v at integer t (discrete). A discrete
+        schedule's input √ᾱ·x0 + √(1−ᾱ)·ε is the host's x0 + σε (σ = √((1−ᾱ)/ᾱ), its sigmas[t]) divided by
+        √(1+σ²), which its `calculate_input` divides by again."""
+        if self._family.flow:
+            return self._predict_flow(noisy, timesteps, cond)
+        sigmas = self.model_sampling.sigmas.detach().float().cpu()[timesteps.long().cpu()].to(noisy.device)
+        scale = (1 + sigmas ** 2).sqrt().view(-1, *([1] * (noisy.ndim - 1)))
+        return self._predict_flow(noisy.float() * scale, sigmas, cond)
+
     def _predict_flow(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Velocity at σ. Samples whose conds the host would batch together (same text length, same
-        constants) share a forward; others get their own, so no sample sees padding it would not see
-        at inference."""
+        """The raw output at σ (the host's input scale). Samples whose conds the host would batch together
+        (same text length, same constants) share a forward; others get their own, so no sample sees padding
+        it would not see at inference."""
         dev = self.device
         x = self._host_latents(noisy.to(dev, torch.float32))
         sigma = sigmas.to(dev, torch.float32).reshape(-1)

@@ -191,7 +191,7 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
 REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "CosmosT2IPredict2": "CosmosPredict2",
-           "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt", "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2",
+           "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2",
            "Flux2": "Flux2"}
 
 
@@ -215,5 +215,5 @@ def test_families_that_do_not_train_are_refused_by_name(comfy_host, pack, cls):
     sampling = comfy.model_base.model_sampling(config, model_type)
     model = SimpleNamespace(model=SimpleNamespace(model_config=config), get_model_object=lambda _name: sampling)
     with pytest.raises(base.UnsupportedModel, match=rf"the connected MODEL is {cls} \(\w+ sampling\); DreamBooth trains "
-                                                   r"SD1\.x, .*Qwen-Image, AuraFlow and HunyuanImage 2\.1"):
+                                                   r"SD1\.x, .*Qwen-Image, AuraFlow, HunyuanImage 2\.1"):
         families.detect(model)
