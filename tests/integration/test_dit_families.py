@@ -9,7 +9,8 @@ Checked per family, as test_flow_families_more.py checks the flow ones:
   - a few LoRA steps of the core trainer with prior preservation (class images from `generate`) lower the
     held-out ε loss of the identifier prompt; the file carries `lora_unet_` keys of the blocks' attention and
     MLP Linears and the family's metadata; the stock LoraLoader uses every key and changes the model's
-    output as the trained MODEL does; the base MODEL stays bit-identical;
+    output as the trained MODEL does; the base MODEL stays bit-identical; the identifier is checked in the T5
+    tokenizer; a MODEL re-patched to EDM sampling is refused by name;
   - a class image equals the stock KSampler graph's image with that seed.
 Both hosts hard-code PixArt's width (1152) and caption width (4096): one block is ~37 M parameters beside a
 2-block, 4096-wide T5 (135 M, mostly its vocabulary) and the full-size SD VAE.
@@ -36,8 +37,10 @@ FAMILIES = {"pixart_alpha": ("pixart-alpha", "lora_unet_blocks_0_cross_attn_kv_l
             "pixart_sigma": ("pixart-sigma", "lora_unet_blocks_0_cross_attn_kv_linear", "pixart_sigma",
                              "pixart-sigma/lora")}
 # PixArt's position embedding needs a mean latent side of 33 or more (family_checkpoints_dit.py): the
-# smallest square it samples is 272 px
+# smallest square it trains on is 272 px; predictions and the class image use the cheapest shape it
+# takes, 2 x 64 latents (16 x 512 px: 32 tokens)
 SIZE = 272
+LATENT = (2, 64)
 CHECKPOINTED = ("pixart_sigma",)  # trained with gradient checkpointing on (the blocks recomputed); α off
 _LOADED: dict = {}
 
@@ -102,10 +105,11 @@ def test_predict_is_the_hosts_eps(comfy_host, pack, name):
     assert model.model.diffusion_model.out_channels == 8  # learned σ: the host's forward returns the 4 ε ones
 
     prompts = [PROMPT, "a dog"]  # different text lengths: a forward each
-    x = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, *LATENT, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([300, 800])
+    size = (LATENT[0] * 8, LATENT[1] * 8)
     with torch.no_grad():
-        out = backend.predict(x, t, backend.encode_text(prompts, size=(SIZE, SIZE)))
+        out = backend.predict(x, t, backend.encode_text(prompts, size=size))
     assert out.shape == x.shape and out.dtype == torch.float32
     for i, prompt in enumerate(prompts):
         torch.testing.assert_close(out[i:i + 1], _host_eps(model, clip, prompt, x[i:i + 1], t[i:i + 1]),
@@ -113,6 +117,14 @@ def test_predict_is_the_hosts_eps(comfy_host, pack, name):
 
     if name != "pixart_sigma":
         return
+    # a node that re-patches its sampling to a continuous EDM schedule: refused up front, by the family's name
+    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    with torch.inference_mode():
+        edm = ModelSamplingContinuousEDM().patch(model, "eps", 120.0, 0.002)[0]
+    with pytest.raises(base.UnsupportedModel, match=r"PixArtSigma MODEL samples with .*own discrete schedule"):
+        cb.ComfyBackend(edm, clip, vae)
     # a MODEL whose options wrap apply_model: its raw output from the denoised one, ε and (behind the stock
     # ModelSamplingDiscrete node) v, equal to the direct path's (backend code, checked on one family)
     for sampling in ("eps", "v_prediction"):
@@ -122,7 +134,7 @@ def test_predict_is_the_hosts_eps(comfy_host, pack, name):
         wrapped.set_model_unet_function_wrapper(lambda f, a: f(a["input"], a["timestep"], **a["c"]))
         direct, through = cb.ComfyBackend(patched, clip, vae), cb.ComfyBackend(wrapped, clip, vae)
         assert direct.prediction_type == ("epsilon" if sampling == "eps" else "v_prediction")
-        cond = direct.encode_text(prompts[:1], size=(SIZE, SIZE))
+        cond = direct.encode_text(prompts[:1], size=size)
         with torch.no_grad():
             torch.testing.assert_close(through.predict(x[:1], t[:1], cond), direct.predict(x[:1], t[:1], cond),
                                        rtol=1e-3, atol=1e-3)
@@ -149,6 +161,13 @@ def test_lora_training_lowers_eps_loss_and_loads_in_the_stock_loader(comfy_host,
     assert set(targets) == {"lora_unet_blocks_0_" + n for n in ("attn_qkv", "attn_proj", "cross_attn_q_linear",
                                                                 "cross_attn_kv_linear", "cross_attn_proj",
                                                                 "mlp_fc1", "mlp_fc2")}
+
+    # the identifier is checked in PixArt's T5 tokenizer, which splits "sks"; the suggestions are single pieces
+    tokens = core("dataset.tokens")
+    assert [type(t).__name__[:11] for t in backend.tokenizers()] == ["T5Tokenizer"]  # 0.3.64: the Fast one
+    picks = tokens.suggest_tokens(backend.tokenizers(), 2)
+    assert not tokens.check_token(backend.tokenizers(), "sks").single and len(picks) == 2
+    assert all(tokens.check_token(backend.tokenizers(), w).single for w in picks), picks
 
     instance, classes, latents, cond = _training_data(backend, base_mod, size=SIZE, n=2)
     assert latents.shape == (2, 4, SIZE // 8, SIZE // 8)
@@ -182,7 +201,7 @@ def test_lora_training_lowers_eps_loss_and_loads_in_the_stock_loader(comfy_host,
         lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"dit_{name}.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(lm.patches) == len(names), "every key patches one weight"
-    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([600])
     eps_base = _host_eps(model, clip, PROMPT, x, t)
     eps_lora = _host_eps(lm, lc, PROMPT, x, t)
@@ -192,7 +211,7 @@ def test_lora_training_lowers_eps_loss_and_loads_in_the_stock_loader(comfy_host,
 
 
 def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
-    """A class image (288×256) is the PNG of a stock graph with that seed: CLIPTextEncode, an empty latent (4
+    """A class image (512 x 16) is the PNG of a stock graph with that seed: CLIPTextEncode, an empty latent (4
     channels, as KSampler makes it of the 16-channel one), KSampler, VAEDecode."""
     files, model, clip, vae = _load(name)
-    _assert_class_image_is_stock(pack, model, clip, vae, width=288, height=256)
+    _assert_class_image_is_stock(pack, model, clip, vae, width=LATENT[1] * 8, height=LATENT[0] * 8)
