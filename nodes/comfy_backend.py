@@ -22,9 +22,9 @@
   (dreambooth_core.adapters.frozen), and the LoRA is added to their output: no copy of the transformer's
   weights, frozen or patched, exists while it trains. A UNet's LoRA trains the same way (its Linears and
   convolutions through FrozenForward).
-- Discrete-schedule transformers (PixArt α/Σ) take the transformer path on the discrete schedule: ε (or v)
-  at integer timesteps, the core's input scaled to the host's x0 + σε by √(1+σ²) and passed through the
-  same host pieces; their diffusion model returns only the ε channels of its learned-σ output.
+- Discrete-schedule transformers (PixArt α/Σ: ε; Hunyuan-DiT: v) take the transformer path on the discrete
+  schedule: ε or v at integer timesteps, the core's input scaled to the host's x0 + σε by √(1+σ²) and passed
+  through the same host pieces; their diffusion model returns only the ε / v channels of its learned-σ output.
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its
   seed (noise from `comfy.sample.prepare_noise`, one image per call), so a class image equals
   what a stock KSampler makes with that seed.
@@ -100,7 +100,7 @@ def clip_tokenizers(clip) -> list:
 
 
 def _prediction_type(model_sampling, name: str = "model") -> str:
-    """ε or v of a discrete-schedule MODEL (SD1/SD2/SDXL, PixArt; `name`: its detected class), or
+    """ε or v of a discrete-schedule MODEL (SD1/SD2/SDXL, PixArt, Hunyuan-DiT; `name`: its detected class), or
     UnsupportedModel naming what it is."""
     import comfy.model_sampling as ms
 

@@ -12,7 +12,7 @@ A family is two choices (`Family.schedule`, `Family.transformer`):
     "flow" (rectified flow with the model's shift);
   - its model path: the SD UNet (comfy_backend: the UNet's own LoRA names, its blocks checkpointed) or a
     transformer (flow_path: the blocks, LoRA and checkpointing below, predictions through the host's
-    `extra_conds` and `_apply_model` pieces). The discrete-schedule transformers (PixArt α/Σ)
+    `extra_conds` and `_apply_model` pieces). The discrete-schedule transformers (PixArt α/Σ, Hunyuan-DiT)
     are the second path on the first schedule: their diffusion model returns only the ε / v channels of
     its learned-σ output, as the host's samplers read it.
 
@@ -30,7 +30,8 @@ Per transformer family (the flow ones with `CONST` sampling):
     AuraFlow, HunyuanImage 2.1) needs nothing but its row: the conditioning comes from the host's `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
-    Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
+    Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window (`windows`: another
+    encoder's own cap).
 The LoRA keys are kohya's for these models (`lora_unet_` + the module path in the host's own layout
 with dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_joint_blocks_0_x_block_attn_qkv`,
 `lora_unet_layers_0_attention_qkv`, `lora_unet_transformer_blocks_0_attn_to_q`,
@@ -57,6 +58,11 @@ class Family:
     blocks: Tuple[str, ...] = ()  # empty: the generic rule (transformer_block_lists)
     lora: Optional["re.Pattern[str]"] = None  # on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
+    # tokenizer key -> its own cap, under text_cap (Hunyuan-DiT's BERT: the 77 tokens it was trained on)
+    windows: Tuple[Tuple[str, int], ...] = ()
+    # entries of the host's encoding beside `cond` that reach extra_conds: a second encoder's output and
+    # its mask, one length (Hunyuan-DiT's mT5)
+    text_extras: Tuple[str, ...] = ()
 
     @property
     def flow(self) -> bool:
@@ -68,10 +74,13 @@ _UNET = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind
          "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
 
 # Discrete-schedule transformers (the generic block and LoRA rules): PixArt's T5 caps at the length the
-# model was trained on (`model_max_length`: 120 tokens for α, 300 for Σ).
+# model was trained on (`model_max_length`: 120 tokens for α, 300 for Σ); Hunyuan-DiT (v1.1 / v1.2,
+# v-prediction) reads its BERT (77 tokens) as the context and its mT5 (256) beside it.
 _DIT = {
     "PixArtAlpha": Family("pixart-alpha", "discrete", text_cap=120),
     "PixArtSigma": Family("pixart-sigma", "discrete", text_cap=300),
+    "HunyuanDiT": Family("hunyuan-dit", "discrete", text_cap=256, windows=(("hydit_clip", 77),),
+                         text_extras=("conditioning_mt5xl", "attention_mask_mt5xl")),
 }
 
 # Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).
@@ -98,7 +107,7 @@ _FLOW = {
 }
 
 TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), SD3/SD3.5, Chroma, Lumina 2, Qwen-Image, AuraFlow, "
-          "HunyuanImage 2.1 and PixArt α/Σ")
+          "HunyuanImage 2.1, PixArt α/Σ and Hunyuan-DiT 1.1/1.2")
 
 
 def model_class(model) -> str:

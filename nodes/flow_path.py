@@ -1,5 +1,6 @@
 """The transformers' side of the "comfy" backend: the flow-matching ones (Flux dev/schnell, SD3/SD3.5,
-Chroma, Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1) and the discrete-schedule ones (PixArt α/Σ);
+Chroma, Lumina 2, Qwen-Image, AuraFlow, HunyuanImage 2.1) and the discrete-schedule ones (PixArt α/Σ,
+Hunyuan-DiT);
 families.py says which. Their text, their prediction (velocity, or ε / v) through the host's own
 `extra_conds` and `_apply_model` pieces, and how their frozen weights take part in training without being
 copied. A mixin of `comfy_backend.ComfyBackend`, which holds the state it uses."""
@@ -67,7 +68,7 @@ class FlowModelPath:
         """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
         the whole prompt), a long-context one cut at the family's text_cap tokens (its end token kept)."""
         first = windows[:1]
-        cap = self._family.text_cap
+        cap = dict(self._family.windows).get(key, self._family.text_cap)
         if key in ("l", "g", "h") or not first or len(first[0]) <= cap:
             return first
         log.warning("DreamBooth: a caption has %d %s tokens; %s trains on the first %d", len(first[0]), key,
@@ -95,6 +96,14 @@ class FlowModelPath:
             out["attention_mask"] = torch.zeros((n, width), dtype=rows[0]["attention_mask"].dtype)
             for i, r in enumerate(rows):
                 out["attention_mask"][i, :r["attention_mask"].shape[-1]] = r["attention_mask"][0]
+        extras = self._family.text_extras
+        if extras:  # zero-padded as the context, `extra_len` of them real
+            out["extra_len"] = torch.tensor([r[extras[0]].shape[1] for r in rows], dtype=torch.long)
+            for key in extras:
+                t = rows[0][key]
+                out[key] = t.new_zeros((n, width) + tuple(t.shape[2:]))
+                for i, r in enumerate(rows):
+                    out[key][i, :r[key].shape[1]] = r[key][0]
         return out
 
     def _flow_conds(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], i: int) -> dict:
@@ -107,6 +116,8 @@ class FlowModelPath:
         kw["pooled_output"] = cond["pooled"][i:i + 1].to(x.device) if "pooled" in cond else None
         if "attention_mask" in cond:
             kw["attention_mask"] = cond["attention_mask"][i:i + 1, :n].to(x.device)
+        for key in self._family.text_extras:
+            kw[key] = cond[key][i:i + 1, :int(cond["extra_len"][i])].to(x.device)
         conds = self.model.model.extra_conds(**kw)
         return {k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()}
 

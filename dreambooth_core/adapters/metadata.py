@@ -55,10 +55,11 @@ FAMILIES = {
     "qwen-image": ("qwen_image", "Qwen-Image"),  # musubi-tuner's architecture name (sd-scripts has none)
     "auraflow": ("auraflow", "auraflow"),  # no trainer we follow names it; ComfyUI's class, lower case
     "hunyuan-image": ("hunyuan_image_2.1", "hunyuan-image-2.1"),  # sd-scripts' sai_model_spec architecture
-    # No trainer we follow names these: ComfyUI's `image_model` names (its model detection), the
-    # architecture in model-spec's dashed form.
+    # No trainer we follow names these: ComfyUI's names (PixArt's `image_model`, Hunyuan-DiT's CLIP type
+    # `hunyuan_dit`), the architecture in model-spec's dashed form.
     "pixart-alpha": ("pixart_alpha", "pixart-alpha"),
     "pixart-sigma": ("pixart_sigma", "pixart-sigma"),
+    "hunyuan-dit": ("hunyuan_dit", "hunyuan-dit"),
 }
 
 

@@ -1,6 +1,6 @@
 """Tiny seeded checkpoints of the discrete-schedule transformers ComfyUI loads, in their real key layout,
 for tests that may not download anything: PixArt α and PixArt Σ (T5-XXL text, ε on the sqrt-linear
-schedule with learned-σ output channels).
+schedule) and Hunyuan-DiT v1.1/1.2 (BERT + mT5-XL text, v-prediction), all with learned-σ output channels.
 
 Test code, beside family_checkpoints.py, whose helpers it uses: the host's own detection picks the layout,
 and files are written once into the same cache folder.
@@ -20,9 +20,19 @@ and files are written once into the same cache folder.
                              base size of round(mean latent side / 64)·64, zero below 33 latents: its images
                              are at least 272 px, where the full-size SD VAE (both hosts hard-code its widths)
                              takes ~13 s a decode on one CPU thread.
-The text encoder's size comes in through the host's own hook, load_checkpoint_guess_config's
-`te_model_options["t5xxl_model_config"]` (sd1_clip.SDClipModel reads it, in 0.3.64 as in 0.33); the
-tokenizer is the one the host ships (comfy/text_encoders/t5_tokenizer).
+  hunyuan_dit   HunyuanDiT   one checkpoint as published for ComfyUI (`model.diffusion_model.`,
+                             `text_encoders.hydit_clip.transformer.` BERT, `text_encoders.mt5xl.transformer.`
+                             and its `text_encoders.mt5xl.spiece_model`), here without its VAE (taesdxl, as
+                             above). Two blocks, 256 wide: the host reads the width and the depth; it
+                             hard-codes the 16 heads and the text widths (BERT 1024, mT5 2048), which make the
+                             t5 MLP and the attention pooler most of its 45 M parameters. BERT 1 layer (its
+                             47020-row vocabulary: 48 M), mT5 2 blocks with the 32000-piece SentencePiece model
+                             the host ships (t5_pile_tokenizer) as its `spiece_model`, so a 32128-row vocabulary
+                             (66 M) instead of mT5's 250112. HunyuanDiT1 (v1.0) is detected only at width 1408
+                             (its extra embedder's 3968 inputs), so it is not here and stays refused.
+The text encoders' sizes come in through the host's own hook, load_checkpoint_guess_config's
+`te_model_options["<name>_model_config"]` (`t5xxl`, `hydit_clip`, `mt5xl`: sd1_clip.SDClipModel reads it, in
+0.3.64 as in 0.33); the T5 and BERT tokenizers are the ones the host ships (comfy/text_encoders).
 """
 from __future__ import annotations
 
@@ -34,6 +44,10 @@ from pathlib import Path
 import family_checkpoints as fc
 
 T5 = dict(fc.T5_4096)  # PixArtMS's caption width (4096) is hard-coded in both hosts
+# Hunyuan-DiT's text widths (BERT 1024, mT5 2048) are hard-coded; the mT5 reads the host's 32000-piece
+# SentencePiece model (below), so its vocabulary is T5's 32128 rows, not mT5's 250112
+BERT = {"num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 2}
+MT5 = {"d_ff": 64, "d_kv": 32, "num_heads": 2, "num_layers": 2, "vocab_size": 32128}
 _write = fc._write
 
 
@@ -93,8 +107,49 @@ def _pixart(name: str, alpha: bool, seed: int) -> fc.FamilyFiles:
                 "model_max_length": max_length, "micro_condition": alpha})
 
 
+def _hunyuan_dit_skeleton(hidden: int) -> dict:
+    m = fc._meta
+    return {"mlp_t5.0.weight": m(4 * 2048, 2048), "x_embedder.proj.weight": m(hidden, 4, 2, 2),
+            "extra_embedder.0.weight": m(4 * hidden, 1024), "blocks.0.norm1.weight": m(hidden),
+            "blocks.1.norm1.weight": m(hidden)}
+
+
+def _text_layout(module_name: str, config: dict) -> dict:
+    """The layout of Hunyuan-DiT's BERT (`hydit_clip`) or mT5-XL (`mt5xl`) at the host's config plus `config`."""
+    import torch
+    import comfy.ops
+    import comfy.text_encoders.bert as bert
+    import comfy.text_encoders.t5 as t5
+
+    name, cls = {"hydit_clip": ("hydit_clip.json", bert.BertModel), "mt5xl": ("mt5_config_xl.json", t5.T5)}[module_name]
+    cfg = json.loads((Path(t5.__file__).parent / name).read_text())
+    cfg.update(config)
+    with torch.device("meta"):
+        return fc._shapes(cls(cfg, None, "meta", comfy.ops.disable_weight_init))
+
+
+def _hunyuan_dit(name: str, seed: int) -> fc.FamilyFiles:
+    import torch
+    import comfy.text_encoders.llama as llama
+
+    info = {"hidden": 256, "heads": 16, "depth": 2, "bert": BERT, "mt5": MT5}
+    layout = _detected_layout(_hunyuan_dit_skeleton(256), "HunyuanDiT")
+    full = {f"model.diffusion_model.{k}": v for k, v in layout.items()}
+    full.update({f"text_encoders.hydit_clip.transformer.{k}": v for k, v in _text_layout("hydit_clip", BERT).items()})
+    full.update({f"text_encoders.mt5xl.transformer.{k}": v for k, v in _text_layout("mt5xl", MT5).items()})
+    spm = (Path(llama.__file__).parent / "t5_pile_tokenizer" / "tokenizer.model").read_bytes()
+    extra = {"text_encoders.mt5xl.spiece_model": torch.frombuffer(bytearray(spm), dtype=torch.uint8).clone()}
+    ckpt = _write(name, full, seed, extra=extra)
+    return fc.FamilyFiles(
+        name=name, model_class="HunyuanDiT", diffusion_model=ckpt, text_encoders=(ckpt,), clip_type="checkpoint",
+        vae=taesd_folder(seed) / "taesdxl", latent_channels=4,
+        te_model_options={"hydit_clip_model_config": dict(BERT), "mt5xl_model_config": dict(MT5)}, layout=info,
+        expect={"image_model": "hydit", "depth": 2, "hidden_size": 256})
+
+
 FAMILIES = {"pixart_alpha": lambda seed: _pixart("pixart_alpha", True, seed),
-            "pixart_sigma": lambda seed: _pixart("pixart_sigma", False, seed)}
+            "pixart_sigma": lambda seed: _pixart("pixart_sigma", False, seed),
+            "hunyuan_dit": lambda seed: _hunyuan_dit("hunyuan_dit", seed)}
 
 
 def ensure_family(name: str, seed: int = fc.SEED) -> fc.FamilyFiles:

@@ -191,7 +191,7 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
 REFUSED = {"HiDream": "HiDream", "Omnigen2": "Omnigen2", "CosmosT2IPredict2": "CosmosPredict2",
-           "HunyuanDiT": "HunyuanDiT", "ZImage": "Lumina2",
+           "HunyuanDiT1": "HunyuanDiT", "ZImage": "Lumina2",
            "Flux2": "Flux2"}
 
 
