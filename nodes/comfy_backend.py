@@ -24,6 +24,9 @@
   (dreambooth_core.adapters.frozen), and the LoRA is added to their output: no copy of the transformer's
   weights, frozen or patched, exists while it trains. A UNet's LoRA trains the same way (its Linears and
   convolutions through FrozenForward).
+- Discrete-schedule transformers (PixArt α/Σ: ε; Hunyuan-DiT: v) take the transformer path on the discrete
+  schedule: ε or v at integer timesteps, the core's input scaled to the host's x0 + σε by √(1+σ²) and passed
+  through the same host pieces; their diffusion model returns only the ε / v channels of its learned-σ output.
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its
   seed (noise from `comfy.sample.prepare_noise`, one image per call), so a class image equals
   what a stock KSampler makes with that seed.
@@ -128,12 +131,13 @@ def clip_tokenizers(clip) -> list:
 
 
 def _prediction_type(model_sampling, name: str = "model") -> str:
-    """ε or v of an SD1/SD2/SDXL MODEL (`name`: its detected class), or UnsupportedModel naming what it is."""
+    """ε or v of a discrete-schedule MODEL (SD1/SD2/SDXL, PixArt, Hunyuan-DiT; `name`: its detected class), or
+    UnsupportedModel naming what it is."""
     import comfy.model_sampling as ms
 
     if not isinstance(model_sampling, ms.ModelSamplingDiscrete) or isinstance(model_sampling, ms.ModelSamplingDiscreteEDM):
-        raise UnsupportedModel(f"the {name} MODEL samples with {type(model_sampling).__mro__[1].__name__}; an "
-                               f"SD1.x / SD2.x / SDXL model trains on its discrete schedule (DreamBooth trains "
+        raise UnsupportedModel(f"the {name} MODEL samples with {type(model_sampling).__mro__[1].__name__}; "
+                               f"{name} trains on its own discrete schedule (DreamBooth trains "
                                f"{families.TRAINS}): connect the model without that sampling patch")
     if len(model_sampling.sigmas) != getattr(model_sampling, "num_timesteps", len(model_sampling.sigmas)):
         raise UnsupportedModel(f"this {name} model samples on a distilled schedule (e.g. LCM); train on the base model")
@@ -267,20 +271,22 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         #: bytes of frozen tensors copied for a flow run (norm scales and the like; no Linear weight)
         self.frozen_copied_bytes = 0
         self._kernels_before: Optional[bool] = None  # the host's in_training flag before this run set it
-        if self._family.flow:
+        if self._family.transformer:
             self._refuse_flow_settings(mode)
+            self.native_resolution = self._family.native_resolution
+        if self._family.flow:
             self.prediction_type = "flow"
             self.flow_shift = families.flow_shift(self.model_sampling)
             self.flow_max_sigma = families.cosmos_max_sigma(self.model_sampling)
             # ᾱ of the flow line x = (1−σ)x0 + σε at 1000 σ (informational: schedule() is what trains)
             sig = torch.linspace(1e-3, 1.0 - 1e-3, 1000)
             self.alphas_cumprod = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
-            self.native_resolution = self._family.native_resolution
         else:
             self.prediction_type = _prediction_type(self.model_sampling, families.model_class(model))
             sigmas = self.model_sampling.sigmas.detach().float().cpu()
             self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
-            self.native_resolution = self._native_resolution()
+            if not self._family.transformer:
+                self.native_resolution = self._native_resolution()
         self.latent_factor = int(vae.spacial_compression_encode()) if vae is not None else 8
         self._fingerprint: Optional[str] = None
         self._target_keys: Dict[str, Tuple[str, str]] = {}
@@ -328,7 +334,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
     def family(self) -> str:
         import comfy.model_base
 
-        if self._family.flow:
+        if self._family.transformer:
             return self._family.name
         base = self.model.model
         if isinstance(base, comfy.model_base.SDXL):
@@ -414,7 +420,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
     def encode_text(self, prompts: Sequence[str], *, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         if self.clip is None:
             raise ValueError("no CLIP connected")
-        if self._family.flow:
+        if self._family.transformer:
             return self._encode_flow(prompts)
         contexts, pooled = [], []
         for prompt in prompts:
@@ -455,8 +461,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         self._last_shape = list(noisy.shape)
         self._ensure_loaded()
-        if self._family.flow:
-            return self._predict_flow(noisy, timesteps, cond)
+        if self._family.transformer:
+            return self._predict_transformer(noisy, timesteps, cond)
         base = self.model.model
         dev = self.device
         dtype = self.model.get_model_object("manual_cast_dtype") or base.get_dtype()
@@ -476,7 +482,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
     # -- training surface ----------------------------------------------------------------------
     def lora_targets(self, unet: bool, text_encoder: bool, conv: bool = False) -> Dict[str, nn.Module]:
         targets: Dict[str, nn.Module] = {}
-        if unet and self._family.flow:  # attention and MLP Linears of the blocks; no convolutions here
+        if unet and self._family.transformer:  # attention and MLP Linears of the blocks; no convolutions here
             for name, (key, module) in families.flow_lora_targets(self._family, self.model.model.diffusion_model).items():
                 targets[name] = module
                 self._target_keys[name] = ("unet", key)
@@ -519,7 +525,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         with fresh-copy wrappers for the other weights that are inference tensors (adapters.FreshCopy)."""
         if self._installed:
             return
-        if self._family.flow:
+        if self._family.transformer:
             self._install_flow()
             self._installed = True
             return
@@ -589,7 +595,7 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint the UNet's blocks (and the text encoder's layers when it trains), as the
         host's trainer does: the shared modules' forwards are wrapped for the run and restored."""
-        if self._family.flow:  # read by flow_path._flow_block at every block call
+        if self._family.transformer:  # read by flow_path._flow_block at every block call
             self._flow_checkpointing = bool(enabled)
             return
         if enabled and self._checkpoint_mark is None:

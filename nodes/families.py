@@ -3,12 +3,21 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, PixArt, Hunyuan-DiT, ...) is refused before any work, with its name:
-none of them has been shown to train here (a tiny checkpoint of its layout, trained inside the host;
+input channels, EDM/x0 models, Hunyuan-DiT 1.0, ...) is refused before any work, with its name: none of
+them has been shown to train here (a tiny checkpoint of its layout, trained inside the host;
 tests/integration).
 
-Per flow family (rectified flow: `CONST` sampling, or Cosmos Predict2's `COSMOS_RFLOW`, the same line in
-EDM-style coordinates that the backend converts to and from, cosmos_max_sigma):
+A family is two choices (`Family.schedule`, `Family.transformer`):
+  - its schedule: "discrete" (ε or v on the model's own ᾱ, read from its `model_sampling` sigmas) or
+    "flow" (rectified flow with the model's shift: `CONST` sampling, or Cosmos Predict2's `COSMOS_RFLOW`, the
+    same line in EDM-style coordinates that the backend converts to and from, cosmos_max_sigma);
+  - its model path: the SD UNet (comfy_backend: the UNet's own LoRA names, its blocks checkpointed) or a
+    transformer (flow_path: the blocks, LoRA and checkpointing below, predictions through the host's
+    `extra_conds` and `_apply_model` pieces). The discrete-schedule transformers (PixArt α/Σ, Hunyuan-DiT)
+    are the second path on the first schedule: their diffusion model returns only the ε / v channels of
+    its learned-σ output, as the host's samplers read it.
+
+Per transformer family:
   - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
     stores μ of BFL's exponential shift e^μ/(e^μ + 1/t − 1), which is the same map with s = e^μ;
     `ModelSamplingDiscreteFlow` stores s itself.
@@ -23,10 +32,13 @@ EDM-style coordinates that the backend converts to and from, cosmos_max_sigma):
     needs nothing but its row: the conditioning comes from the host's `extra_conds`.
   - `text_cap`: the longest prompt, in tokens of the long-context encoder (T5 / Gemma), that
     training encodes (kohya's defaults: 512 for Flux dev and Chroma, 256 for schnell, SD3, Lumina 2).
-    Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window.
+    Nothing is cut at 77 tokens; CLIP encoders keep their own 77-token window (`windows`: another
+    encoder's own cap).
   - `extras`: what the host's text encoder returns beside the text and pooled vectors that its `extra_conds`
     reads (HiDream's Llama hidden states, every layer's, `conditioning_llama3`): one shape for every prompt
     (the host pads HiDream's to 128 tokens, which `text_cap` keeps).
+  - `text_extras`: a second encoder's per-token output and its mask beside the context (Hunyuan-DiT's mT5),
+    zero-padded as the context is and cut back to each prompt's length.
 The LoRA keys are kohya's for these models (`lora_unet_` + the module path in the host's own layout
 with dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_joint_blocks_0_x_block_attn_qkv`,
 `lora_unet_layers_0_attention_qkv`, `lora_unet_transformer_blocks_0_attn_to_q`,
@@ -47,64 +59,85 @@ from ..dreambooth_core.backends.base import UnsupportedModel
 @dataclass(frozen=True)
 class Family:
     name: str  # what Backend.family says and the LoRA metadata names (dreambooth_core.adapters.metadata.FAMILIES)
-    flow: bool
+    schedule: str  # "discrete" (ε/v on the model's ᾱ) or "flow" (rectified flow)
+    transformer: bool = True  # the transformer path (flow_path); False: the SD UNet path
     native_resolution: int = 1024
     blocks: Tuple[str, ...] = ()  # empty: the generic rule (transformer_block_lists)
     lora: Optional["re.Pattern[str]"] = None  # on the module path inside diffusion_model; None: the generic rule
     text_cap: int = 0
     sampling: str = "CONST"  # the host's sampling kind: CONST, or COSMOS_RFLOW (flow_path._host_noise_level)
     extras: Tuple[str, ...] = ()  # text-encoder outputs beside the text that go to the host's `extra_conds`
+    # tokenizer key -> its own cap, under text_cap (Hunyuan-DiT's BERT: the 77 tokens it was trained on)
+    windows: Tuple[Tuple[str, int], ...] = ()
+    # entries of the host's encoding beside `cond` that reach extra_conds: a second encoder's output and
+    # its mask, one length (Hunyuan-DiT's mT5)
+    text_extras: Tuple[str, ...] = ()
+
+    @property
+    def flow(self) -> bool:
+        return self.schedule == "flow"
 
 
-# Discrete-schedule families: the SD path (ε/v from the model's own ᾱ), unchanged.
-_DISCRETE = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
-             "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
+# Discrete-schedule UNets: the SD path (ε/v from the model's own ᾱ).
+_UNET = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+         "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
+
+# Discrete-schedule transformers (the generic block and LoRA rules): PixArt's T5 caps at the length the
+# model was trained on (`model_max_length`: 120 tokens for α, 300 for Σ); Hunyuan-DiT (v1.1 / v1.2,
+# v-prediction) reads its BERT (77 tokens) as the context and its mT5 (256) beside it.
+_DIT = {
+    "PixArtAlpha": Family("pixart-alpha", "discrete", text_cap=120),
+    "PixArtSigma": Family("pixart-sigma", "discrete", text_cap=300),
+    "HunyuanDiT": Family("hunyuan-dit", "discrete", text_cap=256, windows=(("hydit_clip", 77),),
+                         text_extras=("conditioning_mt5xl", "attention_mask_mt5xl")),
+}
 
 # Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).
 _LUMINA_LORA = re.compile(r"^(noise_refiner|context_refiner|layers)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])$")
 _FLOW = {
-    "Flux": Family("flux", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS, text_cap=512),
-    "FluxSchnell": Family("flux-schnell", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
+    "Flux": Family("flux", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS, text_cap=512),
+    "FluxSchnell": Family("flux-schnell", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                           text_cap=256),
-    "SD3": Family("sd3", True, blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
-    "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
+    "SD3": Family("sd3", "flow", blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
+    "Chroma": Family("chroma", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                      text_cap=512),
-    "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
+    "Lumina2": Family("lumina2", "flow", blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
                       text_cap=256),
     # The generic rule: the blocks are the transformer's block lists, the LoRA every Linear in them but
     # the modulation (musubi-tuner's Qwen-Image default: the Linears of QwenImageTransformerBlock, `*_mod`
     # left out: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out, img_mlp / txt_mlp). 512 tokens: diffusers'
     # QwenImagePipeline max_sequence_length.
-    "QwenImage": Family("qwen-image", True, text_cap=512),
+    "QwenImage": Family("qwen-image", "flow", text_cap=512),
     # AuraFlow: its Pile-T5 pads to 256 tokens (the host's min_length), what it was trained on.
-    "AuraFlow": Family("auraflow", True, text_cap=256),
+    "AuraFlow": Family("auraflow", "flow", text_cap=256),
     # HunyuanImage 2.1 (double/single blocks as Flux; `img_mod`, `txt_mod`, `modulation` left out, as sd-scripts'
     # HunyuanImage LoRA): the Qwen2.5-VL encoder as Qwen-Image, so the same cap.
-    "HunyuanImage21": Family("hunyuan-image", True, text_cap=512),
+    "HunyuanImage21": Family("hunyuan-image", "flow", text_cap=512),
     # Flux 2 (0.33; its modulation is global, outside the blocks): 512 tokens, what the host pads its
     # Mistral / Qwen3 text to (model_base.Flux2.extra_conds).
-    "Flux2": Family("flux2", True, text_cap=512),
+    "Flux2": Family("flux2", "flow", text_cap=512),
     # Cosmos Predict2 text-to-image: the same straight line in the host's COSMOS_RFLOW coordinates (see
     # cosmos_max_sigma); its T5-XXL pads to 512 tokens (CosmosT5Tokenizer's min_length).
-    "CosmosT2IPredict2": Family("cosmos-predict2", True, text_cap=512, sampling="COSMOS_RFLOW"),
+    "CosmosT2IPredict2": Family("cosmos-predict2", "flow", text_cap=512, sampling="COSMOS_RFLOW"),
     # Z-Image (ComfyUI 0.33): Lumina 2's NextDiT with its own modulation, so Lumina 2's blocks and Linears;
     # Qwen3-4B reads up to 512 tokens (diffusers' ZImagePipeline max_sequence_length).
-    "ZImage": Family("z-image", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
+    "ZImage": Family("z-image", "flow", blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
                      text_cap=512),
     # HiDream: its double and single stream blocks (not `caption_projection`, the text's input projections, a list
     # too); the MoE experts' Linears carry LoRAs, the gates are no Linears. T5 and Llama read 128 tokens (the host's
     # padding, diffusers' HiDreamImagePipeline max_sequence_length); the Llama hidden states reach `extra_conds`
     # as the host's conditioning carries them (flow_path._encode_flow).
-    "HiDream": Family("hidream", True, blocks=("double_stream_blocks", "single_stream_blocks"), text_cap=128,
+    "HiDream": Family("hidream", "flow", blocks=("double_stream_blocks", "single_stream_blocks"), text_cap=128,
                       extras=("conditioning_llama3",)),
     # Omnigen2: text-to-image runs the noise and context refiners and the layers; `ref_image_refiner` reads
     # only reference images, so it is left out. Its Qwen2.5-VL-3B reads up to 256 tokens, the chat template
     # included (OmniGen2Pipeline's max_sequence_length).
-    "Omnigen2": Family("omnigen2", True, blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256),
+    "Omnigen2": Family("omnigen2", "flow", blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256),
 }
 
 TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Z-Image, Cosmos Predict2 "
-          "(text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream and Omnigen2")
+          "(text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, PixArt α/Σ and Hunyuan-DiT "
+          "1.1/1.2")
 
 
 def model_class(model) -> str:
@@ -128,8 +161,10 @@ def detect(model) -> Family:
     name = model_class(model)
     sampling = model.get_model_object("model_sampling")
     kind = _sampling_kind(sampling)
-    if name in _DISCRETE:
-        return Family(_DISCRETE[name], False)
+    if name in _UNET:
+        return Family(_UNET[name], "discrete", transformer=False)
+    if name in _DIT:
+        return _DIT[name]  # its sampling is checked with the UNets' (comfy_backend._prediction_type)
     family = _FLOW.get(name)
     if family is None:
         raise UnsupportedModel(

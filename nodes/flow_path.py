@@ -1,8 +1,9 @@
-"""The flow-matching transformers' side of the "comfy" backend (Flux dev/schnell, Flux 2, SD3/SD3.5,
-Chroma, Lumina 2, Z-Image, Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, Cosmos Predict2;
-families.py says which): their text, their velocity prediction through the host's own `extra_conds` and
-`_apply_model` pieces, and how their frozen weights take part in training without being copied. A mixin of
-`comfy_backend.ComfyBackend`, which holds the state it uses."""
+"""The transformers' side of the "comfy" backend: the flow-matching ones (Flux dev/schnell, Flux 2,
+SD3/SD3.5, Chroma, Lumina 2, Z-Image, Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, Cosmos
+Predict2) and the discrete-schedule ones (PixArt α/Σ, Hunyuan-DiT); families.py says which. Their text, their
+prediction (velocity, or ε / v) through the host's own `extra_conds` and `_apply_model` pieces, and how their
+frozen weights take part in training without being copied. A mixin of `comfy_backend.ComfyBackend`, which
+holds the state it uses."""
 from __future__ import annotations
 
 import functools
@@ -71,7 +72,7 @@ class FlowModelPath:
         """The first window of each tokenizer (CLIP's 77; a T5 / Gemma tokenizer makes one window of
         the whole prompt), a long-context one cut at the family's text_cap tokens (its end token kept)."""
         first = windows[:1]
-        cap = self._family.text_cap
+        cap = dict(self._family.windows).get(key, self._family.text_cap)
         if key in ("l", "g", "h") or not first or len(first[0]) <= cap:
             return first
         log.warning("DreamBooth: a caption has %d %s tokens; %s trains on the first %d", len(first[0]), key,
@@ -106,6 +107,14 @@ class FlowModelPath:
                                        "or not at all (a node changed its padding?); connect the CLIP as its loader "
                                        "gives it")
             out[_EXTRA + key] = torch.cat(values)
+        extras = self._family.text_extras
+        if extras:  # zero-padded as the context, `extra_len` of them real
+            out["extra_len"] = torch.tensor([r[extras[0]].shape[1] for r in rows], dtype=torch.long)
+            for key in extras:
+                t = rows[0][key]
+                out[key] = t.new_zeros((n, width) + tuple(t.shape[2:]))
+                for i, r in enumerate(rows):
+                    out[key][i, :r[key].shape[1]] = r[key][0]
         return out
 
     def _flow_conds(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], i: int) -> dict:
@@ -119,6 +128,8 @@ class FlowModelPath:
         if "attention_mask" in cond:
             kw["attention_mask"] = cond["attention_mask"][i:i + 1, :n].to(x.device)
         kw.update({k[len(_EXTRA):]: v[i:i + 1].to(x.device) for k, v in cond.items() if k.startswith(_EXTRA)})
+        for key in self._family.text_extras:
+            kw[key] = cond[key][i:i + 1, :int(cond["extra_len"][i])].to(x.device)
         conds = self.model.model.extra_conds(**kw)
         return {k: c.process_cond(batch_size=1, device=x.device, area=None) for k, c in conds.items()}
 
@@ -148,9 +159,9 @@ class FlowModelPath:
         return x / (1 - sigma).view(-1, *([1] * (x.ndim - 1))), sigma / (1 - sigma)
 
     def _flow_forward(self, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
-        """The raw velocity for one batch whose conds concatenate: `BaseModel._apply_model` up to the
-        diffusion model's output, which for CONST and COSMOS_RFLOW sampling is v (denoised = x − σ·v on
-        the core's line)."""
+        """The raw output for one batch whose conds concatenate: `BaseModel._apply_model` up to the
+        diffusion model's output, which is the target of the sampling's kind (CONST and COSMOS_RFLOW: v,
+        denoised = x − σ·v on the core's line; EPS: ε; V_PREDICTION: v)."""
         import comfy.model_base
         import comfy.model_management as mm
 
@@ -165,7 +176,7 @@ class FlowModelPath:
                                                       "cond_or_uncond": [0]})
             else:
                 denoised = base.apply_model(host_x, host_sigma, transformer_options=options, **conds)
-            return (x - denoised.float()) / sigma.view(-1, *([1] * (x.ndim - 1)))
+            return self._raw_output(x, sigma, denoised.float())
         conds = dict(conds)
         context = conds.pop("c_crossattn", None)
         if conds.pop("c_concat", None) is not None:
@@ -185,10 +196,30 @@ class FlowModelPath:
         out = base.diffusion_model(xc, t, context=context, control=None, transformer_options=options, **extra)
         return out.float()
 
+    def _raw_output(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's raw output from what `apply_model` returned (`calculate_denoised` undone):
+        x − σ·out for CONST and EPS; for V_PREDICTION (σ_d: sigma_data) x·σ_d²/(σ²+σ_d²) − out·σ·σ_d/√(σ²+σ_d²)."""
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        if self.prediction_type != "v_prediction":
+            return (x - denoised) / s
+        d = float(self.model_sampling.sigma_data)
+        return (x * d ** 2 / (s ** 2 + d ** 2) - denoised) * (s ** 2 + d ** 2).sqrt() / (s * d)
+
+    def _predict_transformer(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                             cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The schedule's target: the velocity at σ (flow), or ε / v at integer t (discrete). A discrete
+        schedule's input √ᾱ·x0 + √(1−ᾱ)·ε is the host's x0 + σε (σ = √((1−ᾱ)/ᾱ), its sigmas[t]) divided by
+        √(1+σ²), which its `calculate_input` divides by again."""
+        if self._family.flow:
+            return self._predict_flow(noisy, timesteps, cond)
+        sigmas = self.model_sampling.sigmas.detach().float().cpu()[timesteps.long().cpu()].to(noisy.device)
+        scale = (1 + sigmas ** 2).sqrt().view(-1, *([1] * (noisy.ndim - 1)))
+        return self._predict_flow(noisy.float() * scale, sigmas, cond)
+
     def _predict_flow(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Velocity at σ. Samples whose conds the host would batch together (same text length, same
-        constants) share a forward; others get their own, so no sample sees padding it would not see
-        at inference."""
+        """The raw output at σ (the host's input scale). Samples whose conds the host would batch together
+        (same text length, same constants) share a forward; others get their own, so no sample sees padding
+        it would not see at inference."""
         dev = self.device
         x = self._host_latents(noisy.to(dev, torch.float32))
         sigma = sigmas.to(dev, torch.float32).reshape(-1)

@@ -45,7 +45,7 @@ def model_family(model) -> Tuple[Optional[str], str]:
         family = families.detect(model)
     except UnsupportedModel:
         return None, families.model_class(model)
-    if family.flow:
+    if family.transformer:
         return family.name, families.model_class(model)
     import comfy.model_base
 

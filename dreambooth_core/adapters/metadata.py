@@ -61,6 +61,11 @@ FAMILIES = {
     "z-image": ("z_image", "z-image"),
     "hidream": ("hidream", "hidream"),
     "omnigen2": ("omnigen2", "omnigen2"),
+    # No trainer we follow names these: ComfyUI's names (PixArt's `image_model`, Hunyuan-DiT's CLIP type
+    # `hunyuan_dit`), the architecture in model-spec's dashed form.
+    "pixart-alpha": ("pixart_alpha", "pixart-alpha"),
+    "pixart-sigma": ("pixart_sigma", "pixart-sigma"),
+    "hunyuan-dit": ("hunyuan_dit", "hunyuan-dit"),
 }
 
 

@@ -380,21 +380,21 @@ def _instance_images(n=3, size=64):
     return out
 
 
-def _training_data(backend, base_mod):
-    """Two class images the backend makes with the host's sampler, three instance photos, and the
-    photos' latents and prompt conditioning (the held-out loss is measured on these)."""
+def _training_data(backend, base_mod, size=64, n=3):
+    """Two class images the backend makes with the host's sampler, `n` instance photos, and the
+    photos' latents and prompt conditioning (the held-out loss is measured on these), all `size` px."""
     from PIL import Image
 
-    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=64, height=64)
+    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=size, height=size)
     with torch.inference_mode():
         class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
-    assert len(class_arrays) == 2 and class_arrays[0].shape == (64, 64, 3)
-    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images()]
+    assert len(class_arrays) == 2 and class_arrays[0].shape == (size, size, 3)
+    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images(n, size)]
     classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
     with torch.no_grad():
         latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
                                                      .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
-        cond = backend.encode_text([PROMPT] * 3, size=(64, 64))
+        cond = backend.encode_text([PROMPT] * n, size=(size, size))
     return instance, classes, latents, cond
 
 
@@ -545,17 +545,17 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
     _assert_class_image_is_stock(pack, model, clip, vae)
 
 
-def _assert_class_image_is_stock(pack, model, clip, vae):
-    """The backend's class image (seed 7, 2 Euler steps, CFG 3 against "blurry", 64×48) equals the stock graph's."""
+def _assert_class_image_is_stock(pack, model, clip, vae, width=64, height=48):
+    """The backend's class image (seed 7, 2 Euler steps, CFG 3 against "blurry", width × height) equals the stock graph's."""
     base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
     backend = _cb(pack).ComfyBackend(model, clip, vae)
     settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",
-                                   width=64, height=48)
+                                   width=width, height=height)
     with torch.inference_mode():
         ours = backend.generate(["a photo of a dog"], [7], settings)[0]
-    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", {"samples": torch.zeros([1, 16, 6, 8])}, 7, 2,
-                        3.0, "euler", "simple")
-    assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
+    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry",
+                        {"samples": torch.zeros([1, 16, height // 8, width // 8])}, 7, 2, 3.0, "euler", "simple")
+    assert ours.shape == (height, width, 3) and np.array_equal(ours, stock)
 
 
 def test_the_sample_grid_node_samples_a_flow_family(comfy_host, pack):

@@ -190,8 +190,7 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
 
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
-REFUSED = {"CosmosI2VPredict2": "CosmosPredict2", "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt",
-           "HunyuanDiT": "HunyuanDiT"}
+REFUSED = {"CosmosI2VPredict2": "CosmosPredict2", "HunyuanDiT1": "HunyuanDiT"}
 
 
 @pytest.mark.parametrize("cls", sorted(REFUSED))
@@ -214,5 +213,5 @@ def test_families_that_do_not_train_are_refused_by_name(comfy_host, pack, cls):
     sampling = comfy.model_base.model_sampling(config, model_type)
     model = SimpleNamespace(model=SimpleNamespace(model_config=config), get_model_object=lambda _name: sampling)
     with pytest.raises(base.UnsupportedModel, match=rf"the connected MODEL is {cls} \(\w+ sampling\); DreamBooth trains "
-                                                   r"SD1\.x, .*Qwen-Image, AuraFlow, HunyuanImage 2\.1, HiDream and Omnigen2"):
+                                                   r"SD1\.x, .*Qwen-Image, AuraFlow, HunyuanImage 2\.1, HiDream, Omnigen2"):
         families.detect(model)
