@@ -4,8 +4,9 @@ A family is named by the host's own detection: `type(model.model.model_config)._
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
 input channels, EDM/x0 models, HiDream, Z-Image, Omnigen2, PixArt,
-Hunyuan-DiT, ...) is refused before any work, with its name: none of them has been shown to
-train here (a tiny checkpoint of its layout, trained inside the host; tests/integration).
+Hunyuan-DiT, Stable Cascade, ...) is refused before any work, with its name (and, where one is known,
+why: _WHY): none of them has been shown to train here (a tiny checkpoint of its layout, trained inside
+the host; tests/integration).
 
 Per flow family (rectified flow: `CONST` sampling, or Cosmos Predict2's `COSMOS_RFLOW`, the same line in
 EDM-style coordinates that the backend converts to and from, cosmos_max_sigma):
@@ -65,6 +66,11 @@ _FLOW = {
     "SD3": Family("sd3", True, blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
     "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                      text_cap=512),
+    # Chroma Radiance: Chroma's blocks on 16x16 pixel patches, then a small per-pixel NeRF head (no LoRA:
+    # its weights are generated per patch from the blocks' output). Its "latents" are the pixels in [-1, 1]
+    # (the host's pixel_space VAE, latent_factor 1).
+    "ChromaRadiance": Family("chroma-radiance", True, blocks=("double_blocks", "single_blocks"),
+                             lora=FLUX_BLOCK_LINEARS, text_cap=512),
     "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
                       text_cap=256),
     # The generic rule: the blocks are the transformer's block lists, the LoRA every Linear in them but
@@ -85,8 +91,17 @@ _FLOW = {
     "CosmosT2IPredict2": Family("cosmos-predict2", True, text_cap=512, sampling="COSMOS_RFLOW"),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Cosmos Predict2 "
-          "(text-to-image), Qwen-Image, AuraFlow and HunyuanImage 2.1")
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Chroma Radiance, Lumina 2, "
+          "Cosmos Predict2 (text-to-image), Qwen-Image, AuraFlow and HunyuanImage 2.1")
+
+# Why a refused family does not train, where it is more than "not shown yet".
+_WHY = {
+    "Stable_Cascade_C": "Stable Cascade's stage C is a prior that only stage B and stage A turn into pixels: its class "
+                        "images need a stage B MODEL and a stage A VAE that the node does not take, its training "
+                        "latents come from the stage C (EfficientNet) VAE, and its ε prediction on a cosine "
+                        "schedule in continuous time (StableCascadeSampling) runs through neither the UNet nor "
+                        "the flow path yet",
+}
 
 
 def model_class(model) -> str:
@@ -116,7 +131,8 @@ def detect(model) -> Family:
     if family is None:
         raise UnsupportedModel(
             f"the connected MODEL is {name} ({kind} sampling); DreamBooth trains {TRAINS}. Load one of those "
-            "(video, audio, inpainting/control and other families are not supported)")
+            "(video, audio, inpainting/control and other families are not supported)"
+            + (f". {_WHY[name]}" if name in _WHY else ""))
     if family.sampling == "COSMOS_RFLOW":
         flow_classes = (ms.ModelSamplingCosmosRFlow,)
     else:
