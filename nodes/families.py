@@ -98,9 +98,10 @@ TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, C
 _WHY = {
     "Stable_Cascade_C": "Stable Cascade's stage C is a prior that only stage B and stage A turn into pixels: its class "
                         "images need a stage B MODEL and a stage A VAE that the node does not take, its training "
-                        "latents come from the stage C (EfficientNet) VAE, and its ε prediction on a cosine "
-                        "schedule in continuous time (StableCascadeSampling) runs through neither the UNet nor "
-                        "the flow path yet",
+                        "latents come from the stage C VAE (EfficientNet encoder, previewer decoder), and it "
+                        "predicts ε on StableCascadeSampling's cosine schedule in continuous time with inputs of "
+                        "its own (clip_text, clip_text_pooled, clip_img): neither the SD UNet path nor the flow "
+                        "path runs it yet",
 }
 
 
