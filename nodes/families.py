@@ -66,10 +66,11 @@ _FLOW = {
     "SD3": Family("sd3", True, blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
     "Chroma": Family("chroma", True, blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                      text_cap=512),
-    # Chroma Radiance: Chroma's blocks on 16x16 pixel patches, then a small per-pixel NeRF head (no LoRA:
-    # its weights are generated per patch from the blocks' output). Its "latents" are the pixels in [-1, 1]
-    # (the host's pixel_space VAE, latent_factor 1).
-    "ChromaRadiance": Family("chroma-radiance", True, blocks=("double_blocks", "single_blocks"),
+    # Chroma Radiance: Chroma's blocks on 16x16 pixel patches, then a per-pixel NeRF head whose MLP weights
+    # are generated per patch from the blocks' output: no LoRA there, but its blocks are checkpointed too
+    # (those generated weights are most of what a pixel-space step keeps for backward). Its "latents" are
+    # the pixels in [-1, 1] (the host's pixel_space VAE, latent_factor 1).
+    "ChromaRadiance": Family("chroma-radiance", True, blocks=("double_blocks", "single_blocks", "nerf_blocks"),
                              lora=FLUX_BLOCK_LINEARS, text_cap=512),
     "Lumina2": Family("lumina2", True, blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
                       text_cap=256),

@@ -5,6 +5,8 @@ one: the backend's latents are the pixels in [-1, 1] (latent_factor 1), cached a
 Checked as test_flow_families_f2.py checks Flux 2 and Cosmos Predict2:
   - the backend's velocity is the host's own (its encoding, `extra_conds`, `apply_model`), with Chroma's shift;
     images round-trip through encode_images / decode_latents as the host's VAE encodes and decodes them;
+  - with gradient checkpointing on, the transformer blocks and the NeRF head's blocks are recomputed: the
+    bytes kept for backward fall (to ~13 %), and the LoRA gradient is the same as with it off;
   - a few LoRA steps of the core trainer with prior preservation (class images from `generate`) lower the
     held-out flow loss of the identifier prompt; the file carries `lora_unet_` keys of the double/single
     blocks' attention and MLP Linears (none of the NeRF head) and the family's metadata; the stock
@@ -31,7 +33,7 @@ import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_llm as fl  # noqa: E402
 import family_checkpoints_pixel as fp  # noqa: E402
 from stock_graph import stock_image  # noqa: E402
-from test_flow_families import _digest, _flow_loss, _training_data  # noqa: E402
+from test_flow_families import _checkpointing_bytes, _digest, _flow_loss, _lora_setup, _training_data  # noqa: E402
 from test_flow_families_f2 import _host_output  # noqa: E402
 
 PROMPT = "a photo of sks dog"
@@ -92,6 +94,34 @@ def test_predict_is_the_hosts_output_in_pixel_space(comfy_host, pack, name):
     for i, prompt in enumerate(prompts):
         torch.testing.assert_close(out[i:i + 1], _host_output(model, clip, prompt, x[i:i + 1], sigma[i:i + 1]),
                                    rtol=1e-3, atol=1e-3)
+
+
+def test_gradient_checkpointing_covers_the_nerf_head(comfy_host, pack, name):
+    """With checkpointing on, the transformer blocks and the NeRF head's blocks (whose generated per-patch
+    MLP weights are most of what a pixel-space step keeps for backward) keep only their inputs: the saved
+    bytes fall, and the LoRA gradient is the same on and off."""
+    if name != "chroma_radiance":
+        pytest.skip("the x0 variant's blocks are the same")
+    files, model, clip, vae = _load(name)
+    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    g = torch.Generator().manual_seed(4)
+    x, sigma = torch.randn(1, 3, 64, 64, generator=g), torch.tensor([0.4])
+    target = torch.randn(x.shape, generator=g)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            cond = backend.encode_text([PROMPT], size=(64, 64))
+            network = _lora_setup(pack, backend)
+            params = list(network.parameters())
+            grads = {}
+            for on in (False, True):
+                backend.set_gradient_checkpointing(on)
+                grads[on] = torch.autograd.grad(((backend.predict(x, sigma, cond) - target) ** 2).mean(), params)
+            saved = _checkpointing_bytes(backend, network, lambda: backend.predict(x, sigma, cond))
+    finally:
+        backend.release()
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    assert saved[True] < 0.25 * saved[False], saved
 
 
 def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, tmp_path, caplog):
