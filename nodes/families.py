@@ -103,6 +103,8 @@ _WHY = {
                         "predicts ε on StableCascadeSampling's cosine schedule in continuous time with inputs of "
                         "its own (clip_text, clip_text_pooled, clip_img): neither the SD UNet path nor the flow "
                         "path runs it yet",
+    "Stable_Cascade_B": "Stable Cascade's stage B is its decoder stage (stage C's latents to stage A's), not a "
+                        "text-to-image model; stage C, the prior, does not train here either",
 }
 
 

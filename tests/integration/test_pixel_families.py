@@ -14,7 +14,7 @@ Checked as test_flow_families_f2.py checks Flux 2 and Cosmos Predict2:
     stays bit-identical;
   - a class image equals the stock graph's (EmptyChromaRadianceLatentImage, KSampler, VAEDecode) with that seed.
 Both variants: the velocity-predicting model and the x0-predicting releases (0.33; the host's model turns
-x0 into the velocity). Stable Cascade's stage C stays refused (families._WHY): checked here by its name and reason.
+x0 into the velocity). Stable Cascade's stage C (and stage B) stay refused (families._WHY): checked here by name and reason.
 """
 from __future__ import annotations
 
@@ -199,17 +199,20 @@ def test_class_images_are_the_stock_graphs_images(comfy_host, pack, name):
     assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
 
 
-def test_stable_cascade_stage_c_is_refused_with_why(comfy_host, pack):
-    """Stage C (a stand-in MODEL: detection reads only the model config and model_sampling) is refused by name,
-    with why it does not train here."""
+@pytest.mark.parametrize("cls,why", [("Stable_Cascade_C", "stage B MODEL and a stage A VAE"),
+                                     ("Stable_Cascade_B", "not a text-to-image model")])
+def test_stable_cascade_is_refused_with_why(comfy_host, pack, cls, why):
+    """Stage C and stage B (stand-in MODELs: detection reads only the model config and model_sampling) are
+    refused by name, with why they do not train here."""
     import comfy.model_base
     import comfy.supported_models
 
     families = importlib.import_module(pack.__name__ + ".nodes.families")
     base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
-    config = comfy.supported_models.Stable_Cascade_C(dict(comfy.supported_models.Stable_Cascade_C.unet_config))
+    config_cls = getattr(comfy.supported_models, cls)
+    config = config_cls(dict(config_cls.unet_config))
     sampling = comfy.model_base.model_sampling(config, comfy.model_base.ModelType.STABLE_CASCADE)
     model = SimpleNamespace(model=SimpleNamespace(model_config=config), get_model_object=lambda _name: sampling)
-    with pytest.raises(base.UnsupportedModel, match=r"the connected MODEL is Stable_Cascade_C \(EPS sampling\); "
-                                                   r"DreamBooth trains .*Chroma Radiance.*stage B MODEL and a stage A VAE"):
+    with pytest.raises(base.UnsupportedModel, match=rf"the connected MODEL is {cls} \(EPS sampling\); "
+                                                   rf"DreamBooth trains .*Chroma Radiance.*{why}"):
         families.detect(model)
