@@ -5,7 +5,8 @@ Test code, beside family_checkpoints.py, whose helpers it uses; files go into th
   chroma_radiance  ChromaRadiance  (both hosts) one double + one single block, 128 wide (one head of 128, the
                   axes the host hard-codes), an approximator of one 32-wide layer, two NeRF blocks 16 wide
                   (mlp ratio 2), the linear NeRF head, patches of 16: 1.1 M parameters on 0.33, 1.6 M on 0.3.64
-                  (its `txt_in` reads the 4096-wide T5, see below). BFL's names: RMSNorm scales `*.scale` (0.33 renames them on load).
+                  (its `txt_in` reads the 4096-wide T5, see below). BFL's names: RMSNorm scales `*.scale`
+                  (0.33 renames them on load).
                   CLIPLoader type `chroma`: Chroma's 24-block T5 (family_checkpoints.T5_XXL_DETECTED: the
                   host's detect_te_model must take it for T5-XXL; 64 wide on 0.33, 4096 on 0.3.64).
                   VAE: the host's `pixel_space` VAE (VAELoader's "pixel_space": a file holding only
@@ -46,7 +47,8 @@ def radiance_detection():
     def detect(state_dict, key_prefix, metadata=None):
         config = original(state_dict, key_prefix, metadata=metadata)
         p = key_prefix
-        if config and config.get("image_model") == "chroma_radiance" and state_dict[f"{p}txt_in.weight"].shape[0] != 3072:
+        small = state_dict.get(f"{p}txt_in.weight") is not None and state_dict[f"{p}txt_in.weight"].shape[0] != 3072
+        if config and config.get("image_model") == "chroma_radiance" and small:
             keys = list(state_dict.keys())
             hidden, ctx = state_dict[f"{p}txt_in.weight"].shape
             nerf = state_dict[f"{p}nerf_blocks.0.norm.scale"].shape[0]

@@ -14,7 +14,8 @@ Checked as test_flow_families_f2.py checks Flux 2 and Cosmos Predict2:
     stays bit-identical;
   - a class image equals the stock graph's (EmptyChromaRadianceLatentImage, KSampler, VAEDecode) with that seed.
 Both variants: the velocity-predicting model and the x0-predicting releases (0.33; the host's model turns
-x0 into the velocity). Stable Cascade's stage C (and stage B) stay refused (families._WHY): checked here by name and reason.
+x0 into the velocity). Stable Cascade's stage C (and stage B) stay refused (families._WHY): checked here by
+name and reason.
 """
 from __future__ import annotations
 
