@@ -385,7 +385,9 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             return
         low = mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
         if low:  # let the host load partially; training still works (weights cast per forward)
-            shape = self._last_shape or [2, 4, self.native_resolution // 8, self.native_resolution // 8]
+            side = self.native_resolution // self.latent_factor  # pixel-space models (Chroma Radiance): factor 1
+            channels = self.model.get_model_object("latent_format").latent_channels
+            shape = self._last_shape or [2, channels, side, side]
             mm.load_models_gpu(patchers, memory_required=self.model.memory_required(shape) * 3)
         else:  # as the host's own trainer: everything else leaves the device, the model loads whole
             mm.load_models_gpu(patchers, memory_required=1e20, force_full_load=True)

@@ -3,9 +3,9 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Hunyuan-DiT 1.0, ...) is refused before any work, with its name: none of
-them has been shown to train here (a tiny checkpoint of its layout, trained inside the host;
-tests/integration).
+input channels, EDM/x0 models, Hunyuan-DiT 1.0, Stable Cascade, ...) is refused before any work, with
+its name (and, where one is known, why: _WHY): none of them has been shown to train here (a tiny checkpoint
+of its layout, trained inside the host; tests/integration).
 
 A family is two choices (`Family.schedule`, `Family.transformer`):
   - its schedule: "discrete" (ε or v on the model's own ᾱ, read from its `model_sampling` sigmas) or
@@ -101,6 +101,12 @@ _FLOW = {
     "SD3": Family("sd3", "flow", blocks=("joint_blocks",), lora=SD3_BLOCK_LINEARS, text_cap=256),
     "Chroma": Family("chroma", "flow", blocks=("double_blocks", "single_blocks"), lora=FLUX_BLOCK_LINEARS,
                      text_cap=512),
+    # Chroma Radiance: Chroma's blocks on 16x16 pixel patches, then a per-pixel NeRF head whose MLP weights
+    # are generated per patch from the blocks' output: no LoRA there, but its blocks are checkpointed too
+    # (those generated weights are most of what a pixel-space step keeps for backward). Its "latents" are
+    # the pixels in [-1, 1] (the host's pixel_space VAE, latent_factor 1).
+    "ChromaRadiance": Family("chroma-radiance", "flow", blocks=("double_blocks", "single_blocks", "nerf_blocks"),
+                             lora=FLUX_BLOCK_LINEARS, text_cap=512),
     "Lumina2": Family("lumina2", "flow", blocks=("noise_refiner", "context_refiner", "layers"), lora=_LUMINA_LORA,
                       text_cap=256),
     # The generic rule: the blocks are the transformer's block lists, the LoRA every Linear in them but
@@ -135,9 +141,20 @@ _FLOW = {
     "Omnigen2": Family("omnigen2", "flow", blocks=("noise_refiner", "context_refiner", "layers"), text_cap=256),
 }
 
-TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Lumina 2, Z-Image, Cosmos Predict2 "
-          "(text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, PixArt α/Σ and Hunyuan-DiT "
-          "1.1/1.2")
+TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Chroma Radiance, Lumina 2, Z-Image, "
+          "Cosmos Predict2 (text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, PixArt α/Σ and "
+          "Hunyuan-DiT 1.1/1.2")
+# Why a refused family does not train, where it is more than "not shown yet".
+_WHY = {
+    "Stable_Cascade_C": "Stable Cascade's stage C is a prior that only stage B and stage A turn into pixels: its class "
+                        "images need a stage B MODEL and a stage A VAE that the node does not take, its training "
+                        "latents come from the stage C VAE (EfficientNet encoder, previewer decoder), and it "
+                        "predicts ε on StableCascadeSampling's cosine schedule in continuous time with inputs of "
+                        "its own (clip_text, clip_text_pooled, clip_img): neither the SD UNet path nor the flow "
+                        "path runs it yet",
+    "Stable_Cascade_B": "Stable Cascade's stage B is its decoder stage (stage C's latents to stage A's), not a "
+                        "text-to-image model; stage C, the prior, does not train here either",
+}
 
 
 def model_class(model) -> str:
@@ -169,7 +186,8 @@ def detect(model) -> Family:
     if family is None:
         raise UnsupportedModel(
             f"the connected MODEL is {name} ({kind} sampling); DreamBooth trains {TRAINS}. Load one of those "
-            "(video, audio, inpainting/control and other families are not supported)")
+            "(video, audio, inpainting/control and other families are not supported)"
+            + (f". {_WHY[name]}" if name in _WHY else ""))
     if family.sampling == "COSMOS_RFLOW":
         flow_classes = (ms.ModelSamplingCosmosRFlow,)
     else:

@@ -51,6 +51,7 @@ FAMILIES = {
     "flux-schnell": ("flux1", "flux-1-schnell"),
     "sd3": ("sd3", "stable-diffusion-3-medium"),
     "chroma": ("chroma", "chroma"),
+    "chroma-radiance": ("chroma_radiance", "chroma-radiance"),  # no trainer we follow names it: ComfyUI's image_model
     "lumina2": ("lumina2", "lumina-2"),
     "qwen-image": ("qwen_image", "Qwen-Image"),  # musubi-tuner's architecture name (sd-scripts has none)
     "auraflow": ("auraflow", "auraflow"),  # no trainer we follow names it; ComfyUI's class, lower case
