@@ -26,20 +26,16 @@ T5TokenizerOptions option, min_length 1) so that a step costs seconds, not minut
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib
 import logging
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import family_checkpoints as fc  # noqa: E402
-from stock_graph import stock_image  # noqa: E402
-
-PROMPT = "a photo of sks dog"
+from family_checks import (PROMPT, assert_class_image_is_stock, checkpointing_bytes, digest, flow_loss,  # noqa: E402
+                           host_velocity, instance_images, lora_setup, training_data)
 
 
 def _cb(pack):
@@ -65,32 +61,6 @@ def _load(name):
             clip.set_tokenizer_option("t5xxl_min_length", 1)  # see the module docstring
         _LOADED[name] = (files, model, clip, vae)
     return _LOADED[name]
-
-
-def _host_velocity(model, clip, prompt, x, sigma):
-    """v from the host's own path: its encoding, its extra_conds, apply_model's denoised x0 (with this
-    MODEL's patches: the memory manager loads it first, as a sampler does)."""
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    with torch.no_grad():
-        enc = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True, return_dict=True)
-        params = dict(enc)
-        params["cross_attn"] = params.pop("cond")
-        conds = model.model.extra_conds(noise=x, device=x.device, width=x.shape[-1] * 8, height=x.shape[-2] * 8,
-                                        prompt_type="positive", **params)
-        kwargs = {k: c.process_cond(batch_size=x.shape[0], device=x.device, area=None).cond for k, c in conds.items()}
-        denoised = model.model.apply_model(x, sigma, **kwargs)
-    return (x - denoised) / sigma.view(-1, 1, 1, 1)
-
-
-def _digest(module) -> str:
-    """A hash of every tensor's bytes (bit-identical or not), without copying them."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- detection
@@ -170,7 +140,7 @@ def test_predict_is_the_hosts_velocity(comfy_host, pack, name):
         out = backend.predict(x, sigma, cond)
     assert out.dtype == torch.float32 and out.shape == x.shape
     for i, prompt in enumerate(prompts):
-        expected = _host_velocity(model, clip, prompt, x[i:i + 1], sigma[i:i + 1])
+        expected = host_velocity(model, clip, prompt, x[i:i + 1], sigma[i:i + 1])
         torch.testing.assert_close(out[i:i + 1], expected, rtol=1e-3, atol=1e-3)
     if name == "flux_dev":  # the guidance the host's extra_conds put in (its default, as kohya trains dev)
         conds = backend._flow_conds(x.to(backend.device), cond, 0)
@@ -203,18 +173,6 @@ def test_predict_goes_through_apply_model_wrappers(comfy_host, pack):
     torch.testing.assert_close(v_wrapped, (x - 0.5 * denoised) / sigma, rtol=1e-3, atol=1e-3)
 
 
-def _lora_setup(pack, backend, std=0.05):
-    """A rank-2 LoRA network on the backend's targets, attached, with non-zero `up` (every parameter
-    then gets a gradient)."""
-    adapters = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters")
-    torch.manual_seed(0)
-    network = adapters.LoRANetwork(backend.lora_targets(True, False), rank=2, alpha=2.0)
-    for a in network.adapters.values():
-        torch.nn.init.normal_(a.lora_up.weight, std=std)
-    backend.attach_lora(network)
-    return network
-
-
 def test_lora_gradient_is_exact_with_gradient_checkpointing_on_and_off(comfy_host, pack):
     """The gradient the trainer gets (frozen Linears pass it on from the weight read again) is the same
     with the blocks recomputed (checkpointing on) or kept (off), and is the derivative of predict: a
@@ -230,7 +188,7 @@ def test_lora_gradient_is_exact_with_gradient_checkpointing_on_and_off(comfy_hos
     try:
         with torch.inference_mode(False), torch.enable_grad():
             cond = backend.encode_text([PROMPT], size=(64, 64))
-            network = _lora_setup(pack, backend)
+            network = lora_setup(pack, backend)
             names = [n for n, a in network.adapters.items() for _ in a.parameters()]
             params = list(network.parameters())
 
@@ -266,35 +224,6 @@ def test_lora_gradient_is_exact_with_gradient_checkpointing_on_and_off(comfy_hos
     assert any(float(grads[False][i].abs().sum()) > 0 for i, n in enumerate(names) if "single_blocks" in n)
 
 
-def _saved_activation_bytes(run, exclude) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while `run()` builds its graph (what a
-    checkpointed region keeps is only its inputs), the model's own tensors (`exclude`: storages) not
-    counted."""
-    seen = {}
-
-    def pack_hook(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        out = run()
-    out.float().pow(2).mean().backward()  # the graph works, with these saved tensors
-    return sum(seen.values())
-
-
-def _checkpointing_bytes(backend, network, predict) -> dict:
-    exclude = {t.untyped_storage().data_ptr() for t in backend.model.model.state_dict().values()}
-    exclude |= {p.untyped_storage().data_ptr() for p in network.parameters()}
-    out = {}
-    for on in (False, True):
-        backend.set_gradient_checkpointing(on)
-        out[on] = _saved_activation_bytes(predict, exclude)
-    backend.set_gradient_checkpointing(False)
-    return out
-
-
 def test_gradient_checkpointing_lowers_the_saved_activations_of_a_flow_family(comfy_host, pack):
     """With checkpointing on, Flux's blocks keep only their inputs for backward: the bytes autograd
     holds between forward and backward fall, for the same loss (the same graph, recomputed)."""
@@ -305,8 +234,8 @@ def test_gradient_checkpointing_lowers_the_saved_activations_of_a_flow_family(co
     try:
         with torch.inference_mode(False), torch.enable_grad():
             cond = backend.encode_text([PROMPT, PROMPT], size=(64, 64))
-            network = _lora_setup(pack, backend)
-            saved = _checkpointing_bytes(backend, network, lambda: backend.predict(x, sigma, cond))
+            network = lora_setup(pack, backend)
+            saved = checkpointing_bytes(backend, network, lambda: backend.predict(x, sigma, cond))
     finally:
         backend.release()
     assert saved[True] < 0.25 * saved[False], saved
@@ -322,8 +251,8 @@ def test_gradient_checkpointing_lowers_the_saved_activations_of_the_sd_unet(comf
     try:
         with torch.inference_mode(False), torch.enable_grad():
             cond = backend.encode_text([PROMPT], size=(128, 128))
-            network = _lora_setup(pack, backend, std=0.02)
-            saved = _checkpointing_bytes(backend, network, lambda: backend.predict(noisy, t, cond))
+            network = lora_setup(pack, backend, std=0.02)
+            saved = checkpointing_bytes(backend, network, lambda: backend.predict(noisy, t, cond))
     finally:
         backend.release()
     assert saved[True] < 0.25 * saved[False], saved
@@ -367,49 +296,6 @@ def test_lora_names_map_in_the_stock_loader_to_the_weights_they_train(comfy_host
 
 # ------------------------------------------------------------------------------------------- training
 
-def _instance_images(n=3, size=64):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        img = np.zeros((size, size, 3), np.uint8)
-        img[..., i % 3] = 200
-        img[16:48, 16:48] = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
-        out.append(Image.fromarray(img))
-    return out
-
-
-def _training_data(backend, base_mod, size=64, n=3):
-    """Two class images the backend makes with the host's sampler, `n` instance photos, and the
-    photos' latents and prompt conditioning (the held-out loss is measured on these), all `size` px."""
-    from PIL import Image
-
-    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=size, height=size)
-    with torch.inference_mode():
-        class_arrays = backend.generate(["a photo of a dog"] * 2, [0, 1], settings)
-    assert len(class_arrays) == 2 and class_arrays[0].shape == (size, size, 3)
-    instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _instance_images(n, size)]
-    classes = [SimpleNamespace(image=Image.fromarray(a), caption="a photo of a dog") for a in class_arrays]
-    with torch.no_grad():
-        latents = backend.encode_images(torch.stack([torch.from_numpy(np.asarray(im.image, np.float32))
-                                                     .permute(2, 0, 1) / 127.5 - 1 for im in instance]))
-        cond = backend.encode_text([PROMPT] * n, size=(size, size))
-    return instance, classes, latents, cond
-
-
-def _flow_loss(backend, latents, cond, seed=1234):
-    """The mean flow loss at fixed held-out noise and σ (not drawn by any training step)."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=g)
-    sigma = torch.tensor([0.3, 0.5, 0.7])[: latents.shape[0]]
-    s = sigma.view(-1, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
-    with torch.no_grad():
-        v = backend.predict(noisy, sigma, cond)
-    return float(((v - (noise - latents)) ** 2).mean())
-
-
 TRAINED = {"flux_dev": ("lora_unet_double_blocks_0_img_attn_qkv", "flux1", "flux-1-dev/lora"),
            "flux_schnell": ("lora_unet_double_blocks_0_img_attn_qkv", "flux1", "flux-1-schnell/lora"),
            "sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "sd3", "stable-diffusion-3-medium/lora"),
@@ -436,11 +322,11 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     cb = _cb(pack)
     core = lambda m: importlib.import_module(pack.__name__ + ".dreambooth_core." + m)  # noqa: E731
     config_mod, trainer_mod, base_mod = core("config"), core("training.trainer"), core("backends.base")
-    before = _digest(model.model)
+    before = digest(model.model)
 
     backend = cb.ComfyBackend(model, clip, vae)
-    instance, classes, latents, cond = _training_data(backend, base_mod)
-    untrained = _flow_loss(backend, latents, cond)
+    instance, classes, latents, cond = training_data(backend, base_mod)
+    untrained = flow_loss(backend, latents, cond)
 
     config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
                                     rank=4, steps=steps, learning_rate=LEARNING_RATE.get(name, 3e-3), batch_size=1,
@@ -464,7 +350,7 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
     finally:
         backend.release()
     # The trained MODEL the node hands on (the deltas as weight wrappers), predicted the same way.
-    trained = _flow_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
+    trained = flow_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
     assert result.status == "completed" and result.lora_path is not None
     assert state["checkpointing"] == (name in CHECKPOINTED) and not backend._flow_checkpointing
     assert state["no_wrappers"], "a frozen Linear was read through a weight wrapper (a full copy per forward)"
@@ -498,19 +384,19 @@ def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host
         lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"flow_{name}.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(lm.patches) == len(names), "every key patches one weight"
-    v_base = _host_velocity(model, clip, PROMPT, x, sigma)
-    v_lora = _host_velocity(lm, lc, PROMPT, x, sigma)
-    v_result = _host_velocity(backend.result()[0], clip, PROMPT, x, sigma)  # the trained MODEL of the node
+    v_base = host_velocity(model, clip, PROMPT, x, sigma)
+    v_lora = host_velocity(lm, lc, PROMPT, x, sigma)
+    v_result = host_velocity(backend.result()[0], clip, PROMPT, x, sigma)  # the trained MODEL of the node
     assert not torch.equal(v_base, v_lora)
     torch.testing.assert_close(v_lora, v_result, rtol=1e-3, atol=1e-3)
-    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+    assert digest(model.model) == before, "training changed the shared base MODEL's weights"
 
 
 @pytest.fixture(scope="module")
 def subject_folder(comfy_host):
     folder = comfy_host.base / "input" / "flow_subject"
     folder.mkdir(exist_ok=True)
-    for i, im in enumerate(_instance_images()):
+    for i, im in enumerate(instance_images()):
         im.save(folder / f"{i}.png")
     return "flow_subject"
 
@@ -521,7 +407,7 @@ def test_the_nodes_train_sd3(comfy_host, pack, subject_folder):
     the trained MODEL differs from the base and the base stays bit-identical."""
     files, model, clip, vae = _load("sd3")
     n = {k: v() for k, v in pack.NODE_CLASS_MAPPINGS.items()}
-    before = _digest(model.model)
+    before = digest(model.model)
     with torch.inference_mode():
         ds = n["DreamBoothDataset"].prepare(clip, subject_folder, "sks", "dog", 64, "center", False)["result"][0]
         ci = n["DreamBoothClassImages"].generate(model, clip, vae, "a photo of a dog", 2, 2, 1.0, "euler", "simple",
@@ -532,9 +418,9 @@ def test_the_nodes_train_sd3(comfy_host, pack, subject_folder):
     assert lora_path.endswith("flow_nodes_sd3.safetensors")
     assert lora_model and all(k.startswith("lora_unet_joint_blocks_") for k in lora_model)
     x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7)), torch.tensor([0.5])
-    assert not torch.equal(_host_velocity(trained_model, clip, PROMPT, x, sigma),
-                           _host_velocity(model, clip, PROMPT, x, sigma))
-    assert _digest(model.model) == before
+    assert not torch.equal(host_velocity(trained_model, clip, PROMPT, x, sigma),
+                           host_velocity(model, clip, PROMPT, x, sigma))
+    assert digest(model.model) == before
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux_dev"])
@@ -542,20 +428,7 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack, name):
     """A class image of a flow family is the PNG a stock graph makes with that seed: CLIPTextEncode, an
     empty latent of the family's 16 channels (what EmptySD3LatentImage gives), KSampler, VAEDecode."""
     files, model, clip, vae = _load(name)
-    _assert_class_image_is_stock(pack, model, clip, vae)
-
-
-def _assert_class_image_is_stock(pack, model, clip, vae, width=64, height=48):
-    """The backend's class image (seed 7, 2 Euler steps, CFG 3 against "blurry", width × height) equals the stock graph's."""
-    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
-    backend = _cb(pack).ComfyBackend(model, clip, vae)
-    settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",
-                                   width=width, height=height)
-    with torch.inference_mode():
-        ours = backend.generate(["a photo of a dog"], [7], settings)[0]
-    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry",
-                        {"samples": torch.zeros([1, 16, height // 8, width // 8])}, 7, 2, 3.0, "euler", "simple")
-    assert ours.shape == (height, width, 3) and np.array_equal(ours, stock)
+    assert_class_image_is_stock(pack, model, clip, vae)
 
 
 def test_the_sample_grid_node_samples_a_flow_family(comfy_host, pack):

@@ -19,62 +19,27 @@ name and reason.
 """
 from __future__ import annotations
 
-import importlib
-import logging
-import re
-import shutil
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_llm as fl  # noqa: E402
 import family_checkpoints_pixel as fp  # noqa: E402
-from stock_graph import stock_image  # noqa: E402
-from test_flow_families import _checkpointing_bytes, _digest, _flow_loss, _lora_setup, _training_data  # noqa: E402
-from test_flow_families_f2 import _host_output  # noqa: E402
+from family_checks import (PROMPT, Family, FamilySuite, assert_class_image_is_stock,  # noqa: E402
+                           assert_detection_refuses, check_detected, check_lora_training, check_predict,
+                           checkpointing_bytes, comfy_backend, host_output, lora_setup)
 
-PROMPT = "a photo of sks dog"
-_LOADED: dict = {}
-_UNSUPPORTED: dict = {}  # fixture -> why this host has none
-
-
-def _cb(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.comfy_backend")
-
-
-def _load(name):
-    """(files, MODEL, CLIP, VAE) of a tiny Chroma Radiance, loaded once per module under inference mode."""
-    if name in _UNSUPPORTED:
-        pytest.skip(_UNSUPPORTED[name])
-    if name not in _LOADED:
-        _LOADED.clear()
-        try:
-            files = fp.ensure_family(name)
-        except fc.FamilyUnsupported as e:
-            _UNSUPPORTED[name] = str(e)
-            pytest.skip(str(e))
-        with fp.radiance_detection(), torch.inference_mode():
-            _LOADED[name] = (files, *fl.load(files))
-    return _LOADED[name]
-
-
-@pytest.fixture(scope="module", params=list(fp.FAMILIES))
-def name(request):
-    """The fixture's name; module-scoped, so pytest runs a variant's tests together (one load each)."""
-    return request.param
+RADIANCE = Family("chroma-radiance", "lora_unet_single_blocks_0_linear2", "chroma_radiance", "chroma-radiance/lora",
+                  steps=4, lr=1e-2, checkpointing=True)
+SUITE = FamilySuite({name: RADIANCE for name in fp.FAMILIES}, ensure=fp.ensure_family, load=fl.load,
+                    host=host_output, save_prefix="", detection=fp.radiance_detection)
+name = SUITE.fixture()
 
 
 def test_predict_is_the_hosts_output_in_pixel_space(comfy_host, pack, name):
-    files, model, clip, vae = _load(name)
-    assert type(model.model.model_config).__name__ == "ChromaRadiance"  # the host's own detection
-    unet_config = model.model.model_config.unet_config
-    assert {k: unet_config.get(k) for k in files.expect} == files.expect
-    backend = _cb(pack).ComfyBackend(model, clip, vae)
-    assert backend.family == "chroma-radiance" and backend.prediction_type == "flow"
+    files, model, clip, vae = loaded = SUITE.load(name)
+    backend = check_detected(pack, loaded, SUITE[name])
     assert backend.latent_factor == 1 and backend.schedule().shift == pytest.approx(np.exp(1.15))
     # the pixels are the latents, as the host's pixel_space VAE encodes and decodes them
     pixels = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -85,16 +50,8 @@ def test_predict_is_the_hosts_output_in_pixel_space(comfy_host, pack, name):
     torch.testing.assert_close(latents, host.float())
     torch.testing.assert_close(latents, pixels, rtol=0, atol=1e-6)
     torch.testing.assert_close(decoded, pixels, rtol=0, atol=1e-6)
-    prompts = [PROMPT, "a dog"]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    sigma = torch.tensor([0.35, 0.8])
-    with torch.no_grad():
-        cond = backend.encode_text(prompts, size=(32, 32))
-        out = backend.predict(x, sigma, cond)
-    assert out.shape == x.shape and out.dtype == torch.float32
-    for i, prompt in enumerate(prompts):
-        torch.testing.assert_close(out[i:i + 1], _host_output(model, clip, prompt, x[i:i + 1], sigma[i:i + 1]),
-                                   rtol=1e-3, atol=1e-3)
+    check_predict(backend, model, clip, SUITE.host, x, torch.tensor([0.35, 0.8]), (32, 32))
 
 
 def test_gradient_checkpointing_covers_the_nerf_head(comfy_host, pack, name):
@@ -103,21 +60,21 @@ def test_gradient_checkpointing_covers_the_nerf_head(comfy_host, pack, name):
     bytes fall, and the LoRA gradient is the same on and off."""
     if name != "chroma_radiance":
         pytest.skip("the x0 variant's blocks are the same")
-    files, model, clip, vae = _load(name)
-    backend = _cb(pack).ComfyBackend(model, clip, vae)
+    files, model, clip, vae = SUITE.load(name)
+    backend = comfy_backend(pack).ComfyBackend(model, clip, vae)
     g = torch.Generator().manual_seed(4)
     x, sigma = torch.randn(1, 3, 64, 64, generator=g), torch.tensor([0.4])
     target = torch.randn(x.shape, generator=g)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             cond = backend.encode_text([PROMPT], size=(64, 64))
-            network = _lora_setup(pack, backend)
+            network = lora_setup(pack, backend)
             params = list(network.parameters())
             grads = {}
             for on in (False, True):
                 backend.set_gradient_checkpointing(on)
                 grads[on] = torch.autograd.grad(((backend.predict(x, sigma, cond) - target) ** 2).mean(), params)
-            saved = _checkpointing_bytes(backend, network, lambda: backend.predict(x, sigma, cond))
+            saved = checkpointing_bytes(backend, network, lambda: backend.predict(x, sigma, cond))
     finally:
         backend.release()
     for a, b in zip(grads[False], grads[True]):
@@ -126,61 +83,9 @@ def test_gradient_checkpointing_covers_the_nerf_head(comfy_host, pack, name):
 
 
 def test_lora_training_lowers_flow_loss_and_loads_in_the_stock_loader(comfy_host, pack, name, tmp_path, caplog):
-    import comfy.lora
-    import comfy.utils
-    import nodes as host_nodes
-    from safetensors import safe_open
-
-    files, model, clip, vae = _load(name)
-    cb = _cb(pack)
-    core = lambda m: importlib.import_module(pack.__name__ + ".dreambooth_core." + m)  # noqa: E731
-    config_mod, trainer_mod, base_mod = core("config"), core("training.trainer"), core("backends.base")
-    before = _digest(model.model)
-
-    backend = cb.ComfyBackend(model, clip, vae)
-    targets = backend.lora_targets(True, False)
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    assert "lora_unet_single_blocks_0_linear2" in targets
-    assert all(key_map.get(n) == backend._target_keys[n][1] for n in targets)
-    assert all(re.match(r"lora_unet_(double|single)_blocks_0_", n) for n in targets), sorted(targets)
-
-    instance, classes, latents, cond = _training_data(backend, base_mod)
-    assert latents.shape == (3, 3, 64, 64)
-    untrained = _flow_loss(backend, latents, cond)
-    config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=64, prior=True, prior_weight=1.0,
-                                    rank=4, steps=4, learning_rate=1e-2, batch_size=1, seed=0,
-                                    output_dir=str(tmp_path), save_name=name, save_precision="fp32",
-                                    max_grad_norm=0.0, thumbnail_steps=0, gradient_checkpointing=True)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            result = trainer_mod.train(backend, config, instance, classes)
-    finally:
-        backend.release()
-    trained = _flow_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
-    assert result.status == "completed" and trained < untrained, (untrained, trained)
-    assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
-
-    lora = comfy.utils.load_torch_file(str(result.lora_path))
-    names = {k.split(".")[0] for k in lora}
-    assert names == set(targets)
-    with safe_open(str(result.lora_path), "pt") as f:
-        meta = f.metadata()
-    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("chroma_radiance",
-                                                                               "chroma-radiance/lora")
-
-    shutil.copyfile(result.lora_path, f"{comfy_host.get_folder_paths('loras')[0]}/{name}.safetensors")
-    caplog.set_level(logging.WARNING)
-    with torch.inference_mode():
-        lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"{name}.safetensors", 1.0, 1.0)
-    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
-    assert len(lm.patches) == len(names), "every key patches one weight"
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    sigma = torch.tensor([0.6])
-    v_base = _host_output(model, clip, PROMPT, x, sigma)
-    v_lora = _host_output(lm, lc, PROMPT, x, sigma)
-    assert not torch.equal(v_base, v_lora)
-    torch.testing.assert_close(v_lora, _host_output(backend.result()[0], clip, PROMPT, x, sigma), rtol=1e-3, atol=1e-3)
-    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+    """The LoRA is on the double/single blocks' attention and MLP Linears only (none of the NeRF head)."""
+    check_lora_training(comfy_host, pack, SUITE, name, tmp_path, caplog, pattern=r"lora_unet_(double|single)_blocks_0_",
+                        probe_shape=(3, 32, 32))
 
 
 def test_class_images_are_the_stock_graphs_images(comfy_host, pack, name):
@@ -188,32 +93,20 @@ def test_class_images_are_the_stock_graphs_images(comfy_host, pack, name):
     graph with that seed: CLIPTextEncode, EmptyChromaRadianceLatentImage, KSampler, VAEDecode."""
     from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
 
-    files, model, clip, vae = _load(name)
-    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
-    backend = _cb(pack).ComfyBackend(model, clip, vae)
-    settings = base.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", negative_prompt="blurry",
-                                   width=64, height=48)
-    with torch.inference_mode():
-        ours = backend.generate(["a photo of a dog"], [7], settings)[0]
-    latent = EmptyChromaRadianceLatentImage.execute(width=64, height=48, batch_size=1).result[0]
-    stock = stock_image(model, clip, vae, "a photo of a dog", "blurry", latent, 7, 2, 3.0, "euler", "simple")
-    assert ours.shape == (48, 64, 3) and np.array_equal(ours, stock)
+    files, model, clip, vae = SUITE.load(name)
+    assert_class_image_is_stock(pack, model, clip, vae, latent=lambda _factor: EmptyChromaRadianceLatentImage.execute(
+        width=64, height=48, batch_size=1).result[0])
 
 
 @pytest.mark.parametrize("cls,why", [("Stable_Cascade_C", "stage B MODEL and a stage A VAE"),
                                      ("Stable_Cascade_B", "not a text-to-image model")])
 def test_stable_cascade_is_refused_with_why(comfy_host, pack, cls, why):
-    """Stage C and stage B (stand-in MODELs: detection reads only the model config and model_sampling) are
-    refused by name, with why they do not train here."""
+    """Stage C and stage B (stand-in MODELs) are refused by name, with why they do not train here."""
     import comfy.model_base
     import comfy.supported_models
 
-    families = importlib.import_module(pack.__name__ + ".nodes.families")
-    base = importlib.import_module(pack.__name__ + ".dreambooth_core.backends.base")
     config_cls = getattr(comfy.supported_models, cls)
     config = config_cls(dict(config_cls.unet_config))
     sampling = comfy.model_base.model_sampling(config, comfy.model_base.ModelType.STABLE_CASCADE)
-    model = SimpleNamespace(model=SimpleNamespace(model_config=config), get_model_object=lambda _name: sampling)
-    with pytest.raises(base.UnsupportedModel, match=rf"the connected MODEL is {cls} \(EPS sampling\); "
-                                                   rf"DreamBooth trains .*Chroma Radiance.*{why}"):
-        families.detect(model)
+    assert_detection_refuses(pack, config, sampling, rf"the connected MODEL is {cls} \(EPS sampling\); "
+                                                     rf"DreamBooth trains .*Chroma Radiance.*{why}")
