@@ -3,7 +3,7 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Hunyuan-DiT 1.0, Stable Cascade, ...) is refused before any work, with
+input channels, EDM/x0 models, Stable Cascade, ...) is refused before any work, with
 its name (and, where one is known, why: _WHY): none of them has been shown to train here (a tiny checkpoint
 of its layout, trained inside the host; tests/integration).
 
@@ -90,6 +90,10 @@ _DIT = {
     "PixArtSigma": Family("pixart-sigma", "discrete", text_cap=300),
     "HunyuanDiT": Family("hunyuan-dit", "discrete", text_cap=256, windows=(("hydit_clip", 77),),
                          text_extras=("conditioning_mt5xl", "attention_mask_mt5xl")),
+    # v1.0: the same model class and conditioning (its extra embedder also reads the size and style conditions,
+    # which the host's extra_conds make), on its own β schedule (the host's sigmas)
+    "HunyuanDiT1": Family("hunyuan-dit", "discrete", text_cap=256, windows=(("hydit_clip", 77),),
+                          text_extras=("conditioning_mt5xl", "attention_mask_mt5xl")),
 }
 
 # Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).
@@ -143,7 +147,7 @@ _FLOW = {
 
 TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Chroma Radiance, Lumina 2, Z-Image, "
           "Cosmos Predict2 (text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, PixArt α/Σ and "
-          "Hunyuan-DiT 1.1/1.2")
+          "Hunyuan-DiT")
 # Why a refused family does not train, where it is more than "not shown yet".
 _WHY = {
     "Stable_Cascade_C": "Stable Cascade's stage C is a prior that only stage B and stage A turn into pixels: its class "

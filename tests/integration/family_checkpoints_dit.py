@@ -28,8 +28,10 @@ and files are written once into the same cache folder.
                              t5 MLP and the attention pooler most of its 45 M parameters. BERT 1 layer (its
                              47020-row vocabulary: 48 M), mT5 2 blocks with the 32000-piece SentencePiece model
                              the host ships (t5_pile_tokenizer) as its `spiece_model`, so a 32128-row vocabulary
-                             (66 M) instead of mT5's 250112. HunyuanDiT1 (v1.0) is detected only at width 1408
-                             (its extra embedder's 3968 inputs), so it is not here and stays refused.
+                             (66 M) instead of mT5's 250112.
+  hunyuan_dit1  HunyuanDiT1  v1.0, the same files; the host tells it apart by its extra embedder's 3968 inputs
+                             (pooled text, size and style conditions), which only its full width (1408) makes:
+                             one block at that width, ~110 M parameters (the embedders and text MLP most of it).
 The text encoders' sizes come in through the host's own hook, load_checkpoint_guess_config's
 `te_model_options["<name>_model_config"]` (`t5xxl`, `hydit_clip`, `mt5xl`: sd1_clip.SDClipModel reads it, in
 0.3.64 as in 0.33); the T5 and BERT tokenizers are the ones the host ships (comfy/text_encoders).
@@ -107,8 +109,11 @@ def _pixart(name: str, alpha: bool, seed: int) -> fc.FamilyFiles:
                 "model_max_length": max_length, "micro_condition": alpha})
 
 
-def _hunyuan_dit_skeleton(hidden: int) -> dict:
+def _hunyuan_dit_skeleton(hidden: int, v10: bool = False) -> dict:
     m = fc._meta
+    if v10:  # v1.0: one block, its extra embedder reading the pooled text, size and style conditions
+        return {"mlp_t5.0.weight": m(4 * 2048, 2048), "x_embedder.proj.weight": m(hidden, 4, 2, 2),
+                "extra_embedder.0.weight": m(4 * hidden, 3968), "blocks.0.norm1.weight": m(hidden)}
     return {"mlp_t5.0.weight": m(4 * 2048, 2048), "x_embedder.proj.weight": m(hidden, 4, 2, 2),
             "extra_embedder.0.weight": m(4 * hidden, 1024), "blocks.0.norm1.weight": m(hidden),
             "blocks.1.norm1.weight": m(hidden)}
@@ -128,12 +133,13 @@ def _text_layout(module_name: str, config: dict) -> dict:
         return fc._shapes(cls(cfg, None, "meta", comfy.ops.disable_weight_init))
 
 
-def _hunyuan_dit(name: str, seed: int) -> fc.FamilyFiles:
+def _hunyuan_dit(name: str, seed: int, v10: bool = False) -> fc.FamilyFiles:
     import torch
     import comfy.text_encoders.llama as llama
 
-    info = {"hidden": 256, "heads": 16, "depth": 2, "bert": BERT, "mt5": MT5}
-    layout = _detected_layout(_hunyuan_dit_skeleton(256), "HunyuanDiT")
+    hidden, depth, cls = (1408, 1, "HunyuanDiT1") if v10 else (256, 2, "HunyuanDiT")
+    info = {"hidden": hidden, "heads": 16, "depth": depth, "bert": BERT, "mt5": MT5}
+    layout = _detected_layout(_hunyuan_dit_skeleton(hidden, v10), cls)
     full = {f"model.diffusion_model.{k}": v for k, v in layout.items()}
     full.update({f"text_encoders.hydit_clip.transformer.{k}": v for k, v in _text_layout("hydit_clip", BERT).items()})
     full.update({f"text_encoders.mt5xl.transformer.{k}": v for k, v in _text_layout("mt5xl", MT5).items()})
@@ -141,15 +147,16 @@ def _hunyuan_dit(name: str, seed: int) -> fc.FamilyFiles:
     extra = {"text_encoders.mt5xl.spiece_model": torch.frombuffer(bytearray(spm), dtype=torch.uint8).clone()}
     ckpt = _write(name, full, seed, extra=extra)
     return fc.FamilyFiles(
-        name=name, model_class="HunyuanDiT", diffusion_model=ckpt, text_encoders=(ckpt,), clip_type="checkpoint",
+        name=name, model_class=cls, diffusion_model=ckpt, text_encoders=(ckpt,), clip_type="checkpoint",
         vae=taesd_folder(seed) / "taesdxl", latent_channels=4,
         te_model_options={"hydit_clip_model_config": dict(BERT), "mt5xl_model_config": dict(MT5)}, layout=info,
-        expect={"image_model": "hydit", "depth": 2, "hidden_size": 256})
+        expect={"image_model": "hydit1" if v10 else "hydit", "depth": depth, "hidden_size": hidden})
 
 
 FAMILIES = {"pixart_alpha": lambda seed: _pixart("pixart_alpha", True, seed),
             "pixart_sigma": lambda seed: _pixart("pixart_sigma", False, seed),
-            "hunyuan_dit": lambda seed: _hunyuan_dit("hunyuan_dit", seed)}
+            "hunyuan_dit": lambda seed: _hunyuan_dit("hunyuan_dit", seed),
+            "hunyuan_dit1": lambda seed: _hunyuan_dit("hunyuan_dit1", seed, v10=True)}
 
 
 def ensure_family(name: str, seed: int = fc.SEED) -> fc.FamilyFiles:

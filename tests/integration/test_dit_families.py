@@ -48,6 +48,10 @@ SUITE = FamilySuite({
     "hunyuan_dit": Family("hunyuan-dit", "lora_unet_blocks_0_attn2_kv_proj", "hunyuan_dit", "hunyuan-dit/lora",
                           prediction="v_prediction", tokenizers=("BertTokenizer(Fast)?", "_SentencePieceView"),
                           suggestions=0, photos=2),
+    # v1.0: the same path; its fixture is 1408 wide (one block), the width the host tells it apart by
+    "hunyuan_dit1": Family("hunyuan-dit", "lora_unet_blocks_0_attn2_kv_proj", "hunyuan_dit", "hunyuan-dit/lora",
+                           prediction="v_prediction", tokenizers=("BertTokenizer(Fast)?", "_SentencePieceView"),
+                           suggestions=0, photos=2),
 }, ensure=fd.ensure_family, load=fd.load, host=host_eps, save_prefix="dit_")
 name = SUITE.fixture()
 # each block's attention, cross-attention and MLP Linears (no t_block / default_modulation / embedder / final layer)

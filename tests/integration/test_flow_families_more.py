@@ -62,7 +62,7 @@ def test_class_images_are_the_stock_ksampler_images(comfy_host, pack):
 
 
 # supported_models class -> the model_base class its get_model builds (whose default ModelType decides sampling)
-REFUSED = {"CosmosI2VPredict2": "CosmosPredict2", "HunyuanDiT1": "HunyuanDiT"}
+REFUSED = {"CosmosI2VPredict2": "CosmosPredict2"}
 
 
 @pytest.mark.parametrize("cls", sorted(REFUSED))
@@ -77,7 +77,7 @@ def test_families_that_do_not_train_are_refused_by_name(comfy_host, pack, cls):
     config_cls = getattr(comfy.supported_models, cls, None)
     if config_cls is None:
         pytest.skip(f"this host has no {cls}")
-    config = config_cls(dict(config_cls.unet_config, hidden_size=6144))  # Flux 2 scales its memory estimate by it
+    config = config_cls(dict(config_cls.unet_config, hidden_size=6144))  # a width for configs that read one
     model_type = inspect.signature(getattr(comfy.model_base, REFUSED[cls]).__init__).parameters["model_type"].default
     sampling = comfy.model_base.model_sampling(config, model_type)
     assert_detection_refuses(pack, config, sampling, rf"the connected MODEL is {cls} \(\w+ sampling\); DreamBooth "
