@@ -150,6 +150,30 @@ def _prediction_type(model_sampling, name: str = "model") -> str:
     raise UnsupportedModel(f"this {name} model's prediction type is not supported for training (only ε and v)")
 
 
+def _training_sigmas(model_sampling) -> torch.Tensor:
+    """σ at each integer timestep of the discrete schedule (float32, CPU): the model's own sigmas. Stable
+    Cascade's StableCascadeSampling is a cosine schedule in continuous time t ∈ (0, 1] that the host tabulates
+    at t = (i + 1)/10⁴ (its `timestep(σ)` gives t back to the model) with the shift it samples with (stage C:
+    2) folded in; stage C was trained unshifted (Stability's train_c: `gdf.diffuse(latents, shift=1)`), so
+    the table trained on is the host's own at shift 1."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.StableCascadeSampling) and float(model_sampling.shift) != 1.0:
+        return _unshifted_cascade_sigmas(float(model_sampling.cosine_s)).clone()
+    return model_sampling.sigmas.detach().float().cpu()
+
+
+@functools.lru_cache(maxsize=2)
+def _unshifted_cascade_sigmas(cosine_s: float) -> torch.Tensor:
+    """The host's StableCascadeSampling table at shift 1 (made once: the host fills it point by point)."""
+    import comfy.model_sampling as ms
+
+    unshifted = ms.StableCascadeSampling()
+    if float(unshifted.cosine_s) != cosine_s:
+        unshifted.set_parameters(1.0, cosine_s)
+    return unshifted.sigmas.detach().float().cpu()
+
+
 def _tensor_bytes(t: torch.Tensor, n: int = 4096) -> bytes:
     flat = t.detach().reshape(-1)[:n]
     return flat.to(device="cpu", dtype=torch.float32).numpy().tobytes()
@@ -283,11 +307,19 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             self.alphas_cumprod = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
         else:
             self.prediction_type = _prediction_type(self.model_sampling, families.model_class(model))
-            sigmas = self.model_sampling.sigmas.detach().float().cpu()
-            self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+            #: σ of each integer timestep of the discrete schedule it trains on (the transformer path's input)
+            self.schedule_sigmas = _training_sigmas(self.model_sampling)
+            self.alphas_cumprod = 1.0 / (1.0 + self.schedule_sigmas ** 2)
             if not self._family.transformer:
                 self.native_resolution = self._native_resolution()
-        self.latent_factor = int(vae.spacial_compression_encode()) if vae is not None else 8
+        self.latent_factor = self._family.compression or (int(vae.spacial_compression_encode()) if vae is not None else 8)
+        if self._family.compression:
+            # its VAE decodes only the previewer's sketch, which does not encode back into the latents it
+            # came from: prior preservation needs the user's own class images (job.class_images)
+            self.class_images_from_samples = (
+                f"{families.model_class(model)}'s VAE decodes its latents only to the previewer's small sketch "
+                "(stage B and stage A make the image), and that sketch does not encode back into the latents "
+                "it came from")
         self._fingerprint: Optional[str] = None
         self._target_keys: Dict[str, Tuple[str, str]] = {}
         self._wrappers: List[Tuple[str, str, object]] = []  # (unet|clip, key, wrapper) trained deltas
@@ -446,6 +478,14 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         if self.vae is None:
             raise ValueError("no VAE connected")
         images = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+        c = self._family.compression
+        if c:  # as StableCascade_StageC_VAEEncode: the image scaled to (side // compression) · the VAE's ratio
+            import comfy.utils
+
+            r = int(self.vae.spacial_compression_encode())
+            h, w = images.shape[1:3]
+            images = comfy.utils.common_upscale(images.movedim(-1, 1), (w // c) * r, (h // c) * r, "bicubic",
+                                                "center").movedim(1, -1)
         latent_format = self.model.get_model_object("latent_format")
         if getattr(self.vae, "latent_dim", 2) == 3:
             # a video autoencoder (Qwen-Image's Wan 2.1) reads a batch as the frames of one video: each image
@@ -665,11 +705,12 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: not one of ComfyUI's schedulers")
         f = self.latent_factor
-        if settings.width % f or settings.height % f:
+        if (settings.width % f or settings.height % f) and not self._family.compression:
             raise ValueError(f"width/height must be multiples of {f}")
         model, clip = self._sampling_pair()
         channels = model.get_model_object("latent_format").latent_channels
-        # an empty latent as the stock KSampler passes it on (one frame where the format is 3-D)
+        # an empty latent as the stock KSampler passes it on (one frame where the format is 3-D; Stable
+        # Cascade's sizes floored, as StableCascade_EmptyLatentImage floors them)
         latent = comfy.sample.fix_empty_latent_channels(
             model, torch.zeros([1, channels, settings.height // f, settings.width // f]))
         hook = self.sampler_step_hook

@@ -46,6 +46,11 @@ class BackendDefaults:
     """What a backend does where it has nothing of its own to do; every backend inherits it, so the
     trainer calls each method of the protocol without asking whether it exists."""
 
+    #: None where generated class images train (their pixels encode back into what the model made); else
+    #: why not (Stable Cascade's stage C: its VAE decodes only a preview), and only the user's own class
+    #: images serve prior preservation (class_images.cache.ensure_class_images refuses to generate them)
+    class_images_from_samples: Optional[str] = None
+
     def schedule(self) -> "Schedule":
         """The discrete schedule the SD1/SD2/SDXL backends train with, from their ᾱ_t and target."""
         from ..training.schedules import DiscreteSchedule

@@ -205,6 +205,10 @@ def ensure_class_images(backend, cache_root: str | os.PathLike, class_prompt: st
         raise ValueError(f"batch_size: {batch_size!r} must be at least 1")
     if not class_prompt or not class_prompt.strip():
         raise ValueError("class_prompt: empty; give the class prompt, e.g. 'a photo of a dog'")
+    why = getattr(backend, "class_images_from_samples", None)
+    if why:
+        raise ValueError(f"class images cannot be generated for this model: {why}. For prior preservation give "
+                         f"your own class images (photos of '{class_prompt}', the class_dir folder), or turn prior off")
     key = cache_key(backend.fingerprint(), class_prompt, settings, seed)
     folder = cache_folder(cache_root, key)
     folder.mkdir(parents=True, exist_ok=True)
