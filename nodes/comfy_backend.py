@@ -30,6 +30,11 @@
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its
   seed (noise from `comfy.sample.prepare_noise`, one image per call), so a class image equals
   what a stock KSampler makes with that seed.
+- Stable Cascade's stage C (the prior; families.py) takes the transformer path on its discrete schedule:
+  ε on the host's StableCascadeSampling table at shift 1 (_training_sigmas), its inputs (clip_text,
+  clip_text_pooled, clip_img) from `extra_conds`, latents of 42 pixels a cell as the host's StageC
+  nodes make them. Its VAE decodes only the previewer's sketch: `generate` returns that (what the stock
+  VAEDecode shows) and, for the class-image cache, the sampled latents themselves (`class_latents`).
 """
 from __future__ import annotations
 
@@ -313,13 +318,9 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             if not self._family.transformer:
                 self.native_resolution = self._native_resolution()
         self.latent_factor = self._family.compression or (int(vae.spacial_compression_encode()) if vae is not None else 8)
-        if self._family.compression:
-            # its VAE decodes only the previewer's sketch, which does not encode back into the latents it
-            # came from: prior preservation needs the user's own class images (job.class_images)
-            self.class_images_from_samples = (
-                f"{families.model_class(model)}'s VAE decodes its latents only to the previewer's small sketch "
-                "(stage B and stage A make the image), and that sketch does not encode back into the latents "
-                "it came from")
+        # Stable Cascade's stage C VAE decodes only the previewer's sketch (stage B and stage A make the image),
+        # which does not encode back into the latents it came from: its class samples are kept as latents
+        self.class_latents = bool(self._family.compression)
         self._fingerprint: Optional[str] = None
         self._target_keys: Dict[str, Tuple[str, str]] = {}
         self._wrappers: List[Tuple[str, str, object]] = []  # (unet|clip, key, wrapper) trained deltas
@@ -690,7 +691,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         return self.result() if self._wrappers else (self.base_model, self.base_clip)
 
     # -- sampling ------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings, progress=None) -> List[np.ndarray]:
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings, progress=None,
+                 latents: Optional[list] = None) -> List[np.ndarray]:
         import comfy.sample
         import comfy.samplers
 
@@ -726,14 +728,16 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             state.active = False
             self._training_kernels(False)
         try:
-            self._sample(model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images)
+            self._sample(model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images,
+                         latents)
         finally:
             if state is not None and active:
                 state.active = True
                 self._training_kernels(True)
         return images
 
-    def _sample(self, model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images):
+    def _sample(self, model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images,
+                latents=None):
         import comfy.sample
 
         conds: Dict[str, list] = {}
@@ -749,6 +753,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
                 samples = comfy.sample.sample(model, noise, settings.steps, settings.guidance, sampler, scheduler,
                                               cond(prompt), cond(settings.negative_prompt), latent, denoise=1.0,
                                               callback=on_step, disable_pbar=True, seed=int(seed))
+                if latents is not None:  # the sample as the model made it, in the core's (scaled) latents
+                    latents.append(model.get_model_object("latent_format").process_in(samples)[0].float().cpu())
                 pixels = self.vae.decode(samples)
                 pixels = pixels.reshape(-1, *pixels.shape[-3:])  # frames as images (VAEDecode does the same)
                 # 8-bit the way the host's SaveImage writes it, so a class image is the PNG a stock

@@ -7,8 +7,9 @@ Checked, as test_dit_families.py checks the discrete-schedule transformers:
   - the schedule is the host's cosine table at shift 1 (stage C trained unshifted; the host samples at 2), ε;
     the backend's ε at integer timesteps is the host's own (`extra_conds`: clip_text, clip_text_pooled,
     clip_img; `apply_model` at that σ); the latents are StableCascade_StageC_VAEEncode's (compression 42);
-  - a few LoRA steps of the core trainer with prior preservation (the user's own class photos: generated class
-    images are refused with the reason, the VAE decodes only the previewer's sketch) lower the held-out ε
+  - class samples (the class-image cache) are kept as the latents the stock stage C KSampler makes with their
+    seeds, beside their previews (the VAE decodes only the previewer's sketch, which would not encode back);
+    a few LoRA steps of the core trainer with prior preservation on those latents lower the held-out ε
     loss of the identifier prompt; the file carries `lora_unet_` keys of the attention and MLP Linears and the
     family's metadata; the stock LoraLoader uses every key and changes the model as the trained MODEL does;
     the base MODEL stays bit-identical;
@@ -146,10 +147,20 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     before = _digest(model.model)
     backend = cb.ComfyBackend(model, clip, vae)
 
-    # generated class images are refused, with why (the previewer's sketch does not encode back)
-    settings = base_mod.SampleSettings(steps=2, guidance=1.0, sampler="euler", width=SIZE, height=SIZE)
-    with pytest.raises(ValueError, match=r"cannot be generated for this model: .*previewer.*your own class images"):
-        cache_mod.ensure_class_images(backend, tmp_path / "classes", "a photo of a dog", 2, settings)
+    # class samples: the stock KSampler's latents for their seeds, kept beside their previews
+    assert backend.class_latents
+    settings = base_mod.SampleSettings(steps=2, guidance=3.0, sampler="euler:simple", width=SIZE, height=SIZE)
+    with torch.inference_mode():
+        made = cache_mod.ensure_class_images(backend, tmp_path / "classes", "a photo of a dog", 2, settings, seed=3)
+    classes = made.load(resolution=SIZE).items
+    assert len(classes) == 2 and all(c.image.size == (SIZE, SIZE) for c in classes)
+    for i, item in enumerate(classes):
+        assert item.latent.shape == (16, SIZE // 42, SIZE // 42)
+        torch.testing.assert_close(item.latent, _stock_latent(model, clip, "a photo of a dog", SIZE, SIZE, 3 + i))
+    with pytest.raises(ValueError, match=r"made at 336x336 and are kept as that model's latents"):
+        made.load(resolution=SIZE - 42)
+    again = cache_mod.ensure_class_images(backend, tmp_path / "classes", "a photo of a dog", 2, settings, seed=3)
+    assert (again.generated, again.reused) == (0, 2)
 
     targets = backend.lora_targets(True, False)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -163,7 +174,6 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     assert set(targets) == expected
 
     instance = [SimpleNamespace(image=im, caption=PROMPT) for im in _photos(2, SIZE, 0)]
-    classes = [SimpleNamespace(image=im, caption="a photo of a dog") for im in _photos(2, SIZE, 5)]
     with torch.no_grad():
         latents = backend.encode_images(_pixels([e.image for e in instance]))
         cond = backend.encode_text([PROMPT] * 2, size=(SIZE, SIZE))
@@ -179,6 +189,7 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
         backend.release()
     trained = _eps_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
     assert result.status == "completed" and trained < untrained, (untrained, trained)
+    assert all(r["prior_loss"] > 0 for r in result.history), "every step trained on the class latents too"
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
 
     lora = comfy.utils.load_torch_file(str(result.lora_path))
@@ -204,6 +215,20 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     torch.testing.assert_close(eps_lora, _host_eps(backend, backend.result()[0], clip, PROMPT, x, t),
                                rtol=1e-3, atol=1e-3)
     assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+
+
+def _stock_latent(model, clip, prompt, width, height, seed):
+    """The stage C latents of the stock graph: StableCascade_EmptyLatentImage, CLIPTextEncode, KSampler (2 Euler
+    steps, CFG 3, no negative text)."""
+    import nodes as host_nodes
+    from comfy_extras.nodes_stable_cascade import StableCascade_EmptyLatentImage
+
+    with torch.inference_mode():
+        latent = StableCascade_EmptyLatentImage.execute(width, height, 42, 1).result[0]
+        pos = host_nodes.CLIPTextEncode().encode(clip, prompt)[0]
+        neg = host_nodes.CLIPTextEncode().encode(clip, "")[0]
+        samples = host_nodes.common_ksampler(model, seed, 2, 3.0, "euler", "simple", pos, neg, latent)[0]
+    return samples["samples"][0].float()
 
 
 def test_a_sample_is_the_stock_stage_c_graphs_image(comfy_host, pack):
