@@ -317,7 +317,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             self.alphas_cumprod = 1.0 / (1.0 + self.schedule_sigmas ** 2)
             if not self._family.transformer:
                 self.native_resolution = self._native_resolution()
-        self.latent_factor = self._family.compression or (int(vae.spacial_compression_encode()) if vae is not None else 8)
+        vae_factor = int(vae.spacial_compression_encode()) if vae is not None else 8
+        self.latent_factor = self._family.compression or vae_factor
         # Stable Cascade's stage C VAE decodes only the previewer's sketch (stage B and stage A make the image),
         # which does not encode back into the latents it came from: its class samples are kept as latents
         self.class_latents = bool(self._family.compression)

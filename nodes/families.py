@@ -88,6 +88,9 @@ class Family:
 _UNET = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
          "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
 
+_CASCADE_LORA = re.compile(r"^(down|up)_blocks\.\d+\.\d+\.(attention\.attn\.(to_q|to_k|to_v|out_proj)|kv_mapper\.1"
+                           r"|channelwise\.[04])$")
+
 # Discrete-schedule transformers (the generic block and LoRA rules): PixArt's T5 caps at the length the
 # model was trained on (`model_max_length`: 120 tokens for α, 300 for Σ); Hunyuan-DiT (v1.1 / v1.2,
 # v-prediction) reads its BERT (77 tokens) as the context and its mT5 (256) beside it.
@@ -101,8 +104,7 @@ _DIT = {
     # LoRA: the attention (q, k, v, out and the text's kv_mapper) and the MLPs (ResBlock's channelwise Linears);
     # the TimestepBlocks' mappers are its modulation and stay out. CLIP-G's 77 tokens.
     "Stable_Cascade_C": Family("stable-cascade-c", "discrete", blocks=("down_blocks", "up_blocks"),
-                               lora=re.compile(r"^(down|up)_blocks\.\d+\.\d+\.(attention\.attn\.(to_q|to_k|to_v|out_proj)"
-                                               r"|kv_mapper\.1|channelwise\.[04])$"), compression=42),
+                               lora=_CASCADE_LORA, compression=42),
 }
 
 # Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).

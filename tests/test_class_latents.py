@@ -31,8 +31,8 @@ class LatentBackend(BackendDefaults):
         images = []
         for seed in seeds:
             self.calls += 1
-            lat = torch.randn(4, settings.height // 8, settings.width // 8, generator=torch.Generator().manual_seed(seed))
-            latents.append(lat)
+            g = torch.Generator().manual_seed(seed)
+            latents.append(torch.randn(4, settings.height // 8, settings.width // 8, generator=g))
             images.append(np.full((settings.height // 4, settings.width // 4, 3), seed % 256, np.uint8))
         return images
 

@@ -4,11 +4,12 @@ that may not download anything.
 Test code, beside family_checkpoints.py, whose helpers it uses; files go into the same cache folder.
   stable_cascade_c  Stable_Cascade_C  (both hosts) one checkpoint as Load Checkpoint reads it:
                   `model.diffusion_model.` StageC, two levels 64 wide (2 heads of 32), one C/T/A triple per
-                  level down and up (the host's level_config 'CTA'); `text_encoder.clip_g.transformer.` CLIP-G
+                  level down and up (the host's level_config 'CTA'; 0.56 M parameters);
+                  `text_encoder.clip_g.transformer.` CLIP-G
                   64 wide (family_checkpoints.CLIP_OVERRIDES, through load_checkpoint_guess_config's
                   te_model_options["clip_g_model_config"]: a real CLIP-G is 0.7 B parameters) and `vae.` the
                   stage C coder: the EfficientNet-V2-S encoder and the previewer decoder at their real sizes
-                  (both hosts hard-code them: 24 M parameters).
+                  (both hosts hard-code them: 24 M parameters). One 56 MB fp16 file, shared by both hosts.
                   Scaffolding (test code, not the pack): both hosts read only "stage c, full or lite" from the
                   tensors (`clip_txt_mapper` 2048 or 1536 rows) and hard-code the rest (3.6 B parameters for
                   the full model, 1 B for lite). `cascade_detection()` wraps

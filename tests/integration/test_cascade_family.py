@@ -15,6 +15,8 @@ Checked, as test_dit_families.py checks the discrete-schedule transformers:
     the base MODEL stays bit-identical;
   - a sample (what DreamBooth's grids and thumbnails show) equals the stock graph's image with that seed:
     StableCascade_EmptyLatentImage, KSampler, VAEDecode of the stage C VAE (the previewer).
+The whole file took 11 s (0.33) and 8 s (0.3.64) with the cache warm, 9 s (0.33) writing the checkpoint first,
+on 2 cores shared with other jobs.
 """
 from __future__ import annotations
 
