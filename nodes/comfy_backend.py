@@ -30,6 +30,11 @@
 - Samples with the host's KSampler machinery (`comfy.sample.sample`); image i depends only on its
   seed (noise from `comfy.sample.prepare_noise`, one image per call), so a class image equals
   what a stock KSampler makes with that seed.
+- Stable Cascade's stage C (the prior; families.py) takes the transformer path on its discrete schedule:
+  ε on the host's StableCascadeSampling table at shift 1 (_training_sigmas), its inputs (clip_text,
+  clip_text_pooled, clip_img) from `extra_conds`, latents of 42 pixels a cell as the host's StageC
+  nodes make them. Its VAE decodes only the previewer's sketch: `generate` returns that (what the stock
+  VAEDecode shows) and, for the class-image cache, the sampled latents themselves (`class_latents`).
 """
 from __future__ import annotations
 
@@ -148,6 +153,30 @@ def _prediction_type(model_sampling, name: str = "model") -> str:
     if isinstance(model_sampling, ms.EPS):
         return "epsilon"
     raise UnsupportedModel(f"this {name} model's prediction type is not supported for training (only ε and v)")
+
+
+def _training_sigmas(model_sampling) -> torch.Tensor:
+    """σ at each integer timestep of the discrete schedule (float32, CPU): the model's own sigmas. Stable
+    Cascade's StableCascadeSampling is a cosine schedule in continuous time t ∈ (0, 1] that the host tabulates
+    at t = (i + 1)/10⁴ (its `timestep(σ)` gives t back to the model) with the shift it samples with (stage C:
+    2) folded in; stage C was trained unshifted (Stability's train_c: `gdf.diffuse(latents, shift=1)`), so
+    the table trained on is the host's own at shift 1."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.StableCascadeSampling) and float(model_sampling.shift) != 1.0:
+        return _unshifted_cascade_sigmas(float(model_sampling.cosine_s)).clone()
+    return model_sampling.sigmas.detach().float().cpu()
+
+
+@functools.lru_cache(maxsize=2)
+def _unshifted_cascade_sigmas(cosine_s: float) -> torch.Tensor:
+    """The host's StableCascadeSampling table at shift 1 (made once: the host fills it point by point)."""
+    import comfy.model_sampling as ms
+
+    unshifted = ms.StableCascadeSampling()
+    if float(unshifted.cosine_s) != cosine_s:
+        unshifted.set_parameters(1.0, cosine_s)
+    return unshifted.sigmas.detach().float().cpu()
 
 
 def _tensor_bytes(t: torch.Tensor, n: int = 4096) -> bytes:
@@ -283,11 +312,16 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             self.alphas_cumprod = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
         else:
             self.prediction_type = _prediction_type(self.model_sampling, families.model_class(model))
-            sigmas = self.model_sampling.sigmas.detach().float().cpu()
-            self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+            #: σ of each integer timestep of the discrete schedule it trains on (the transformer path's input)
+            self.schedule_sigmas = _training_sigmas(self.model_sampling)
+            self.alphas_cumprod = 1.0 / (1.0 + self.schedule_sigmas ** 2)
             if not self._family.transformer:
                 self.native_resolution = self._native_resolution()
-        self.latent_factor = int(vae.spacial_compression_encode()) if vae is not None else 8
+        vae_factor = int(vae.spacial_compression_encode()) if vae is not None else 8
+        self.latent_factor = self._family.compression or vae_factor
+        # Stable Cascade's stage C VAE decodes only the previewer's sketch (stage B and stage A make the image),
+        # which does not encode back into the latents it came from: its class samples are kept as latents
+        self.class_latents = bool(self._family.compression)
         self._fingerprint: Optional[str] = None
         self._target_keys: Dict[str, Tuple[str, str]] = {}
         self._wrappers: List[Tuple[str, str, object]] = []  # (unet|clip, key, wrapper) trained deltas
@@ -446,6 +480,14 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         if self.vae is None:
             raise ValueError("no VAE connected")
         images = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+        c = self._family.compression
+        if c:  # as StableCascade_StageC_VAEEncode: the image scaled to (side // compression) · the VAE's ratio
+            import comfy.utils
+
+            r = int(self.vae.spacial_compression_encode())
+            h, w = images.shape[1:3]
+            images = comfy.utils.common_upscale(images.movedim(-1, 1), (w // c) * r, (h // c) * r, "bicubic",
+                                                "center").movedim(1, -1)
         latent_format = self.model.get_model_object("latent_format")
         if getattr(self.vae, "latent_dim", 2) == 3:
             # a video autoencoder (Qwen-Image's Wan 2.1) reads a batch as the frames of one video: each image
@@ -650,7 +692,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         return self.result() if self._wrappers else (self.base_model, self.base_clip)
 
     # -- sampling ------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings, progress=None) -> List[np.ndarray]:
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings, progress=None,
+                 latents: Optional[list] = None) -> List[np.ndarray]:
         import comfy.sample
         import comfy.samplers
 
@@ -665,11 +708,12 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: not one of ComfyUI's schedulers")
         f = self.latent_factor
-        if settings.width % f or settings.height % f:
+        if (settings.width % f or settings.height % f) and not self._family.compression:
             raise ValueError(f"width/height must be multiples of {f}")
         model, clip = self._sampling_pair()
         channels = model.get_model_object("latent_format").latent_channels
-        # an empty latent as the stock KSampler passes it on (one frame where the format is 3-D)
+        # an empty latent as the stock KSampler passes it on (one frame where the format is 3-D; Stable
+        # Cascade's sizes floored, as StableCascade_EmptyLatentImage floors them)
         latent = comfy.sample.fix_empty_latent_channels(
             model, torch.zeros([1, channels, settings.height // f, settings.width // f]))
         hook = self.sampler_step_hook
@@ -685,14 +729,16 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
             state.active = False
             self._training_kernels(False)
         try:
-            self._sample(model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images)
+            self._sample(model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images,
+                         latents)
         finally:
             if state is not None and active:
                 state.active = True
                 self._training_kernels(True)
         return images
 
-    def _sample(self, model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images):
+    def _sample(self, model, clip, prompts, seeds, settings, sampler, scheduler, latent, on_step, progress, images,
+                latents=None):
         import comfy.sample
 
         conds: Dict[str, list] = {}
@@ -708,6 +754,8 @@ class ComfyBackend(FlowModelPath, BackendDefaults):
                 samples = comfy.sample.sample(model, noise, settings.steps, settings.guidance, sampler, scheduler,
                                               cond(prompt), cond(settings.negative_prompt), latent, denoise=1.0,
                                               callback=on_step, disable_pbar=True, seed=int(seed))
+                if latents is not None:  # the sample as the model made it, in the core's (scaled) latents
+                    latents.append(model.get_model_object("latent_format").process_in(samples)[0].float().cpu())
                 pixels = self.vae.decode(samples)
                 pixels = pixels.reshape(-1, *pixels.shape[-3:])  # frames as images (VAEDecode does the same)
                 # 8-bit the way the host's SaveImage writes it, so a class image is the PNG a stock

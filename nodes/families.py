@@ -3,7 +3,7 @@
 A family is named by the host's own detection: `type(model.model.model_config).__name__` (the
 class in `comfy/supported_models.py` the loader matched) and its sampling object. Only the families
 listed here train; every other one (video, audio, 3-D, inpainting and control variants with extra
-input channels, EDM/x0 models, Stable Cascade, ...) is refused before any work, with
+input channels, EDM/x0 models, Stable Cascade's stage B, ...) is refused before any work, with
 its name (and, where one is known, why: _WHY): none of them has been shown to train here (a tiny checkpoint
 of its layout, trained inside the host; tests/integration).
 
@@ -15,7 +15,9 @@ A family is two choices (`Family.schedule`, `Family.transformer`):
     transformer (flow_path: the blocks, LoRA and checkpointing below, predictions through the host's
     `extra_conds` and `_apply_model` pieces). The discrete-schedule transformers (PixArt α/Σ, Hunyuan-DiT)
     are the second path on the first schedule: their diffusion model returns only the ε / v channels of
-    its learned-σ output, as the host's samplers read it.
+    its learned-σ output, as the host's samplers read it. Stable Cascade's stage C (a convolutional UNet
+    with attention, its own inputs through `extra_conds`) takes the same path: nothing in it is specific to
+    transformers but the block rule, which for stage C lists its per-level blocks.
 
 Per transformer family:
   - `shift`: the SD3-style time shift σ ↦ sσ/(1+(s−1)σ) the host samples with. `ModelSamplingFlux`
@@ -72,6 +74,10 @@ class Family:
     # entries of the host's encoding beside `cond` that reach extra_conds: a second encoder's output and
     # its mask, one length (Hunyuan-DiT's mT5)
     text_extras: Tuple[str, ...] = ()
+    # pixels per latent cell where the host's own nodes use another than the VAE's (Stable Cascade's stage C:
+    # 42, its StableCascade_EmptyLatentImage / StageC_VAEEncode `compression`, sizes floored as they floor
+    # them); 0: the VAE's
+    compression: int = 0
 
     @property
     def flow(self) -> bool:
@@ -81,6 +87,9 @@ class Family:
 # Discrete-schedule UNets: the SD path (ε/v from the model's own ᾱ).
 _UNET = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
          "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}
+
+_CASCADE_LORA = re.compile(r"^(down|up)_blocks\.\d+\.\d+\.(attention\.attn\.(to_q|to_k|to_v|out_proj)|kv_mapper\.1"
+                           r"|channelwise\.[04])$")
 
 # Discrete-schedule transformers (the generic block and LoRA rules): PixArt's T5 caps at the length the
 # model was trained on (`model_max_length`: 120 tokens for α, 300 for Σ); Hunyuan-DiT (v1.1 / v1.2,
@@ -94,6 +103,12 @@ _DIT = {
     # which the host's extra_conds make), on its own β schedule (the host's sigmas)
     "HunyuanDiT1": Family("hunyuan-dit", "discrete", text_cap=256, windows=(("hydit_clip", 77),),
                           text_extras=("conditioning_mt5xl", "attention_mask_mt5xl")),
+    # Stable Cascade's stage C (the text-conditional prior, ε on StableCascadeSampling: see comfy_backend's
+    # schedule): a convolutional UNet of ResBlock / TimestepBlock / AttnBlock triples in per-level lists. Its
+    # LoRA: the attention (q, k, v, out and the text's kv_mapper) and the MLPs (ResBlock's channelwise Linears);
+    # the TimestepBlocks' mappers are its modulation and stay out. CLIP-G's 77 tokens.
+    "Stable_Cascade_C": Family("stable-cascade-c", "discrete", blocks=("down_blocks", "up_blocks"),
+                               lora=_CASCADE_LORA, compression=42),
 }
 
 # Flux, Chroma and SD3 share their LoRA rules with the WebUI side (dreambooth_core.adapters.kohya).
@@ -146,18 +161,13 @@ _FLOW = {
 }
 
 TRAINS = ("SD1.x, SD2.x, SDXL, Flux (dev, schnell), Flux 2, SD3/SD3.5, Chroma, Chroma Radiance, Lumina 2, Z-Image, "
-          "Cosmos Predict2 (text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, PixArt α/Σ and "
-          "Hunyuan-DiT")
+          "Cosmos Predict2 (text-to-image), Qwen-Image, AuraFlow, HunyuanImage 2.1, HiDream, Omnigen2, PixArt α/Σ, "
+          "Hunyuan-DiT and Stable Cascade stage C")
 # Why a refused family does not train, where it is more than "not shown yet".
 _WHY = {
-    "Stable_Cascade_C": "Stable Cascade's stage C is a prior that only stage B and stage A turn into pixels: its class "
-                        "images need a stage B MODEL and a stage A VAE that the node does not take, its training "
-                        "latents come from the stage C VAE (EfficientNet encoder, previewer decoder), and it "
-                        "predicts ε on StableCascadeSampling's cosine schedule in continuous time with inputs of "
-                        "its own (clip_text, clip_text_pooled, clip_img): neither the SD UNet path nor the flow "
-                        "path runs it yet",
     "Stable_Cascade_B": "Stable Cascade's stage B is its decoder stage (stage C's latents to stage A's), not a "
-                        "text-to-image model; stage C, the prior, does not train here either",
+                        "text-to-image model: train stage C, the prior (its checkpoint through Load Checkpoint), "
+                        "and decode with the stage B and stage A you sample with",
 }
 
 
@@ -284,7 +294,11 @@ def flow_lora_targets(family: Family, diffusion_model):
 
 
 def flow_blocks(family: Family, diffusion_model) -> list:
+    """The blocks of the family's lists; a list of lists (Stable Cascade's levels) gives its entries' blocks."""
+    from torch import nn
+
     out = []
     for name in family.blocks or transformer_block_lists(diffusion_model):
-        out.extend(getattr(diffusion_model, name, None) or [])
+        for block in getattr(diffusion_model, name, None) or []:
+            out.extend(block if isinstance(block, nn.ModuleList) else [block])
     return out

@@ -208,11 +208,11 @@ class FlowModelPath:
     def _predict_transformer(self, noisy: torch.Tensor, timesteps: torch.Tensor,
                              cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The schedule's target: the velocity at σ (flow), or ε / v at integer t (discrete). A discrete
-        schedule's input √ᾱ·x0 + √(1−ᾱ)·ε is the host's x0 + σε (σ = √((1−ᾱ)/ᾱ), its sigmas[t]) divided by
-        √(1+σ²), which its `calculate_input` divides by again."""
+        schedule's input √ᾱ·x0 + √(1−ᾱ)·ε is the host's x0 + σε (σ = √((1−ᾱ)/ᾱ), the schedule's σ at t:
+        comfy_backend._training_sigmas) divided by √(1+σ²), which its `calculate_input` divides by again."""
         if self._family.flow:
             return self._predict_flow(noisy, timesteps, cond)
-        sigmas = self.model_sampling.sigmas.detach().float().cpu()[timesteps.long().cpu()].to(noisy.device)
+        sigmas = self.schedule_sigmas[timesteps.long().cpu()].to(noisy.device)
         scale = (1 + sigmas ** 2).sqrt().view(-1, *([1] * (noisy.ndim - 1)))
         return self._predict_flow(noisy.float() * scale, sigmas, cond)
 

@@ -67,6 +67,9 @@ FAMILIES = {
     "pixart-alpha": ("pixart_alpha", "pixart-alpha"),
     "pixart-sigma": ("pixart_sigma", "pixart-sigma"),
     "hunyuan-dit": ("hunyuan_dit", "hunyuan-dit"),
+    # Stable Cascade's stage C: model-spec's "stable-cascade-v1-prior" (as SD.Next writes it); the version in
+    # the same snake case as the others
+    "stable-cascade-c": ("stable_cascade", "stable-cascade-v1-prior"),
 }
 
 

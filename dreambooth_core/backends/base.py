@@ -46,6 +46,11 @@ class BackendDefaults:
     """What a backend does where it has nothing of its own to do; every backend inherits it, so the
     trainer calls each method of the protocol without asking whether it exists."""
 
+    #: True where a sample's pixels would not encode back into what the model made (Stable Cascade's stage C:
+    #: its VAE decodes only a preview): `generate` then also gives each sample's latents (its `latents` list),
+    #: and the class-image cache keeps them for training (class_images.cache)
+    class_latents: bool = False
+
     def schedule(self) -> "Schedule":
         """The discrete schedule the SD1/SD2/SDXL backends train with, from their ᾱ_t and target."""
         from ..training.schedules import DiscreteSchedule
@@ -150,7 +155,8 @@ class Backend(Protocol):
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], settings: SampleSettings,
                  progress: Optional[object] = None) -> List[np.ndarray]:
-        """Sample one image per prompt/seed with the model as it is now (uint8, H×W×3)."""
+        """Sample one image per prompt/seed with the model as it is now (uint8, H×W×3). A backend with
+        `class_latents` also takes `latents`, a list it appends each sample's latents (C, h, w) to."""
 
     def save_full(self, path: str, metadata: Optional[Dict[str, str]] = None) -> List[str]:
         """Save fully fine-tuned weights under `path` with `metadata` in each safetensors file's

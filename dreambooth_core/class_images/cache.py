@@ -8,6 +8,11 @@ uses seed `seed + i`: asking for more later only generates the missing indices (
 yields exactly what one big request would have. Files that are missing or fail their hash are
 regenerated; nothing valid is ever generated twice.
 
+A model whose VAE decodes only a preview (Stable Cascade's stage C: `backend.class_latents`) has its class
+samples kept as what it made, a latents file beside each PNG (`00000.latent.safetensors`, in the manifest
+with its sha256): training uses them as they are, the PNG (the preview) is for showing. Encoding the
+preview again would give other latents than the model's own sample.
+
 Several processes (two ComfyUI queues, a CLI run beside the UI) may fill the same cache.
 Images are written atomically and the manifest is merged under a lock file made with
 O_CREAT|O_EXCL, which works on Windows as on POSIX (fcntl does not exist there); a lock left
@@ -21,7 +26,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
@@ -52,14 +57,19 @@ class ClassImageSet:
     reused: int  # how many were already valid in the cache
     folder: Path
     count: int = 0  # how many were asked for
+    latent_paths: List[Path] = field(default_factory=list)  # beside each PNG where the samples are latents
+    size: Optional[tuple] = None  # (width, height) the samples were made at
 
     @property
     def complete(self) -> bool:
         return len(self.paths) == self.count
 
     def load(self, *, resolution: int, crop: str = "center") -> "PreparedDataset":
-        """These images as training examples, each captioned with the class prompt."""
-        return load_class_folder(self.paths, resolution=resolution, class_prompt=self.prompt, crop=crop)
+        """These images as training examples, each captioned with the class prompt (with its latents where
+        the samples are kept as latents: then at the size they were made at only)."""
+        if not self.latent_paths:
+            return load_class_folder(self.paths, resolution=resolution, class_prompt=self.prompt, crop=crop)
+        return _load_latent_set(self, resolution)
 
 
 def cache_key(fingerprint: str, class_prompt: str, settings: "SampleSettings", seed: int) -> Dict[str, object]:
@@ -76,6 +86,37 @@ def cache_folder(cache_root: str | os.PathLike, key: Dict[str, object]) -> Path:
 
 def _file_name(index: int) -> str:
     return f"{index:05d}.png"
+
+
+def _latent_name(index: int) -> str:
+    return f"{index:05d}.latent.safetensors"
+
+
+def _latent_bytes(latent) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"latent": latent.detach().to("cpu", torch.float32).contiguous()})
+
+
+def _load_latent_set(image_set: ClassImageSet, resolution: int) -> "PreparedDataset":
+    """The class samples as training examples: each latent as the model made it, its preview PNG scaled to
+    the training size (what the example shows; the trainer reads only its size)."""
+    from safetensors.torch import load_file
+
+    from ..dataset import PreparedDataset, TrainImage
+
+    if image_set.size != (resolution, resolution):
+        raise ValueError(f"the class samples were made at {image_set.size[0]}x{image_set.size[1]} and are kept as "
+                         f"that model's latents, which do not resize: make them at the training resolution "
+                         f"{resolution} (class images' resolution / width and height)")
+    items = []
+    for png, lat in zip(image_set.paths, image_set.latent_paths):
+        with Image.open(png) as im:
+            shown = im.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+        items.append(TrainImage(image=shown, caption=image_set.prompt, source=png.name,
+                                latent=load_file(str(lat))["latent"]))
+    return PreparedDataset(items=items, report=[], flip=False, resolution=resolution)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +211,12 @@ def _sha256(path: Path) -> Optional[str]:
         return None
 
 
-def _is_valid(folder: Path, entries: Dict[int, dict], index: int, seed: int) -> bool:
+def _is_valid(folder: Path, entries: Dict[int, dict], index: int, seed: int, latents: bool = False) -> bool:
     entry = entries.get(index)
     if not entry or entry.get("file") != _file_name(index) or entry.get("seed") != seed + index:
+        return False
+    if latents and (entry.get("latent") != _latent_name(index)
+                    or _sha256(folder / _latent_name(index)) != entry.get("latent_sha256")):
         return False
     return _sha256(folder / entry["file"]) == entry.get("sha256")
 
@@ -205,12 +249,13 @@ def ensure_class_images(backend, cache_root: str | os.PathLike, class_prompt: st
         raise ValueError(f"batch_size: {batch_size!r} must be at least 1")
     if not class_prompt or not class_prompt.strip():
         raise ValueError("class_prompt: empty; give the class prompt, e.g. 'a photo of a dog'")
+    latents = bool(getattr(backend, "class_latents", False))
     key = cache_key(backend.fingerprint(), class_prompt, settings, seed)
     folder = cache_folder(cache_root, key)
     folder.mkdir(parents=True, exist_ok=True)
 
     entries = _read_manifest(folder, key)
-    valid = {i for i in range(count) if _is_valid(folder, entries, i, seed)}
+    valid = {i for i in range(count) if _is_valid(folder, entries, i, seed, latents)}
     reused, generated = len(valid), 0
     if progress:
         progress(len(valid), count)
@@ -221,32 +266,41 @@ def ensure_class_images(backend, cache_root: str | os.PathLike, class_prompt: st
         batch, todo = todo[:batch_size], todo[batch_size:]
         # Another process may have filled some of these meanwhile.
         entries = _read_manifest(folder, key)
-        done_elsewhere = [i for i in batch if _is_valid(folder, entries, i, seed)]
+        done_elsewhere = [i for i in batch if _is_valid(folder, entries, i, seed, latents)]
         valid.update(done_elsewhere)
         reused += len(done_elsewhere)
         batch = [i for i in batch if i not in valid]
         if not batch:
             continue
-        images = backend.generate([class_prompt] * len(batch), [seed + i for i in batch], settings)
-        if len(images) != len(batch):
-            raise RuntimeError(f"backend.generate returned {len(images)} images for {len(batch)} prompts")
-        encoded = [(i, _png_bytes(img, i)) for i, img in zip(batch, images)]
+        made: list = []
+        images = backend.generate([class_prompt] * len(batch), [seed + i for i in batch], settings,
+                                  **({"latents": made} if latents else {}))
+        if len(images) != len(batch) or len(made) != (len(batch) if latents else 0):
+            raise RuntimeError(f"backend.generate returned {len(images)} images for {len(batch)} prompts"
+                               + (f" ({len(made)} latents)" if latents else ""))
+        encoded = [(i, _png_bytes(img, i), _latent_bytes(made[n]) if latents else None)
+                   for n, (i, img) in enumerate(zip(batch, images))]
         generated += len(batch)
         with FileLock(folder / LOCK):
             for stale in folder.glob(".*.partial"):  # every writer holds the lock: these are orphans
                 stale.unlink(missing_ok=True)
             entries = _read_manifest(folder, key)  # re-read inside the lock: merge, never overwrite
-            for i, data in encoded:
-                if not _is_valid(folder, entries, i, seed):
+            for i, data, latent in encoded:
+                if not _is_valid(folder, entries, i, seed, latents):
                     _retry(lambda: write_bytes(folder / _file_name(i), data))
                     entries[i] = {"index": i, "file": _file_name(i), "seed": seed + i,
                                   "sha256": hashlib.sha256(data).hexdigest()}
+                    if latent is not None:
+                        _retry(lambda: write_bytes(folder / _latent_name(i), latent))
+                        entries[i].update(latent=_latent_name(i), latent_sha256=hashlib.sha256(latent).hexdigest())
             _write_manifest(folder, key, entries)
         valid.update(batch)
         if progress:
             progress(len(valid), count)
     paths = [folder / _file_name(i) for i in range(count) if i in valid]
-    return ClassImageSet(paths, class_prompt, generated, reused, folder, count)
+    latent_paths = [folder / _latent_name(i) for i in range(count) if i in valid] if latents else []
+    return ClassImageSet(paths, class_prompt, generated, reused, folder, count, latent_paths,
+                         (int(settings.width), int(settings.height)))
 
 
 def load_class_folder(folder, *, resolution: int, class_prompt: str, crop: str = "center",

@@ -34,6 +34,9 @@ class TrainImage:
     repeats: int = 1
     loss_weight: float = 1.0
     class_prompt: str = ""
+    # A model's own class sample as its latents (C, h, w), which training uses as they are: set where the
+    # model's VAE decodes only a preview that would not encode back into them (class_images.cache)
+    latent: Optional[Any] = None
 
 
 @dataclass

@@ -47,9 +47,16 @@ def cache_images(backend: Backend, examples: Sequence, flip: bool) -> List[Bucke
     fields = concept_fields(examples)
     buckets = []
     for size, items in sorted(groups.items()):
-        pixels = torch.stack([pil_to_tensor(ex.image) for ex in items])
-        latents = _encode(backend, pixels)
-        flipped = _encode(backend, pixels.flip(-1)) if flip else None
+        given = [getattr(ex, "latent", None) for ex in items]
+        if all(t is not None for t in given):  # a model's own samples (class_images.cache: sample latents)
+            latents, flipped = torch.stack([t.float() for t in given]), None
+        elif any(t is not None for t in given):
+            raise ValueError("some images of one size come with their latents and some without; a set of class "
+                             "samples is either all latents or all images")
+        else:
+            pixels = torch.stack([pil_to_tensor(ex.image) for ex in items])
+            latents = _encode(backend, pixels)
+            flipped = _encode(backend, pixels.flip(-1)) if flip else None
         masks = latent_masks(items, latents.shape[-2:])
         bucket = Bucket(latents, flipped, [ex.caption for ex in items], size,
                         None if masks is None else masks.to(latents.device))

@@ -14,8 +14,8 @@ Checked as test_flow_families_f2.py checks Flux 2 and Cosmos Predict2:
     stays bit-identical;
   - a class image equals the stock graph's (EmptyChromaRadianceLatentImage, KSampler, VAEDecode) with that seed.
 Both variants: the velocity-predicting model and the x0-predicting releases (0.33; the host's model turns
-x0 into the velocity). Stable Cascade's stage C (and stage B) stay refused (families._WHY): checked here by
-name and reason.
+x0 into the velocity). Stable Cascade's stage B stays refused (families._WHY; stage C, the prior, trains:
+test_cascade_family.py): checked here by name and reason.
 """
 from __future__ import annotations
 
@@ -98,10 +98,10 @@ def test_class_images_are_the_stock_graphs_images(comfy_host, pack, name):
         width=64, height=48, batch_size=1).result[0])
 
 
-@pytest.mark.parametrize("cls,why", [("Stable_Cascade_C", "stage B MODEL and a stage A VAE"),
-                                     ("Stable_Cascade_B", "not a text-to-image model")])
+@pytest.mark.parametrize("cls,why", [("Stable_Cascade_B", "not a text-to-image model: train stage C")])
 def test_stable_cascade_is_refused_with_why(comfy_host, pack, cls, why):
-    """Stage C and stage B (stand-in MODELs) are refused by name, with why they do not train here."""
+    """Stage B (a stand-in MODEL: detection reads only the model config and model_sampling) is refused by
+    name, with why it does not train here (and which stage does)."""
     import comfy.model_base
     import comfy.supported_models
 
