@@ -33,7 +33,7 @@ torch = pytest.importorskip("torch")
 import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_cascade as fcc  # noqa: E402
 from stock_graph import stock_image  # noqa: E402
-from test_flow_families import _digest, _host_velocity  # noqa: E402
+from family_checks import digest, host_velocity  # noqa: E402
 
 PROMPT = "a photo of sks dog"
 SIZE = 336  # 8 x 8 stage C latents (336 // 42), the EfficientNet reading 256 px
@@ -61,7 +61,7 @@ def _host_eps(backend, model, clip, prompt, noisy, t):
     """ε from the host's own path at the σ of the backend's schedule: its input x0 + σε = noisy·√(1+σ²)."""
     sigma = backend.schedule_sigmas[t]
     x = noisy * (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt()
-    return _host_velocity(model, clip, prompt, x, sigma)
+    return host_velocity(model, clip, prompt, x, sigma)
 
 
 def _photos(n, size, seed):
@@ -146,7 +146,7 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     core = lambda m: importlib.import_module(pack.__name__ + ".dreambooth_core." + m)  # noqa: E731
     config_mod, trainer_mod, base_mod, cache_mod = (core("config"), core("training.trainer"), core("backends.base"),
                                                     core("class_images.cache"))
-    before = _digest(model.model)
+    before = digest(model.model)
     backend = cb.ComfyBackend(model, clip, vae)
 
     # class samples: the stock KSampler's latents for their seeds, kept beside their previews
@@ -216,7 +216,7 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     assert not torch.equal(eps_base, eps_lora)
     torch.testing.assert_close(eps_lora, _host_eps(backend, backend.result()[0], clip, PROMPT, x, t),
                                rtol=1e-3, atol=1e-3)
-    assert _digest(model.model) == before, "training changed the shared base MODEL's weights"
+    assert digest(model.model) == before, "training changed the shared base MODEL's weights"
 
 
 def _stock_latent(model, clip, prompt, width, height, seed):
