@@ -21,9 +21,9 @@ Test code, beside family_checkpoints.py, whose helpers it uses; files go into th
 """
 from __future__ import annotations
 
-import contextlib
 
 import family_checkpoints as fc
+from detection_scaffold import detect_unet_config_adjusted
 
 _write = fc._write
 
@@ -31,36 +31,26 @@ WIDTH, HEAD_WIDTH, LEVELS = 64, 32, 2
 CLIP_G = dict(fc.CLIP_OVERRIDES)  # 64 wide, projection 64: stage C reads 64-wide text and pooled vectors
 
 
-@contextlib.contextmanager
 def cascade_detection():
     """Test scaffolding (see the module docstring): the host's detect_unet_config, reading a small stage C's
     sizes from its tensors."""
+    return detect_unet_config_adjusted(_cascade_sizes)
+
+
+def _cascade_sizes(config: dict, state_dict: dict, p: str) -> None:
     import comfy.model_detection as md
 
-    original = md.detect_unet_config
-
-    def detect(state_dict, key_prefix, metadata=None):
-        config = original(state_dict, key_prefix, metadata=metadata)
-        p = key_prefix
-        mapper = state_dict.get(f"{p}clip_txt_mapper.weight")
-        if config and config.get("stable_cascade_stage") == "c" and mapper is not None \
-                and mapper.shape[0] not in (1536, 2048):
-            keys = list(state_dict.keys())
-            levels = md.count_blocks(keys, f"{p}down_blocks." + "{}.")
-            widths = [state_dict[f"{p}down_blocks.{i}.0.depthwise.weight"].shape[0] for i in range(levels)]
-            down = [md.count_blocks(keys, f"{p}down_blocks.{i}." + "{}.") // 3 for i in range(levels)]
-            up = [md.count_blocks(keys, f"{p}up_blocks.{i}." + "{}.") // 3 for i in range(levels)]
-            config.update(c_cond=mapper.shape[0], c_clip_text=mapper.shape[1],
-                          c_clip_text_pooled=state_dict[f"{p}clip_txt_pooled_mapper.weight"].shape[1],
-                          c_hidden=widths, nhead=[w // HEAD_WIDTH for w in widths], blocks=[down, up],
-                          block_repeat=[[1] * levels, [1] * levels], level_config=["CTA"] * levels)
-        return config
-
-    md.detect_unet_config = detect
-    try:
-        yield
-    finally:
-        md.detect_unet_config = original
+    mapper = state_dict.get(f"{p}clip_txt_mapper.weight")
+    if config.get("stable_cascade_stage") == "c" and mapper is not None and mapper.shape[0] not in (1536, 2048):
+        keys = list(state_dict.keys())
+        levels = md.count_blocks(keys, f"{p}down_blocks." + "{}.")
+        widths = [state_dict[f"{p}down_blocks.{i}.0.depthwise.weight"].shape[0] for i in range(levels)]
+        down = [md.count_blocks(keys, f"{p}down_blocks.{i}." + "{}.") // 3 for i in range(levels)]
+        up = [md.count_blocks(keys, f"{p}up_blocks.{i}." + "{}.") // 3 for i in range(levels)]
+        config.update(c_cond=mapper.shape[0], c_clip_text=mapper.shape[1],
+                      c_clip_text_pooled=state_dict[f"{p}clip_txt_pooled_mapper.weight"].shape[1],
+                      c_hidden=widths, nhead=[w // HEAD_WIDTH for w in widths], blocks=[down, up],
+                      block_repeat=[[1] * levels, [1] * levels], level_config=["CTA"] * levels)
 
 
 def _skeleton() -> dict:

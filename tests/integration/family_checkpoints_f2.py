@@ -35,7 +35,6 @@ and files are written once into the same cache folder.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Tuple
 
 import family_checkpoints as fc
 import family_checkpoints_llm as fl
+from detection_scaffold import detect_unet_config_adjusted
 
 _write = fc._write
 
@@ -161,29 +161,20 @@ def cosmos_t5_file(seed: int = fc.SEED) -> Path:
     return _write("t5xxl_old", fc._shapes(m), seed)
 
 
-@contextlib.contextmanager
 def cosmos_detection():
     """Test scaffolding (see the module docstring): the host's detect_unet_config, reading a small Cosmos
     Predict2's head count, block count and text width from its tensors."""
+    return detect_unet_config_adjusted(_cosmos_sizes)
+
+
+def _cosmos_sizes(config: dict, state_dict: dict, p: str) -> None:
     import comfy.model_detection as md
 
-    original = md.detect_unet_config
-
-    def detect(state_dict, key_prefix, metadata=None):
-        config = original(state_dict, key_prefix, metadata=metadata)
-        if config and config.get("image_model") == "cosmos_predict2" and config["model_channels"] not in (2048, 5120):
-            p = key_prefix
-            head = state_dict[f"{p}blocks.0.self_attn.q_norm.weight"].shape[0]
-            config["num_heads"] = config["model_channels"] // head
-            config["num_blocks"] = md.count_blocks(list(state_dict.keys()), f"{p}blocks." + "{}.")
-            config["crossattn_emb_channels"] = state_dict[f"{p}blocks.0.cross_attn.k_proj.weight"].shape[1]
-        return config
-
-    md.detect_unet_config = detect
-    try:
-        yield
-    finally:
-        md.detect_unet_config = original
+    if config.get("image_model") == "cosmos_predict2" and config["model_channels"] not in (2048, 5120):
+        head = state_dict[f"{p}blocks.0.self_attn.q_norm.weight"].shape[0]
+        config["num_heads"] = config["model_channels"] // head
+        config["num_blocks"] = md.count_blocks(list(state_dict.keys()), f"{p}blocks." + "{}.")
+        config["crossattn_emb_channels"] = state_dict[f"{p}blocks.0.cross_attn.k_proj.weight"].shape[1]
 
 
 def _cosmos_skeleton(width, head, ctx):

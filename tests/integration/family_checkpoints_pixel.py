@@ -26,47 +26,38 @@ Test code, beside family_checkpoints.py, whose helpers it uses; files go into th
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import family_checkpoints as fc
+from detection_scaffold import detect_unet_config_adjusted
 
 _write = fc._write
 
 WIDTH, HEAD, APPROX, NERF, NERF_RATIO, NERF_DEPTH, PATCH = 128, 128, 32, 16, 2, 2, 16
 
 
-@contextlib.contextmanager
 def radiance_detection():
     """Test scaffolding (see the module docstring): the host's detect_unet_config, reading a small Chroma
     Radiance's widths from its tensors."""
+    return detect_unet_config_adjusted(_radiance_sizes)
+
+
+def _radiance_sizes(config: dict, state_dict: dict, p: str) -> None:
     import comfy.model_detection as md
 
-    original = md.detect_unet_config
-
-    def detect(state_dict, key_prefix, metadata=None):
-        config = original(state_dict, key_prefix, metadata=metadata)
-        p = key_prefix
-        small = state_dict.get(f"{p}txt_in.weight") is not None and state_dict[f"{p}txt_in.weight"].shape[0] != 3072
-        if config and config.get("image_model") == "chroma_radiance" and small:
-            keys = list(state_dict.keys())
-            hidden, ctx = state_dict[f"{p}txt_in.weight"].shape
-            nerf = state_dict[f"{p}nerf_blocks.0.norm.scale"].shape[0]
-            config.update(
-                hidden_size=hidden, context_in_dim=ctx,
-                num_heads=hidden // state_dict[f"{p}double_blocks.0.img_attn.norm.key_norm.scale"].shape[0],
-                hidden_dim=state_dict[f"{p}distilled_guidance_layer.norms.0.scale"].shape[0],
-                out_dim=state_dict[f"{p}distilled_guidance_layer.out_proj.weight"].shape[0],
-                n_layers=md.count_blocks(keys, f"{p}distilled_guidance_layer.norms." + "{}."),
-                nerf_hidden_size=nerf, nerf_depth=md.count_blocks(keys, f"{p}nerf_blocks." + "{}."),
-                nerf_mlp_ratio=state_dict[f"{p}nerf_blocks.0.param_generator.weight"].shape[0] // (3 * nerf * nerf))
-        return config
-
-    md.detect_unet_config = detect
-    try:
-        yield
-    finally:
-        md.detect_unet_config = original
+    small = state_dict.get(f"{p}txt_in.weight") is not None and state_dict[f"{p}txt_in.weight"].shape[0] != 3072
+    if config.get("image_model") == "chroma_radiance" and small:
+        keys = list(state_dict.keys())
+        hidden, ctx = state_dict[f"{p}txt_in.weight"].shape
+        nerf = state_dict[f"{p}nerf_blocks.0.norm.scale"].shape[0]
+        config.update(
+            hidden_size=hidden, context_in_dim=ctx,
+            num_heads=hidden // state_dict[f"{p}double_blocks.0.img_attn.norm.key_norm.scale"].shape[0],
+            hidden_dim=state_dict[f"{p}distilled_guidance_layer.norms.0.scale"].shape[0],
+            out_dim=state_dict[f"{p}distilled_guidance_layer.out_proj.weight"].shape[0],
+            n_layers=md.count_blocks(keys, f"{p}distilled_guidance_layer.norms." + "{}."),
+            nerf_hidden_size=nerf, nerf_depth=md.count_blocks(keys, f"{p}nerf_blocks." + "{}."),
+            nerf_mlp_ratio=state_dict[f"{p}nerf_blocks.0.param_generator.weight"].shape[0] // (3 * nerf * nerf))
 
 
 def _skeleton(ctx: int, x0: bool) -> dict:

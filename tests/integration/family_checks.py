@@ -373,9 +373,6 @@ def check_lora_training(comfy_host, pack, suite: FamilySuite, name: str, tmp_pat
     prediction at a probe (`probe_shape`, default one latent of the training size; σ or t `probe_at`) as the
     trained MODEL does; the base MODEL stays bit-identical and unpatched."""
     import comfy.lora
-    import comfy.utils
-    import nodes as host_nodes
-    from safetensors import safe_open
 
     fam = suite[name]
     files, model, clip, vae = suite.load(name)
@@ -417,29 +414,45 @@ def check_lora_training(comfy_host, pack, suite: FamilySuite, name: str, tmp_pat
     assert result.status == "completed" and trained < untrained, (untrained, trained)
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
 
-    lora = comfy.utils.load_torch_file(str(result.lora_path))
-    names = {k.split(".")[0] for k in lora}
-    assert names == set(targets)
-    with safe_open(str(result.lora_path), "pt") as f:
-        meta = f.metadata()
-    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == (fam.version, fam.arch)
-    assert meta["dreambooth_base_family"] == fam.family
-    assert meta["ss_v_parameterization"] == str(fam.prediction == "v_prediction")
+    shape = probe_shape or (files.latent_channels, side, side)
+    x = host_x(model, torch.randn(1, *shape, generator=torch.Generator().manual_seed(5)))
+    at = torch.tensor([probe_at])
+    check_lora_file_and_stock_loader(
+        comfy_host, model, clip, backend.result()[0], result.lora_path, set(targets),
+        (fam.version, fam.arch, fam.family, fam.prediction == "v_prediction"), save_name, caplog,
+        lambda m, c: suite.host(m, c, PROMPT, x, at))
+    assert digest(model.model) == before, "training changed the shared base MODEL's weights"
 
-    shutil.copyfile(result.lora_path, f"{comfy_host.get_folder_paths('loras')[0]}/{save_name}.safetensors")
+
+def check_lora_file_and_stock_loader(comfy_host, model, clip, trained_model, lora_path, targets: set,
+                                     meta: Tuple[str, str, str, bool], save_name: str, caplog,
+                                     out: Callable) -> None:
+    """The LoRA file holds the targets' keys and the family's metadata (`meta`: ss_base_model_version,
+    modelspec.architecture, dreambooth_base_family, v-parameterization); the stock LoraLoader uses every key,
+    and `out(model, clip)` (the host's prediction at one probe) changes with it as with the trained MODEL."""
+    import comfy.utils
+    import nodes as host_nodes
+    from safetensors import safe_open
+
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    names = {k.split(".")[0] for k in lora}
+    assert names == targets
+    with safe_open(str(lora_path), "pt") as f:
+        found = f.metadata()
+    version, arch, family, v = meta
+    assert (found["ss_base_model_version"], found["modelspec.architecture"]) == (version, arch)
+    assert found["dreambooth_base_family"] == family
+    assert found["ss_v_parameterization"] == str(v)
+
+    shutil.copyfile(lora_path, f"{comfy_host.get_folder_paths('loras')[0]}/{save_name}.safetensors")
     caplog.set_level(logging.WARNING)
     with torch.inference_mode():
         lm, lc = host_nodes.LoraLoader().load_lora(model, clip, f"{save_name}.safetensors", 1.0, 1.0)
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert len(lm.patches) == len(names), "every key patches one weight"
-    shape = probe_shape or (files.latent_channels, side, side)
-    x = host_x(model, torch.randn(1, *shape, generator=torch.Generator().manual_seed(5)))
-    at = torch.tensor([probe_at])
-    out_base = suite.host(model, clip, PROMPT, x, at)
-    out_lora = suite.host(lm, lc, PROMPT, x, at)
-    assert not torch.equal(out_base, out_lora)
-    torch.testing.assert_close(out_lora, suite.host(backend.result()[0], clip, PROMPT, x, at), rtol=1e-3, atol=1e-3)
-    assert digest(model.model) == before, "training changed the shared base MODEL's weights"
+    base, with_lora = out(model, clip), out(lm, lc)
+    assert not torch.equal(base, with_lora)
+    torch.testing.assert_close(with_lora, out(trained_model, clip), rtol=1e-3, atol=1e-3)
 
 
 def assert_class_image_is_stock(pack, model, clip, vae, width: int = 64, height: int = 48,

@@ -21,8 +21,6 @@ on 2 cores shared with other jobs.
 from __future__ import annotations
 
 import importlib
-import logging
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +31,7 @@ torch = pytest.importorskip("torch")
 import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_cascade as fcc  # noqa: E402
 from stock_graph import stock_image  # noqa: E402
-from family_checks import digest, host_velocity  # noqa: E402
+from family_checks import check_lora_file_and_stock_loader, digest, host_velocity  # noqa: E402
 
 PROMPT = "a photo of sks dog"
 SIZE = 336  # 8 x 8 stage C latents (336 // 42), the EfficientNet reading 256 px
@@ -137,9 +135,6 @@ def _eps_loss(backend, latents, cond, seed=1234):
 
 def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(comfy_host, pack, tmp_path, caplog):
     import comfy.lora
-    import comfy.utils
-    import nodes as host_nodes
-    from safetensors import safe_open
 
     files, model, clip, vae = _load()
     cb = _cb(pack)
@@ -194,28 +189,12 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     assert all(r["prior_loss"] > 0 for r in result.history), "every step trained on the class latents too"
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
 
-    lora = comfy.utils.load_torch_file(str(result.lora_path))
-    names = {k.split(".")[0] for k in lora}
-    assert names == set(targets)
-    with safe_open(str(result.lora_path), "pt") as f:
-        meta = f.metadata()
-    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("stable_cascade",
-                                                                              "stable-cascade-v1-prior/lora")
-    assert meta["dreambooth_base_family"] == "stable-cascade-c" and meta["ss_v_parameterization"] == "False"
-
-    shutil.copyfile(result.lora_path, f"{comfy_host.get_folder_paths('loras')[0]}/cascade_c.safetensors")
-    caplog.set_level(logging.WARNING)
-    with torch.inference_mode():
-        lm, lc = host_nodes.LoraLoader().load_lora(model, clip, "cascade_c.safetensors", 1.0, 1.0)
-    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
-    assert len(lm.patches) == len(names), "every key patches one weight"
     x = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([6000])
-    eps_base = _host_eps(backend, model, clip, PROMPT, x, t)
-    eps_lora = _host_eps(backend, lm, lc, PROMPT, x, t)
-    assert not torch.equal(eps_base, eps_lora)
-    torch.testing.assert_close(eps_lora, _host_eps(backend, backend.result()[0], clip, PROMPT, x, t),
-                               rtol=1e-3, atol=1e-3)
+    check_lora_file_and_stock_loader(
+        comfy_host, model, clip, backend.result()[0], result.lora_path, set(targets),
+        ("stable_cascade", "stable-cascade-v1-prior/lora", "stable-cascade-c", False), "cascade_c", caplog,
+        lambda m, c: _host_eps(backend, m, c, PROMPT, x, t))
     assert digest(model.model) == before, "training changed the shared base MODEL's weights"
 
 
