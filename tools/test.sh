@@ -42,13 +42,16 @@ repos="${A1111_REPOSITORIES:-$a1111/repositories}"
 forge="${FORGE_DIR:-$shared/forge}"
 
 # The hosts' venvs are built in the background while the core's tests run (pip mostly waits on the
-# disk), one after the other (pip's cache is shared); each host waits for its own result, and the
-# WebUI suites for the whole chain (their own set-up then finds their venvs current).
+# disk), one after the other (pip's cache is shared) and at the lowest CPU and I/O priority, so the unit
+# tests keep their time; each host waits for its own result, and the WebUI suites for the whole chain
+# (their own set-up then finds their venvs current).
 setup_logs="$(mktemp -d)"
+low=(nice -n 19)
+ionice -c 3 true >/dev/null 2>&1 && low+=(ionice -c 3)  # where the system lets us
 prebuild() {  # prebuild NAME COMMAND...: run one set-up, keep its output and exit status
   local name="$1"
   shift
-  "$@" >"$setup_logs/$name.log" 2>&1
+  "${low[@]}" "$@" >"$setup_logs/$name.log" 2>&1
   echo $? >"$setup_logs/$name.rc"
 }
 (
@@ -74,23 +77,47 @@ unit_tests=(tests --ignore=tests/integration --ignore=tests/browser --ignore=tes
 # the embedded model trained for hundreds of steps (marked slow): apart, so the unit tests stay quick
 .venv/bin/python -m pytest -q -m slow --durations=5 "${unit_tests[@]}" "$@" || fail "slow training tests"
 
-# comfyui_host LABEL DIR VAR VENV SETUP: integration + browser tests against the ComfyUI at DIR.
-comfyui_host() {
-  local label="$1" dir="$2" var="$3" venv="$4" setup="$5"
+# The two ComfyUI versions' suites (integration + browser) run side by side, one CPU thread each, their
+# output printed when both are done; each failure is one line in the suite's .fail file.
+comfy_logs="$(mktemp -d)"
+declare -A comfy_pid=() comfy_head=()
+comfyui_suite() {  # comfyui_suite NAME DIR VENV SETUP LABEL ARGS...
+  local name="$1" dir="$2" venv="$3" setup="$4" label="$5"
   shift 5
+  local failures="$comfy_logs/$name.fail"
+  setup_result "$setup" || { echo "setting up $venv for $dir" >>"$failures"; return; }
+  COMFYUI_DIR="$dir" OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q --durations=15 tests/integration "$@" \
+    || echo "tests/integration on $label" >>"$failures"
+  setup_result browser
+  COMFYUI_DIR="$dir" OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q tests/browser "$@" \
+    || echo "tests/browser on $label" >>"$failures"
+}
+start_comfyui() {  # start_comfyui NAME LABEL DIR VAR VENV SETUP ARGS...
+  local name="$1" label="$2" dir="$3" var="$4" venv="$5" setup="$6"
+  shift 6
   if [ ! -f "$dir/main.py" ]; then
     host_missing "tests/integration + tests/browser on $label" "no ComfyUI at $dir" \
       "set $var to a ComfyUI folder to run them"
     return
   fi
-  echo "== ComfyUI $label: $dir ($(sed -n 's/^__version__ *= *//p' "$dir/comfyui_version.py" | tr -d "\"'"))"
-  setup_result "$setup" || { fail "setting up $venv for $dir"; return; }
-  COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q --durations=15 tests/integration "$@" || fail "tests/integration on $label"
-  setup_result browser
-  COMFYUI_DIR="$dir" "$venv/bin/python" -m pytest -q tests/browser "$@" || fail "tests/browser on $label"
+  comfy_head[$name]="== ComfyUI $label: $dir ($(sed -n 's/^__version__ *= *//p' "$dir/comfyui_version.py" | tr -d "\"'"))"
+  comfyui_suite "$name" "$dir" "$venv" "$setup" "$label" "$@" >"$comfy_logs/$name.log" 2>&1 &
+  comfy_pid[$name]=$!
 }
-comfyui_host "0.3.64 (oldest supported)" "$comfy_old" COMFYUI_DIR .venv-comfyui comfyui-old "$@"
-comfyui_host "current (0.33)" "$comfy_new" COMFYUI_CURRENT_DIR .venv-comfyui-current comfyui-new "$@"
+finish_comfyui() {  # finish_comfyui NAME: wait for a started suite, print its output, record its failures
+  local name="$1" line
+  [ -n "${comfy_pid[$name]:-}" ] || return 0
+  wait "${comfy_pid[$name]}"
+  echo "${comfy_head[$name]}"
+  cat "$comfy_logs/$name.log"
+  if [ -f "$comfy_logs/$name.fail" ]; then
+    while read -r line; do fail "$line"; done <"$comfy_logs/$name.fail"
+  fi
+}
+start_comfyui old "0.3.64 (oldest supported)" "$comfy_old" COMFYUI_DIR .venv-comfyui comfyui-old "$@"
+start_comfyui new "current (0.33)" "$comfy_new" COMFYUI_CURRENT_DIR .venv-comfyui-current comfyui-new "$@"
+finish_comfyui old
+finish_comfyui new
 wait "$prebuild_pid"
 
 # The two WebUI suites run side by side (each in its own venv, each server on a free port), their output
