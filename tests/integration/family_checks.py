@@ -377,7 +377,7 @@ def check_lora_training(comfy_host, pack, suite: FamilySuite, name: str, tmp_pat
     fam = suite[name]
     files, model, clip, vae = suite.load(name)
     cb = comfy_backend(pack)
-    config_mod, trainer_mod, base_mod = core(pack, "config"), core(pack, "training.trainer"), core(pack, "backends.base")
+    base_mod = core(pack, "backends.base")
     before = digest(model.model)
 
     backend = cb.ComfyBackend(model, clip, vae)
@@ -401,15 +401,8 @@ def check_lora_training(comfy_host, pack, suite: FamilySuite, name: str, tmp_pat
     untrained = loss(backend, latents, cond)
 
     save_name = suite.save_prefix + name
-    config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=size, prior=True, prior_weight=1.0,
-                                    rank=4, steps=fam.steps, learning_rate=fam.lr, batch_size=1, seed=0,
-                                    output_dir=str(tmp_path), save_name=save_name, save_precision="fp32",
-                                    max_grad_norm=0.0, thumbnail_steps=0, gradient_checkpointing=fam.checkpointing)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            result = trainer_mod.train(backend, config, instance, classes)
-    finally:
-        backend.release()
+    result = train_with_prior(pack, backend, instance, classes, tmp_path, save_name, resolution=size,
+                              steps=fam.steps, lr=fam.lr, checkpointing=fam.checkpointing)
     trained = loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
     assert result.status == "completed" and trained < untrained, (untrained, trained)
     assert all("forward" not in vars(m) for m in model.model.diffusion_model.modules())
@@ -422,6 +415,21 @@ def check_lora_training(comfy_host, pack, suite: FamilySuite, name: str, tmp_pat
         (fam.version, fam.arch, fam.family, fam.prediction == "v_prediction"), save_name, caplog,
         lambda m, c: suite.host(m, c, PROMPT, x, at))
     assert digest(model.model) == before, "training changed the shared base MODEL's weights"
+
+
+def train_with_prior(pack, backend, instance, classes, tmp_path, save_name: str, *, resolution: int, steps: int,
+                     lr: float, checkpointing: bool):
+    """LoRA rank 4 through the core trainer, with prior preservation (weight 1), saved in fp32 under save_name;
+    the backend released after it. The trainer's result."""
+    config = core(pack, "config").TrainConfig(
+        token="sks", class_noun="dog", resolution=resolution, prior=True, prior_weight=1.0, rank=4, steps=steps,
+        learning_rate=lr, batch_size=1, seed=0, output_dir=str(tmp_path), save_name=save_name,
+        save_precision="fp32", max_grad_norm=0.0, thumbnail_steps=0, gradient_checkpointing=checkpointing)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return core(pack, "training.trainer").train(backend, config, instance, classes)
+    finally:
+        backend.release()
 
 
 def check_lora_file_and_stock_loader(comfy_host, model, clip, trained_model, lora_path, targets: set,

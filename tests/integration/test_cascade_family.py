@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 import family_checkpoints as fc  # noqa: E402
 import family_checkpoints_cascade as fcc  # noqa: E402
 from stock_graph import stock_image  # noqa: E402
-from family_checks import check_lora_file_and_stock_loader, digest, host_velocity  # noqa: E402
+from family_checks import check_lora_file_and_stock_loader, digest, host_velocity, train_with_prior  # noqa: E402
 
 PROMPT = "a photo of sks dog"
 SIZE = 336  # 8 x 8 stage C latents (336 // 42), the EfficientNet reading 256 px
@@ -139,8 +139,7 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
     files, model, clip, vae = _load()
     cb = _cb(pack)
     core = lambda m: importlib.import_module(pack.__name__ + ".dreambooth_core." + m)  # noqa: E731
-    config_mod, trainer_mod, base_mod, cache_mod = (core("config"), core("training.trainer"), core("backends.base"),
-                                                    core("class_images.cache"))
+    base_mod, cache_mod = core("backends.base"), core("class_images.cache")
     before = digest(model.model)
     backend = cb.ComfyBackend(model, clip, vae)
 
@@ -175,15 +174,8 @@ def test_lora_training_with_prior_lowers_eps_loss_and_loads_in_the_stock_loader(
         latents = backend.encode_images(_pixels([e.image for e in instance]))
         cond = backend.encode_text([PROMPT] * 2, size=(SIZE, SIZE))
     untrained = _eps_loss(backend, latents, cond)
-    config = config_mod.TrainConfig(token="sks", class_noun="dog", resolution=SIZE, prior=True, prior_weight=1.0,
-                                    rank=4, steps=3, learning_rate=3e-3, batch_size=1, seed=0,
-                                    output_dir=str(tmp_path), save_name="cascade_c", save_precision="fp32",
-                                    max_grad_norm=0.0, thumbnail_steps=0, gradient_checkpointing=True)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            result = trainer_mod.train(backend, config, instance, classes)
-    finally:
-        backend.release()
+    result = train_with_prior(pack, backend, instance, classes, tmp_path, "cascade_c", resolution=SIZE, steps=3,
+                              lr=3e-3, checkpointing=True)
     trained = _eps_loss(cb.ComfyBackend(backend.result()[0], clip, vae), latents, cond)
     assert result.status == "completed" and trained < untrained, (untrained, trained)
     assert all(r["prior_loss"] > 0 for r in result.history), "every step trained on the class latents too"
