@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class Measured:
     peak_gflops: Optional[float]
     note: str = ""
     detail: Dict = field(default_factory=dict)
+    pair: int = 1  # with repeat > 1: which back-to-back (host, ours) pair the row belongs to
 
     @property
     def share_of_peak(self) -> Optional[float]:
@@ -116,11 +118,13 @@ def measure_peak(host: ComfyHost, env: dict, threads: int, dtype: str, seconds: 
 def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool, warmup: int, measure: int,
                       resolution: int, rank: int, lr: float, images: int, threads: int, env: dict, work: Path,
                       child: Callable, log: Callable, notes: List[str], profile: bool = False,
-                      matched_only: bool = False) -> List[Measured]:
+                      matched_only: bool = False, repeat: int = 1) -> List[Measured]:
     """Run every case on every host present; `child(name, wrapper, target, steps, python, env)` is the
-    orchestrator's measured launcher (bench.run.Bench.child). With `profile`, the matched case runs
+    orchestrator's measured launcher (bench.run.Bench.child). With `repeat` N, each case runs as N
+    back-to-back (host, ours) pairs: a machine whose speed drifts over minutes slows both members of a
+    pair alike, and `ratios` takes the median of the pairs' ratios. With `profile`, the matched case runs
     once more per trainer with bench.phases' hooks (not timed rows: their phase split goes into
-    the timed row's detail)."""
+    the first pair's timed row's detail)."""
     out: List[Measured] = []
     for host in hosts:
         why = host.missing()
@@ -137,35 +141,39 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
                     peaks[case.dtype] = measure_peak(host, henv, threads, case.dtype, 1.0 if quick else 2.0)
                     log(f"ComfyUI {host.version}: {case.dtype} matmul peak {peaks[case.dtype]['gflops']:.1f} GFLOP/s "
                         f"({threads} thread(s))")
-                pair = []
-                for who, flags in (("host", case.host), ("ours", case.ours)):
-                    if flags is None:
-                        continue
-                    tag = f"comfy{host.version.replace('.', '')}_{model}_{_slug(case.name)}_{who}"
-                    info_path = work / f"{tag}.info.json"
-                    steps = warmup + measure
-                    r = child(tag, ["--flops-step", str(steps + 1)],
-                              ["--which", who, "--model", model, "--work", str(work / tag), "--resolution",
-                               str(resolution), "--steps", str(steps + 1), "--rank", str(rank), "--lr", str(lr),
-                               "--images", str(images), "--info", str(info_path), *flags],
-                              steps, str(host.python), henv)
-                    info = json.loads(info_path.read_text())
-                    s = r.summary(warmup)
-                    m = Measured(host.version, model, case.name, who, case.matched, s.get("s_per_step"),
-                                 s["peak_rss_mib"], s.get("training_peak_rss_mib"), info["trainable_params"],
-                                 r.record.get("flops_per_step"), peaks[case.dtype]["gflops"], case.note,
-                                 {"info": info, "summary": s, "peak": peaks[case.dtype]})
-                    if profile and case.name == "matched":
-                        p = child(tag + "_phases", ["--phases"],
-                                  ["--which", who, "--model", model, "--work", str(work / (tag + "_phases")),
-                                   "--resolution", str(resolution), "--steps", str(steps), "--rank", str(rank),
-                                   "--lr", str(lr), "--images", str(images), *flags], steps, str(host.python), henv)
-                        m.detail["phases"] = phase_means(p.record.get("phases", []), warmup)
-                    out.append(m)
-                    pair.append(m)
-                if case.matched and len(pair) == 2 and pair[0].trainable_params != pair[1].trainable_params:
-                    raise RuntimeError(f"ComfyUI {host.version} {model} '{case.name}': not matched, the host trains "
-                                       f"{pair[0].trainable_params:,} parameters and ours {pair[1].trainable_params:,}")
+                for pair_no in range(1, repeat + 1):
+                    pair = []
+                    for who, flags in (("host", case.host), ("ours", case.ours)):
+                        if flags is None:
+                            continue
+                        tag = (f"comfy{host.version.replace('.', '')}_{model}_{_slug(case.name)}_{who}"
+                               + (f"_pair{pair_no}" if pair_no > 1 else ""))
+                        info_path = work / f"{tag}.info.json"
+                        steps = warmup + measure
+                        r = child(tag, ["--flops-step", str(steps + 1)],
+                                  ["--which", who, "--model", model, "--work", str(work / tag), "--resolution",
+                                   str(resolution), "--steps", str(steps + 1), "--rank", str(rank), "--lr", str(lr),
+                                   "--images", str(images), "--info", str(info_path), *flags],
+                                  steps, str(host.python), henv)
+                        info = json.loads(info_path.read_text())
+                        s = r.summary(warmup)
+                        m = Measured(host.version, model, case.name, who, case.matched, s.get("s_per_step"),
+                                     s["peak_rss_mib"], s.get("training_peak_rss_mib"), info["trainable_params"],
+                                     r.record.get("flops_per_step"), peaks[case.dtype]["gflops"], case.note,
+                                     {"info": info, "summary": s, "peak": peaks[case.dtype]}, pair_no)
+                        if profile and case.name == "matched" and pair_no == 1:
+                            p = child(tag + "_phases", ["--phases"],
+                                      ["--which", who, "--model", model, "--work", str(work / (tag + "_phases")),
+                                       "--resolution", str(resolution), "--steps", str(steps), "--rank", str(rank),
+                                       "--lr", str(lr), "--images", str(images), *flags], steps, str(host.python),
+                                      henv)
+                            m.detail["phases"] = phase_means(p.record.get("phases", []), warmup)
+                        out.append(m)
+                        pair.append(m)
+                    if case.matched and len(pair) == 2 and pair[0].trainable_params != pair[1].trainable_params:
+                        raise RuntimeError(f"ComfyUI {host.version} {model} '{case.name}': not matched, the host "
+                                           f"trains {pair[0].trainable_params:,} parameters and ours "
+                                           f"{pair[1].trainable_params:,}")
     return out
 
 
@@ -180,10 +188,20 @@ def _slug(text: str) -> str:
 
 
 def ratios(rows: List[dict]) -> Dict[Tuple[str, str, str], Tuple[Optional[float], Optional[float]]]:
-    """(host version, model, case) → (speedup = host s/step / ours, memory = ours peak RSS / host's)."""
+    """(host version, model, case) → (speedup = host s/step / ours, memory = ours peak RSS / host's), each
+    taken within its back-to-back pair; with several pairs, the median of the pairs' ratios."""
+    per_pair = {}
+    for key, (speed, memory) in pair_ratios(rows).items():
+        per_pair.setdefault(key[:3], []).append((speed, memory))
+    return {key: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v))
+            for key, v in per_pair.items()}
+
+
+def pair_ratios(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Tuple[float, float]]:
+    """(host version, model, case, pair) → (speedup, memory) of that pair's two rows."""
     by = {}
     for r in rows:
-        by.setdefault((r["host"], r["model"], r["case"]), {})[r["who"]] = r
+        by.setdefault((r["host"], r["model"], r["case"], r.get("pair", 1)), {})[r["who"]] = r
     out = {}
     for key, pair in by.items():
         h, o = pair.get("host"), pair.get("ours")

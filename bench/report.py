@@ -105,16 +105,18 @@ def format_table(results: dict) -> str:
 def comfy_table(rows: List[dict]) -> str:
     by = {}
     for r in rows:
-        by.setdefault((r["host"], r["model"], r["case"]), {})[r["who"]] = r
+        by.setdefault((r["host"], r["model"], r["case"], r.get("pair", 1)), {})[r["who"]] = r
+    several = any(r.get("pair", 1) > 1 for r in rows)
     body = []
     for r in rows:
-        other = by[(r["host"], r["model"], r["case"])].get("host")
+        other = by[(r["host"], r["model"], r["case"], r.get("pair", 1))].get("host")
         ref = other if (r["who"] == "ours" and other) else None
         speed = ref["s_per_step"] / r["s_per_step"] if ref and ref["s_per_step"] and r["s_per_step"] else None
         mem = r["peak_rss_mib"] / ref["peak_rss_mib"] if ref else None
         who = "TrainLoraNode" if r["who"] == "host" else "ours (Train node)"
         share = r.get("share_of_peak")
-        body.append([r["host"], r["model"], r["case"] + ("" if r["matched"] else " (not matched)"), who,
+        case = r["case"] + ("" if r["matched"] else " (not matched)") + (f" (pair {r.get('pair', 1)})" if several else "")
+        body.append([r["host"], r["model"], case, who,
                      f"{r['trainable_params']:,}", _f(r["s_per_step"], "{:.3f}"), _f(speed, "x{:.2f}"),
                      _f(r["peak_rss_mib"], "{:.0f}"), _f(mem), _f(r["training_peak_rss_mib"], "{:.0f}"),
                      _f(r["flops_per_step"] / 1e9 if r.get("flops_per_step") else None, "{:.2f}"),

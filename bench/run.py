@@ -375,7 +375,8 @@ class Bench:
                                      warmup=p.comfy_warmup, measure=p.comfy_measure, resolution=p.comfy_resolution,
                                      rank=p.rank, lr=p.lr, images=p.instance_images, threads=p.threads,
                                      env=self.env, work=self.logs, child=child, log=self.log, notes=self.notes,
-                                     profile=a.profile, matched_only=a.comfy_matched_only)
+                                     profile=a.profile, matched_only=a.comfy_matched_only,
+                                     repeat=a.repeat)
         self.comfy = [asdict(m) | {"share_of_peak": m.share_of_peak} for m in measured]
 
     # -- the whole run -----------------------------------------------------------------------------
@@ -477,12 +478,18 @@ class Bench:
 
 
 def comfy_headline(comfy: List[dict]) -> Optional[str]:
-    """The ComfyUI section's line: the matched ratios on every host and model that ran."""
-    from bench.comfy_rows import ratios
+    """The ComfyUI section's line: the matched ratios on every host and model that ran (with several
+    back-to-back pairs, their median, each pair's ratios in brackets)."""
+    from bench.comfy_rows import pair_ratios, ratios
 
-    r = ratios(comfy)
-    parts = [f"{host} {model}: x{s:.2f} at {m:.2f}" for (host, model, case), (s, m) in sorted(r.items())
-             if case == "matched"]
+    r, each = ratios(comfy), pair_ratios(comfy)
+    parts = []
+    for (host, model, case), (s, m) in sorted(r.items()):
+        if case != "matched":
+            continue
+        pairs = [v for k, v in sorted(each.items()) if k[:3] == (host, model, case)]
+        detail = f" (median of {', '.join(f'x{ps:.2f} at {pm:.2f}' for ps, pm in pairs)})" if len(pairs) > 1 else ""
+        parts.append(f"{host} {model}: x{s:.2f} at {m:.2f}{detail}")
     return ("ComfyUI matched (speedup = TrainLoraNode s/step / ours; memory = our peak RSS / its): " + "; ".join(parts)
             if parts else None)
 
@@ -533,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ComfyUI section: also split each trainer's matched step into phases (bench.phases)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the reference and ours N times, alternating, and report the median of the N pairs' "
-                        "ratios (for a machine whose speed drifts over minutes)")
+                        "ratios (for a machine whose speed drifts over minutes); the ComfyUI section likewise "
+                        "alternates the host's trainer and ours")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--no-comfy", action="store_true")
     p.add_argument("--no-extras", action="store_true",

@@ -56,10 +56,10 @@ def test_repeat_must_be_positive():
         main(["--repeat", "0", "--device", "cpu"])
 
 
-def _comfy(host, model, case, who, s, rss, params=100, matched=True):
+def _comfy(host, model, case, who, s, rss, params=100, matched=True, pair=1):
     return {"host": host, "model": model, "case": case, "who": who, "matched": matched, "s_per_step": s,
             "peak_rss_mib": rss, "training_peak_rss_mib": rss, "trainable_params": params, "flops_per_step": 2e9,
-            "peak_gflops": 10.0, "share_of_peak": 2e9 / s / 10e9, "note": "", "detail": {}}
+            "peak_gflops": 10.0, "share_of_peak": 2e9 / s / 10e9, "note": "", "detail": {}, "pair": pair}
 
 
 def test_the_comfy_section_compares_each_case_within_its_host_and_model():
@@ -79,3 +79,23 @@ def test_the_comfy_section_compares_each_case_within_its_host_and_model():
     assert "0.33 sd15: x1.50 at 0.80" in line and "0.3.64 sd15: x0.50 at 1.00" in line
     table = comfy_table(rows)
     assert "x1.50" in table and "20.0%" in table and "(not matched)" in table  # 2 GFLOP / 1 s / 10 GFLOP/s
+
+
+def test_the_comfy_section_pairs_each_ours_with_its_own_host_run_and_takes_the_median():
+    from bench.comfy_rows import ratios
+    from bench.report import comfy_table
+    from bench.run import comfy_headline
+
+    # The machine slows down in pair 2: both trainers are slower there, the ratio within the pair holds.
+    rows = [_comfy("0.33", "sd15", "matched", "host", 1.0, 3000, pair=1),
+            _comfy("0.33", "sd15", "matched", "ours", 0.5, 2400, pair=1),
+            _comfy("0.33", "sd15", "matched", "host", 2.0, 3000, pair=2),
+            _comfy("0.33", "sd15", "matched", "ours", 1.6, 2700, pair=2),
+            _comfy("0.33", "sd15", "matched", "host", 1.2, 3000, pair=3),
+            _comfy("0.33", "sd15", "matched", "ours", 0.8, 2100, pair=3)]
+    assert ratios(rows)[("0.33", "sd15", "matched")] == pytest.approx((1.5, 0.8))  # medians of 2, 1.25, 1.5 / .8 .9 .7
+    line = comfy_headline(rows)
+    assert "0.33 sd15: x1.50 at 0.80 (median of x2.00 at 0.80, x1.25 at 0.90, x1.50 at 0.70)" in line
+    table = comfy_table(rows)
+    pair2 = next(l for l in table.splitlines() if "(pair 2)" in l and "ours" in l)
+    assert "x1.25" in pair2  # against pair 2's host run (2.0 s), not pair 1's (x0.62)
