@@ -6,6 +6,7 @@ every optimizer step, records peak memory and, with --flops-step, counts one ste
     python -m bench.child --record R.json --steps N --module bench.comfy_child -- \
         --which ours|host --model sd15|sd3|sd3_d8 --work DIR --resolution 64 --steps N --rank 4 --lr 1e-4 \
         [--lora-set matched|shipped] [--checkpointing] [--depth D] [--offloading] [--bypass] [--dtype fp32|bf16]
+        [--base stored|fp8]
 
 - ours: DreamBoothDataset → DreamBoothTrain (LoRA on our default module set, prior preservation
   off as the host has none, batch 1, AdamW).
@@ -66,23 +67,29 @@ def host_version() -> str:
         return "unknown"
 
 
-def load_model(name: str):
-    """(MODEL, CLIP, VAE, label) through the host's loaders, under inference mode."""
+def load_model(name: str, base: str = "stored"):
+    """(MODEL, CLIP, VAE, label) through the host's loaders, under inference mode. `base="fp8"`: the
+    diffusion model's weights stored float8_e4m3fn, as Load Diffusion Model's `weight_dtype` makes them."""
     import torch
 
     sys.path.append(str(REPO / "tests" / "integration"))
+    options = {"dtype": torch.float8_e4m3fn} if base == "fp8" else {}
     with torch.inference_mode():
+        import comfy.sd
+
         if name == "sd15":
-            import comfy.sd
             import mini_checkpoint
 
-            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint.ensure_checkpoint()))[:3]
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(mini_checkpoint.ensure_checkpoint()),
+                                                                     model_options=options)[:3]
             return model, clip, vae, "mini SD1.5 checkpoint"
         import family_checkpoints
 
         files = family_checkpoints.ensure_family(name)
         shape = files.layout
-        return (files.load_model(), files.load_clip(), files.load_vae(),
+        model = (comfy.sd.load_diffusion_model(str(files.diffusion_model), model_options=options) if options
+                 else files.load_model())
+        return (model, files.load_clip(), files.load_vae(),
                 f"{files.model_class} {shape.get('depth')} blocks, {shape.get('hidden')} wide (flow matching)")
 
 
@@ -122,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--offloading", action="store_true", help="host: offloading (0.33)")
     p.add_argument("--bypass", action="store_true", help="host: bypass_mode (0.33)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training dtype of the base model")
+    p.add_argument("--base", choices=("stored", "fp8"), default="stored",
+                   help="the diffusion model's weights as stored, or loaded as float8_e4m3fn (both trainers)")
     p.add_argument("--info", default=None, help="write what was trained (JSON) here")
     a = p.parse_args(argv)
 
@@ -141,7 +150,7 @@ def main(argv=None) -> int:
     sys.path.append(str(REPO / "tests" / "integration"))
     from comfy_pack import import_pack
 
-    model, clip, vae, label = load_model(a.model)
+    model, clip, vae, label = load_model(a.model, a.base)
 
     from bench.data import subject
     from dreambooth_core.embedded import toyworld
@@ -154,7 +163,8 @@ def main(argv=None) -> int:
     pack = import_pack()
     info = {"which": a.which, "model": a.model, "label": label, "host_version": host_version(),
             "resolution": a.resolution, "steps": a.steps, "rank": a.rank, "images": a.images, "dtype": a.dtype,
-            "lora_set": a.lora_set if a.which == "host" else "ours", "checkpointing": a.checkpointing}
+            "lora_set": a.lora_set if a.which == "host" else "ours", "checkpointing": a.checkpointing,
+            "base": a.base}
 
     if a.which == "ours":
         if a.bypass or a.offloading or a.depth != 1:

@@ -76,6 +76,9 @@ def cases(model: str, quick: bool) -> List[Case]:
                         versions=("0.33",)))
     out.append(Case("bf16 training dtype", ["--lora-set", "matched", "--dtype", "bf16", *gc], ["--dtype", "bf16", *gc],
                     True, dtype="bf16"))
+    out.append(Case("fp8 base (float8_e4m3fn weights), bf16 compute",
+                    ["--lora-set", "matched", "--base", "fp8", "--dtype", "bf16", *gc],
+                    ["--base", "fp8", "--dtype", "bf16", *gc], True, dtype="bf16"))
     out.append(Case("host offloading", ["--lora-set", "matched", "--offloading", *gc], None, False,
                     versions=("0.33",), note="CPU: nothing to offload to; ours has no equivalent"))
     out.append(Case("host bypass mode", ["--lora-set", "matched", "--bypass", *gc], None, False,
