@@ -129,6 +129,32 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
     once more per trainer with bench.phases' hooks (not timed rows: their phase split goes into
     the first pair's timed row's detail)."""
     out: List[Measured] = []
+    steps = warmup + measure
+
+    def trainer_args(tag: str, model: str, who: str, flags: List[str], n_steps: int) -> List[str]:
+        return ["--which", who, "--model", model, "--work", str(work / tag), "--resolution", str(resolution),
+                "--steps", str(n_steps), "--rank", str(rank), "--lr", str(lr), "--images", str(images), *flags]
+
+    def run_one(host: ComfyHost, henv: dict, model: str, case: Case, who: str, flags: List[str], pair_no: int,
+                peak: dict) -> Measured:
+        """One trainer's timed run (one step more, whose FLOPs are counted), and its phase split if asked."""
+        tag = (f"comfy{host.version.replace('.', '')}_{model}_{_slug(case.name)}_{who}"
+               + (f"_pair{pair_no}" if pair_no > 1 else ""))
+        info_path = work / f"{tag}.info.json"
+        r = child(tag, ["--flops-step", str(steps + 1)],
+                  [*trainer_args(tag, model, who, flags, steps + 1), "--info", str(info_path)],
+                  steps, str(host.python), henv)
+        info = json.loads(info_path.read_text())
+        s = r.summary(warmup)
+        m = Measured(host.version, model, case.name, who, case.matched, s.get("s_per_step"), s["peak_rss_mib"],
+                     s.get("training_peak_rss_mib"), info["trainable_params"], r.record.get("flops_per_step"),
+                     peak["gflops"], case.note, {"info": info, "summary": s, "peak": peak}, pair_no)
+        if profile and case.name == "matched" and pair_no == 1:
+            p = child(tag + "_phases", ["--phases"], trainer_args(tag + "_phases", model, who, flags, steps),
+                      steps, str(host.python), henv)
+            m.detail["phases"] = phase_means(p.record.get("phases", []), warmup)
+        return m
+
     for host in hosts:
         why = host.missing()
         if why:
@@ -145,34 +171,9 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
                     log(f"ComfyUI {host.version}: {case.dtype} matmul peak {peaks[case.dtype]['gflops']:.1f} GFLOP/s "
                         f"({threads} thread(s))")
                 for pair_no in range(1, repeat + 1):
-                    pair = []
-                    for who, flags in (("host", case.host), ("ours", case.ours)):
-                        if flags is None:
-                            continue
-                        tag = (f"comfy{host.version.replace('.', '')}_{model}_{_slug(case.name)}_{who}"
-                               + (f"_pair{pair_no}" if pair_no > 1 else ""))
-                        info_path = work / f"{tag}.info.json"
-                        steps = warmup + measure
-                        r = child(tag, ["--flops-step", str(steps + 1)],
-                                  ["--which", who, "--model", model, "--work", str(work / tag), "--resolution",
-                                   str(resolution), "--steps", str(steps + 1), "--rank", str(rank), "--lr", str(lr),
-                                   "--images", str(images), "--info", str(info_path), *flags],
-                                  steps, str(host.python), henv)
-                        info = json.loads(info_path.read_text())
-                        s = r.summary(warmup)
-                        m = Measured(host.version, model, case.name, who, case.matched, s.get("s_per_step"),
-                                     s["peak_rss_mib"], s.get("training_peak_rss_mib"), info["trainable_params"],
-                                     r.record.get("flops_per_step"), peaks[case.dtype]["gflops"], case.note,
-                                     {"info": info, "summary": s, "peak": peaks[case.dtype]}, pair_no)
-                        if profile and case.name == "matched" and pair_no == 1:
-                            p = child(tag + "_phases", ["--phases"],
-                                      ["--which", who, "--model", model, "--work", str(work / (tag + "_phases")),
-                                       "--resolution", str(resolution), "--steps", str(steps), "--rank", str(rank),
-                                       "--lr", str(lr), "--images", str(images), *flags], steps, str(host.python),
-                                      henv)
-                            m.detail["phases"] = phase_means(p.record.get("phases", []), warmup)
-                        out.append(m)
-                        pair.append(m)
+                    pair = [run_one(host, henv, model, case, who, flags, pair_no, peaks[case.dtype])
+                            for who, flags in (("host", case.host), ("ours", case.ours)) if flags is not None]
+                    out += pair
                     if case.matched and len(pair) == 2 and pair[0].trainable_params != pair[1].trainable_params:
                         raise RuntimeError(f"ComfyUI {host.version} {model} '{case.name}': not matched, the host "
                                            f"trains {pair[0].trainable_params:,} parameters and ours "
