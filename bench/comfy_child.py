@@ -87,8 +87,7 @@ def load_model(name: str, base: str = "stored"):
 
         files = family_checkpoints.ensure_family(name)
         shape = files.layout
-        model = (comfy.sd.load_diffusion_model(str(files.diffusion_model), model_options=options) if options
-                 else files.load_model())
+        model = comfy.sd.load_diffusion_model(str(files.diffusion_model), model_options=options)
         return (model, files.load_clip(), files.load_vae(),
                 f"{files.model_class} {shape.get('depth')} blocks, {shape.get('hidden')} wide (flow matching)")
 
