@@ -124,8 +124,8 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
                       matched_only: bool = False, repeat: int = 1) -> List[Measured]:
     """Run every case on every host present; `child(name, wrapper, target, steps, python, env)` is the
     orchestrator's measured launcher (bench.run.Bench.child). With `repeat` N, each case runs as N
-    back-to-back (host, ours) pairs: a machine whose speed drifts over minutes slows both members of a
-    pair alike, and `ratios` takes the median of the pairs' ratios. With `profile`, the matched case runs
+    back-to-back pairs, (host, ours) and (ours, host) in turn (run_order): a machine whose speed drifts
+    over minutes slows both members of a pair alike, and `ratios` takes the median of the pairs' ratios. With `profile`, the matched case runs
     once more per trainer with bench.phases' hooks (not timed rows: their phase split goes into
     the first pair's timed row's detail)."""
     out: List[Measured] = []
@@ -172,13 +172,22 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
                         f"({threads} thread(s))")
                 for pair_no in range(1, repeat + 1):
                     pair = [run_one(host, henv, model, case, who, flags, pair_no, peaks[case.dtype])
-                            for who, flags in (("host", case.host), ("ours", case.ours)) if flags is not None]
+                            for who, flags in run_order(pair_no, [("host", case.host), ("ours", case.ours)])
+                            if flags is not None]
+                    pair.sort(key=lambda m: m.who != "host")
                     out += pair
                     if case.matched and len(pair) == 2 and pair[0].trainable_params != pair[1].trainable_params:
                         raise RuntimeError(f"ComfyUI {host.version} {model} '{case.name}': not matched, the host "
                                            f"trains {pair[0].trainable_params:,} parameters and ours "
                                            f"{pair[1].trainable_params:,}")
     return out
+
+
+def run_order(pair_no: int, runs: list) -> list:
+    """The pair's runs in the order they go: the host first in odd pairs, ours first in even ones, so
+    whatever favours the first or the second run of a pair (a warm page cache, the other's leftovers)
+    cancels in the median of an even number of pairs."""
+    return list(runs) if pair_no % 2 else list(reversed(runs))
 
 
 def phase_means(steps: List[dict], warmup: int) -> Dict[str, float]:

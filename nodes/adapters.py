@@ -93,22 +93,31 @@ def comfy_weight(module: nn.Module, like: torch.Tensor) -> torch.Tensor:
     return plain_weight(module, like)
 
 
-class DirectOp:
-    """A plain ComfyUI Linear's or Conv2d's own forward, as torch's op on the module's own weight and
-    bias wherever ComfyUI's cast hands those back unchanged (the input's dtype and device, no weight
-    functions, no dynamic offload): the cast then does nothing but costs ~70 µs of Python per call,
-    about 20 ms of a mini SD1.5 step on the CPU, forward and backward. The identity is seen once per
-    input dtype and device by calling the host's cast itself; a weight function added later, another
-    dtype or device, or any extra argument go through the host's forward as before. The host's
-    per-op hook (0.33's interrupt check) still runs."""
+_TORCH_OPS = {  # ComfyUI's plain op class -> torch's own op on (module, input, weight, bias)
+    "Linear": lambda m, x, w, b: F.linear(x, w, b),
+    "Conv2d": lambda m, x, w, b: m._conv_forward(x, w, b),
+    "GroupNorm": lambda m, x, w, b: F.group_norm(x, m.num_groups, w, b, m.eps),
+    "LayerNorm": lambda m, x, w, b: F.layer_norm(x, m.normalized_shape, w, b, m.eps),
+}
+_TORCH_BASES = (("Conv2d", nn.Conv2d), ("GroupNorm", nn.GroupNorm), ("LayerNorm", nn.LayerNorm), ("Linear", nn.Linear))
 
-    def __init__(self, module: nn.Module):
+
+class DirectOp:
+    """A plain ComfyUI op's own forward (Linear, Conv2d, GroupNorm, LayerNorm), as torch's op on the
+    module's own weight and bias wherever ComfyUI's cast hands those back unchanged (the input's dtype
+    and device, no weight functions, no dynamic offload): the cast then does nothing but costs ~70 µs
+    of Python per call, about 20 ms of a mini SD1.5 step on the CPU, forward and backward. The identity
+    is seen once per input dtype and device by calling the host's cast itself; a weight function added
+    later, another dtype or device, or any extra argument go through the host's forward as before. The
+    host's per-op hook (0.33's interrupt check) still runs."""
+
+    def __init__(self, module: nn.Module, kind: str):
         import comfy.ops
 
         self.module, self.host = module, module.forward
         self._cast = comfy.ops.cast_bias_weight
         self._every_op = getattr(comfy.ops, "run_every_op", None)
-        self._linear = not isinstance(module, nn.Conv2d)
+        self._op = _TORCH_OPS[kind]
         self._seen: Dict[tuple, bool] = {}  # (dtype, device) -> the cast returns the module's own tensors
 
     def _own_tensors(self, like: torch.Tensor) -> bool:
@@ -129,29 +138,33 @@ class DirectOp:
         if self._every_op is not None:
             self._every_op()
         m = self.module
-        return F.linear(x, m.weight, m.bias) if self._linear else m._conv_forward(x, m.weight, m.bias)
+        return self._op(m, x, m.weight, m.bias)
 
     def read_weight(self, module: nn.Module, like: torch.Tensor) -> torch.Tensor:
         """comfy_weight without the cast where the forward ran without it."""
         return module.weight if self._own_tensors(like) else comfy_weight(module, like)
 
 
-def _plain_op_forward(module: nn.Module) -> bool:
-    """The module runs its class's forward (no other node patched it), one of ComfyUI's plain ops'."""
-    if not hasattr(module, "weight_function") or "forward" in vars(module):
-        return False
+def direct_op(module: nn.Module) -> "DirectOp | None":
+    """The module as DirectOp where it is one of ComfyUI's plain ops (optionally manual-cast) with a
+    weight, running its class's own forward (no other node patched it); None otherwise."""
+    if not hasattr(module, "weight_function") or "forward" in vars(module) or getattr(module, "weight", None) is None:
+        return None
     import comfy.ops
 
-    kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-    return type(module).forward in {getattr(getattr(comfy.ops, ns), kind).forward
-                                    for ns in ("disable_weight_init", "manual_cast") if hasattr(comfy.ops, ns)}
+    kind = next((k for k, base in _TORCH_BASES if isinstance(module, base)), None)
+    if kind is None:
+        return None
+    plain = {getattr(getattr(comfy.ops, ns), kind).forward
+             for ns in ("disable_weight_init", "manual_cast") if hasattr(getattr(comfy.ops, ns, None), kind)}
+    return DirectOp(module, kind) if type(module).forward in plain else None
 
 
 def frozen_forward(module: nn.Module, state: FrozenState, adapter: "nn.Module | None" = None) -> FrozenForward:
     """The core's FrozenForward reading the weight the way ComfyUI's ops cast it; a plain op whose
     forward is its class's own (no other node patched it) runs as DirectOp."""
-    if _plain_op_forward(module):
-        direct = DirectOp(module)
+    direct = direct_op(module)
+    if direct is not None:
         return FrozenForward(module, adapter, direct.read_weight, state=state, host_forward=direct)
     return FrozenForward(module, adapter, comfy_weight, state=state)
 

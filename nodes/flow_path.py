@@ -16,7 +16,7 @@ from torch import nn
 
 from ..dreambooth_core.backends.base import UnsupportedModel
 from . import families
-from .adapters import FrozenState, frozen_forward, frozen_patchable
+from .adapters import FrozenState, direct_op, frozen_forward, frozen_patchable
 
 log = logging.getLogger("dreambooth")
 
@@ -279,7 +279,8 @@ class FlowModelPath:
 
     def _install_frozen(self) -> None:
         """Patch the shared diffusion model's forwards for the run (restored by release()): every
-        plain Linear and Conv2d through FrozenForward (with its LoRA where the network has one), and
+        plain Linear and Conv2d through FrozenForward (with its LoRA where the network has one), every
+        plain GroupNorm and LayerNorm as torch's own op (DirectOp: no cast per call), and
         the remaining frozen inference tensors (norm scales, pad tokens, embeddings: small) swapped
         for ordinary copies, which autograd may save. No weight is copied per forward, none is
         kept for backward, and no W + ΔW is made."""
@@ -301,6 +302,10 @@ class FlowModelPath:
             if frozen_patchable(module):
                 self._patch_forward(module, frozen_forward(module, state, adapters.pop(id(module), None)))
                 patched.add(id(module))
+            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                norm = direct_op(module)  # no cast per call; its weights become the ordinary copies below
+                if norm is not None:
+                    self._patch_forward(module, norm)
         if adapters:
             raise RuntimeError(f"{len(adapters)} LoRA targets are not plain Linears or convolutions of the host; "
                                "cannot train them")

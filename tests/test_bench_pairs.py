@@ -2,6 +2,8 @@
 their median (bench/run.py, bench/report.py; stdlib only, no trainer runs here)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.report import training_table
@@ -99,3 +101,42 @@ def test_the_comfy_section_pairs_each_ours_with_its_own_host_run_and_takes_the_m
     table = comfy_table(rows)
     pair2 = next(l for l in table.splitlines() if "(pair 2)" in l and "ours" in l)
     assert "x1.25" in pair2  # against pair 2's host run (2.0 s), not pair 1's (x0.62)
+
+
+def test_the_comfy_pairs_alternate_which_trainer_runs_first(tmp_path, monkeypatch):
+    """Pair 1 runs the host first, pair 2 ours first, and so on (an order effect cancels in the median);
+    each pair's rows still list the host's run first, and every run is compared with its own pair's."""
+    import json
+
+    from bench import comfy_rows
+
+    monkeypatch.setattr(comfy_rows, "measure_peak", lambda *a: {"gflops": 10.0})
+    host = comfy_rows.ComfyHost("0.33", tmp_path, tmp_path / "python")
+    monkeypatch.setattr(comfy_rows.ComfyHost, "missing", lambda self: None)
+    ran = []
+
+    class Result:
+        record = {"flops_per_step": 1e9}
+
+        def __init__(self, s):
+            self.s = s
+
+        def summary(self, warmup):
+            return {"s_per_step": self.s, "peak_rss_mib": 1000.0, "training_peak_rss_mib": 900.0}
+
+    def child(tag, wrapper, target, steps, python, env):
+        who = target[target.index("--which") + 1]
+        ran.append(who)
+        info = Path(target[target.index("--info") + 1])
+        info.write_text(json.dumps({"trainable_params": 42}))
+        # the second run of a pair is 10 % slower (a warming machine): ABBA cancels it in the median
+        second = len(ran) % 2 == 0
+        return Result((2.0 if who == "host" else 1.0) * (1.1 if second else 1.0))
+
+    rows = comfy_rows.run_comfy_section(hosts=[host], models=["sd15"], quick=True, warmup=1, measure=2,
+                                        resolution=64, rank=4, lr=1e-4, images=2, threads=1, env={}, work=tmp_path,
+                                        child=child, log=lambda *_: None, notes=[], repeat=4)
+    assert ran == ["host", "ours", "ours", "host"] * 2
+    assert [(m.pair, m.who) for m in rows] == [(p, w) for p in (1, 2, 3, 4) for w in ("host", "ours")]
+    speed, _ = comfy_rows.ratios([m.__dict__ for m in rows])[("0.33", "sd15", "matched")]
+    assert speed == pytest.approx((2.0 / 1.1 + 2.2 / 1.0) / 2)  # median of 1.82, 2.2, 1.82, 2.2: the true 2.0 ± 10 %

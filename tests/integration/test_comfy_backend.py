@@ -733,3 +733,56 @@ def test_the_frozen_path_runs_plain_ops_as_torch_ops_and_casts_where_the_host_wo
         manual(x + 1)  # another input: the Linears' cache of a repeated grad-free input does not apply
         assert (n1, len(calls)) == (2, 3), (n1, len(calls), "an fp16 weight: the host's cast at every call")
         assert torch.allclose(out1, half(x))
+
+
+def test_plain_norms_run_as_torch_ops_with_the_hosts_output_and_gradients(pack, host, monkeypatch):
+    """ComfyUI's GroupNorm and LayerNorm cast their weights at every call while the host manages the
+    model on the CPU; as DirectOp they give the host's output and gradients (for the input and for
+    the weights, which a host LoRA set may train) with one cast per dtype instead of one per call, and a
+    weight function added later (another node's patch) goes through the host's forward again."""
+    import importlib
+
+    import comfy.ops
+
+    adapters = importlib.import_module(pack.__name__ + ".nodes.adapters")
+    calls = []
+    cast = comfy.ops.cast_bias_weight
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return cast(*args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted)
+    torch.manual_seed(0)
+    ops = comfy.ops.disable_weight_init
+    for module, x in ((ops.GroupNorm(4, 8), torch.randn(2, 8, 5, 5)), (ops.LayerNorm(8), torch.randn(2, 7, 8))):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_()
+        module.comfy_cast_weights = True
+        direct = adapters.direct_op(module)
+        assert direct is not None
+        calls.clear()
+        for _ in range(3):
+            xd, xh = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            y = direct(xd)
+            y.square().sum().backward()
+            wd, bd = module.weight.grad.clone(), module.bias.grad.clone()
+            module.zero_grad()
+            ref = module(xh)
+            ref.square().sum().backward()
+            assert torch.allclose(y, ref, atol=1e-6)
+            assert torch.allclose(xd.grad, xh.grad, atol=1e-5)
+            assert torch.allclose(wd, module.weight.grad, atol=1e-4) and torch.allclose(bd, module.bias.grad, atol=1e-4)
+            module.zero_grad()
+        assert len(calls) == 1 + 3, len(calls)  # one to see the identity, then the host forwards' own three
+
+        module.weight_function.append(lambda w: w * 2)
+        with torch.no_grad():
+            patched = module(x)
+            assert torch.allclose(direct(x), patched, atol=1e-6)
+            module.weight_function.clear()
+            assert not torch.allclose(direct(x), patched, atol=1e-3)
+        module.forward = lambda t: t  # another node patched the forward: left as it is
+        assert adapters.direct_op(module) is None
+        del module.forward
