@@ -17,7 +17,10 @@ would run it. Before it starts, this wrapper
   5 to /proc/self/clear_refs; at the end of step ``--steps`` it reads VmHWM again (the peak of the
   steady training steps 2..N) and resets it once more; at exit it reads it a last time (saving,
   and whatever the program does after training). The process's overall peak is the maximum of
-  the three. Where clear_refs cannot be written the parent's own polling of VmRSS is used;
+  the three. A program that loads a model both trainers share (bench.comfy_child: the host's own
+  checkpoint loader) calls ``bench.child.model_loaded()`` after loading: the peak so far becomes a
+  phase of its own, "load", so the trainer's peak can be told from the loader's. Where clear_refs
+  cannot be written the parent's own polling of VmRSS is used;
 - on CUDA, the same phases with torch.cuda.max_memory_allocated / reset_peak_memory_stats;
 - with ``--trace-unet``, times every diffusers UNet2DConditionModel forward (class-image
   generation: the span from the first to the last UNet call is the sampling time);
@@ -60,6 +63,15 @@ def reset_hwm() -> bool:
         return True
     except OSError:
         return False
+
+
+_RECORDER = None  # the running wrapper's Recorder (main() sets it)
+
+
+def model_loaded() -> None:
+    """Called by the measured program once its model is loaded; nothing outside bench.child's run."""
+    if _RECORDER is not None and not _RECORDER.rec["step_times"] and "load" not in _RECORDER.rec["rss_phases_kib"]:
+        _RECORDER.close_phase("load", reset=True)
 
 
 class Recorder:
@@ -181,6 +193,11 @@ def main(argv=None) -> int:
         phases = PhaseTimer()
         os.environ["BENCH_PHASES"] = "1"  # programs that know bench.phases add their own timers
     rec = Recorder(opts.steps, opts.flops_step, phases)
+    global _RECORDER
+    _RECORDER = rec
+    # Run as `python -m bench.child` this module is __main__: a program's `import bench.child` must find
+    # this instance (and its Recorder), not load a second copy.
+    sys.modules.setdefault("bench.child", sys.modules[__name__])
     import torch
 
     if opts.threads:

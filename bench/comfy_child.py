@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     from comfy_pack import import_pack
 
     model, clip, vae, label = load_model(a.model, a.base)
+    from bench import child
+
+    child.model_loaded()  # what follows is the trainer's: its dataset, its setup, its steps
 
     from bench.data import subject
     from dreambooth_core.embedded import toyworld

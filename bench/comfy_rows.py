@@ -102,6 +102,7 @@ class Measured:
     note: str = ""
     detail: Dict = field(default_factory=dict)
     pair: int = 1  # with repeat > 1: which back-to-back (host, ours) pair the row belongs to
+    after_load_peak_rss_mib: Optional[float] = None  # the trainer's own peak: from the end of the model load
 
     @property
     def share_of_peak(self) -> Optional[float]:
@@ -148,7 +149,8 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
         s = r.summary(warmup)
         m = Measured(host.version, model, case.name, who, case.matched, s.get("s_per_step"), s["peak_rss_mib"],
                      s.get("training_peak_rss_mib"), info["trainable_params"], r.record.get("flops_per_step"),
-                     peak["gflops"], case.note, {"info": info, "summary": s, "peak": peak}, pair_no)
+                     peak["gflops"], case.note, {"info": info, "summary": s, "peak": peak}, pair_no,
+                     s.get("after_load_peak_rss_mib"))
         if profile and case.name == "matched" and pair_no == 1:
             p = child(tag + "_phases", ["--phases"], trainer_args(tag + "_phases", model, who, flags, steps),
                       steps, str(host.python), henv)
@@ -210,13 +212,28 @@ def ratios(rows: List[dict]) -> Dict[Tuple[str, str, str], Tuple[Optional[float]
             for key, v in per_pair.items()}
 
 
-def pair_ratios(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Tuple[float, float]]:
-    """(host version, model, case, pair) → (speedup, memory) of that pair's two rows."""
-    by = {}
+def after_load_ratios(rows: List[dict]) -> Dict[Tuple[str, str, str], float]:
+    """(host version, model, case) → the median over pairs of our peak RSS after the model load / the host's:
+    the trainers' own memory, without the loader's peak both share."""
+    per_pair = {}
+    for key, pair in _pairs(rows).items():
+        h, o = pair.get("host"), pair.get("ours")
+        if h and o and h.get("after_load_peak_rss_mib") and o.get("after_load_peak_rss_mib"):
+            per_pair.setdefault(key[:3], []).append(o["after_load_peak_rss_mib"] / h["after_load_peak_rss_mib"])
+    return {key: statistics.median(v) for key, v in per_pair.items()}
+
+
+def _pairs(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Dict[str, dict]]:
+    by: Dict[Tuple[str, str, str, int], Dict[str, dict]] = {}
     for r in rows:
         by.setdefault((r["host"], r["model"], r["case"], r.get("pair", 1)), {})[r["who"]] = r
+    return by
+
+
+def pair_ratios(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Tuple[float, float]]:
+    """(host version, model, case, pair) → (speedup, memory) of that pair's two rows."""
     out = {}
-    for key, pair in by.items():
+    for key, pair in _pairs(rows).items():
         h, o = pair.get("host"), pair.get("ours")
         if h and o and h["s_per_step"] and o["s_per_step"]:
             out[key] = (h["s_per_step"] / o["s_per_step"], o["peak_rss_mib"] / h["peak_rss_mib"])

@@ -67,6 +67,15 @@ class ChildResult:
         inside = [kib for s, kib in self.rss_samples if lo <= s <= hi]
         return max(inside) if inside else None
 
+    def after_load_peak_rss_kib(self) -> Optional[int]:
+        """Peak RSS from the end of the program's model load (bench.child.model_loaded) to its exit: the
+        trainer's own, without the loader's transient peak that every trainer on that model shares."""
+        phases = self.record.get("rss_phases_kib", {})
+        if not (self.record.get("hwm_reset") and phases.get("load")):
+            return None
+        after = [v for k, v in phases.items() if k != "load" and v]
+        return max(after) if after else None
+
     def cuda_peak_bytes(self) -> Optional[int]:
         phases = self.record.get("cuda_phases_bytes", {})
         vals = [v["max_allocated"] for v in phases.values()]
@@ -84,6 +93,9 @@ class ChildResult:
                "hwm_reset": self.record.get("hwm_reset"), "log": str(self.log)}
         tp = self.training_peak_rss_kib()
         out["training_peak_rss_mib"] = round(tp / 1024, 1) if tp else None
+        al = self.after_load_peak_rss_kib()
+        if al:
+            out["after_load_peak_rss_mib"] = round(al / 1024, 1)
         if warmup:
             s = self.steady_s_per_step(warmup)
             out["s_per_step"] = round(s, 4) if s else None

@@ -113,16 +113,18 @@ def comfy_table(rows: List[dict]) -> str:
         ref = other if (r["who"] == "ours" and other) else None
         speed = ref["s_per_step"] / r["s_per_step"] if ref and ref["s_per_step"] and r["s_per_step"] else None
         mem = r["peak_rss_mib"] / ref["peak_rss_mib"] if ref else None
+        after, ref_after = r.get("after_load_peak_rss_mib"), ref.get("after_load_peak_rss_mib") if ref else None
+        after_cell = _f(after, "{:.0f}") + (f" ({after / ref_after:.2f})" if after and ref_after else "")
         who = "TrainLoraNode" if r["who"] == "host" else "ours (Train node)"
         share = r.get("share_of_peak")
         case = r["case"] + ("" if r["matched"] else " (not matched)") + (f" (pair {r.get('pair', 1)})" if several else "")
         body.append([r["host"], r["model"], case, who,
                      f"{r['trainable_params']:,}", _f(r["s_per_step"], "{:.3f}"), _f(speed, "x{:.2f}"),
-                     _f(r["peak_rss_mib"], "{:.0f}"), _f(mem), _f(r["training_peak_rss_mib"], "{:.0f}"),
+                     _f(r["peak_rss_mib"], "{:.0f}"), _f(mem), after_cell, _f(r["training_peak_rss_mib"], "{:.0f}"),
                      _f(r["flops_per_step"] / 1e9 if r.get("flops_per_step") else None, "{:.2f}"),
                      _f(r.get("peak_gflops"), "{:.0f}"), _f(100 * share if share else None, "{:.1f}%"), r.get("note", "")])
     return _table(["ComfyUI", "model", "case", "trainer", "trainable", "s/step", "speedup", "peak RSS MiB",
-                   "ours/host", "train-steps RSS MiB", "GFLOP/step", "peak GFLOP/s", "share of peak", ""], body)
+                   "ours/host", "after load MiB (ours/host)", "train-steps RSS MiB", "GFLOP/step", "peak GFLOP/s", "share of peak", ""], body)
 
 
 def phase_table(rows: List[dict]) -> str:

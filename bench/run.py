@@ -480,18 +480,19 @@ class Bench:
 def comfy_headline(comfy: List[dict]) -> Optional[str]:
     """The ComfyUI section's line: the matched ratios on every host and model that ran (with several
     back-to-back pairs, their median, each pair's ratios in brackets)."""
-    from bench.comfy_rows import pair_ratios, ratios
+    from bench.comfy_rows import after_load_ratios, pair_ratios, ratios
 
-    r, each = ratios(comfy), pair_ratios(comfy)
+    r, each, after = ratios(comfy), pair_ratios(comfy), after_load_ratios(comfy)
     parts = []
     for (host, model, case), (s, m) in sorted(r.items()):
         if case != "matched":
             continue
         pairs = [v for k, v in sorted(each.items()) if k[:3] == (host, model, case)]
         detail = f" (median of {', '.join(f'x{ps:.2f} at {pm:.2f}' for ps, pm in pairs)})" if len(pairs) > 1 else ""
-        parts.append(f"{host} {model}: x{s:.2f} at {m:.2f}{detail}")
-    return ("ComfyUI matched (speedup = TrainLoraNode s/step / ours; memory = our peak RSS / its): " + "; ".join(parts)
-            if parts else None)
+        al = after.get((host, model, case))
+        parts.append(f"{host} {model}: x{s:.2f} at {m:.2f}" + (f", {al:.2f} after the load" if al else "") + detail)
+    return ("ComfyUI matched (speedup = TrainLoraNode s/step / ours; memory = our peak RSS / its; after the load = "
+            "the same from the end of the model load both share): " + "; ".join(parts) if parts else None)
 
 
 def machine() -> dict:

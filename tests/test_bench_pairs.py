@@ -1,7 +1,8 @@
 """The benchmark's back-to-back pairs: each pair's ratio is taken within the pair, the headline is
-their median (bench/run.py, bench/report.py; stdlib only, no trainer runs here)."""
+their median (bench/run.py, bench/report.py; no trainer runs here), and bench/child.py's memory phases."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,6 @@ def test_the_comfy_section_pairs_each_ours_with_its_own_host_run_and_takes_the_m
 def test_the_comfy_pairs_alternate_which_trainer_runs_first(tmp_path, monkeypatch):
     """Pair 1 runs the host first, pair 2 ours first, and so on (an order effect cancels in the median);
     each pair's rows still list the host's run first, and every run is compared with its own pair's."""
-    import json
-
     from bench import comfy_rows
 
     monkeypatch.setattr(comfy_rows, "measure_peak", lambda *a: {"gflops": 10.0})
@@ -140,3 +139,50 @@ def test_the_comfy_pairs_alternate_which_trainer_runs_first(tmp_path, monkeypatc
     assert [(m.pair, m.who) for m in rows] == [(p, w) for p in (1, 2, 3, 4) for w in ("host", "ours")]
     speed, _ = comfy_rows.ratios([m.__dict__ for m in rows])[("0.33", "sd15", "matched")]
     assert speed == pytest.approx((2.0 / 1.1 + 2.2 / 1.0) / 2)  # median of 1.82, 2.2, 1.82, 2.2: the true 2.0 ± 10 %
+
+
+def test_the_comfy_headline_shows_the_memory_after_the_shared_model_load():
+    from bench.report import comfy_table
+    from bench.run import comfy_headline
+
+    rows = [_comfy("0.33", "sd15", "matched", "host", 1.5, 3000), _comfy("0.33", "sd15", "matched", "ours", 1.0, 2400)]
+    rows[0]["after_load_peak_rss_mib"], rows[1]["after_load_peak_rss_mib"] = 3000.0, 1950.0
+    assert "0.33 sd15: x1.50 at 0.80, 0.65 after the load" in comfy_headline(rows)
+    ours = next(line for line in comfy_table(rows).splitlines() if "ours (Train node)" in line)
+    assert "1950 (0.65)" in ours
+
+
+def test_a_program_marks_its_model_loaded_and_the_trainers_peak_is_told_from_the_loaders(tmp_path):
+    """bench.child runs a program that holds 600 MB while 'loading', frees it, calls model_loaded(),
+    then trains with far less: the process's peak is the load's, the peak after the load is the
+    training's own."""
+    import subprocess
+    import sys as _sys
+
+    from bench.proc import REPO, ChildResult
+
+    prog = tmp_path / "prog.py"
+    prog.write_text(
+        "import torch\n"
+        "from bench import child\n"
+        "big = torch.ones(150_000_000)  # 600 MB, the loader's transient\n"
+        "del big\n"
+        "child.model_loaded()\n"
+        "w = torch.nn.Parameter(torch.ones(1000))\n"
+        "opt = torch.optim.SGD([w], lr=0.1)\n"
+        "for _ in range(3):\n"
+        "    (w * torch.ones(2_000_000)[:1000]).sum().backward()\n"
+        "    opt.step()\n")
+    record = tmp_path / "rec.json"
+    proc = subprocess.run([_sys.executable, "-m", "bench.child", "--record", str(record), "--steps", "3",
+                           "--script", str(prog), "--"], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(record.read_text())
+    if not rec.get("hwm_reset"):
+        pytest.skip("this kernel does not let a process reset its VmHWM (/proc/self/clear_refs)")
+    result = ChildResult("prog", 1.0, 0, 0, [], rec, tmp_path / "log", rec["start"])
+    assert list(rec["rss_phases_kib"])[0] == "load"
+    peak, after = result.peak_rss_kib(), result.after_load_peak_rss_kib()
+    assert peak == rec["rss_phases_kib"]["load"]
+    assert peak - after > 450_000, (peak, after)  # the 600 MB were the load's, not the trainer's
+    assert result.summary()["after_load_peak_rss_mib"] == pytest.approx(after / 1024, abs=0.1)
