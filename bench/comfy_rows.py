@@ -126,9 +126,9 @@ def run_comfy_section(*, hosts: List[ComfyHost], models: List[str], quick: bool,
     """Run every case on every host present; `child(name, wrapper, target, steps, python, env)` is the
     orchestrator's measured launcher (bench.run.Bench.child). With `repeat` N, each case runs as N
     back-to-back pairs, (host, ours) and (ours, host) in turn (run_order): a machine whose speed drifts
-    over minutes slows both members of a pair alike, and `ratios` takes the median of the pairs' ratios. With `profile`, the matched case runs
-    once more per trainer with bench.phases' hooks (not timed rows: their phase split goes into
-    the first pair's timed row's detail)."""
+    over minutes slows both members of a pair alike, and `ratios` takes the median of the pairs' ratios.
+    With `profile`, the matched case runs once more per trainer with bench.phases' hooks (not timed
+    rows: their phase split goes into the first pair's timed row's detail)."""
     out: List[Measured] = []
     steps = warmup + measure
 

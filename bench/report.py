@@ -124,7 +124,8 @@ def comfy_table(rows: List[dict]) -> str:
                      _f(r["flops_per_step"] / 1e9 if r.get("flops_per_step") else None, "{:.2f}"),
                      _f(r.get("peak_gflops"), "{:.0f}"), _f(100 * share if share else None, "{:.1f}%"), r.get("note", "")])
     return _table(["ComfyUI", "model", "case", "trainer", "trainable", "s/step", "speedup", "peak RSS MiB",
-                   "ours/host", "after load MiB (ours/host)", "train-steps RSS MiB", "GFLOP/step", "peak GFLOP/s", "share of peak", ""], body)
+                   "ours/host", "after load MiB (ours/host)", "train-steps RSS MiB", "GFLOP/step", "peak GFLOP/s",
+                   "share of peak", ""], body)
 
 
 def phase_table(rows: List[dict]) -> str:
