@@ -674,6 +674,21 @@ def test_a_v_prediction_model_trains_on_its_v_objective(pack, loaded, instance_f
     assert trained_loss < min(untrained_loss, eps_loss), (untrained_loss, trained_loss, eps_loss)
 
 
+def counted_casts(monkeypatch) -> list:
+    """A list that grows by one at every call of the host's weight cast (comfy.ops.cast_bias_weight)."""
+    import comfy.ops
+
+    calls = []
+    cast = comfy.ops.cast_bias_weight
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return cast(*args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted)
+    return calls
+
+
 def test_the_frozen_path_runs_plain_ops_as_torch_ops_and_casts_where_the_host_would(pack, host, monkeypatch):
     """A plain ComfyUI Linear or Conv2d whose cast would hand back its own weight and bias runs as
     torch's op (the host's cast is called once, to see that), with the host's output and dL/dx; a
@@ -685,14 +700,7 @@ def test_the_frozen_path_runs_plain_ops_as_torch_ops_and_casts_where_the_host_wo
 
     adapters = importlib.import_module(pack.__name__ + ".nodes.adapters")
     frozen = importlib.import_module(pack.__name__ + ".dreambooth_core.adapters.frozen")
-    calls = []
-    cast = comfy.ops.cast_bias_weight
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return cast(*args, **kwargs)
-
-    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted)
+    calls = counted_casts(monkeypatch)
     torch.manual_seed(0)
     ops = comfy.ops.disable_weight_init
     for module, x in ((ops.Linear(8, 6), torch.randn(3, 8)), (ops.Conv2d(4, 5, 3, padding=1), torch.randn(1, 4, 6, 6))):
@@ -745,14 +753,7 @@ def test_plain_norms_run_as_torch_ops_with_the_hosts_output_and_gradients(pack, 
     import comfy.ops
 
     adapters = importlib.import_module(pack.__name__ + ".nodes.adapters")
-    calls = []
-    cast = comfy.ops.cast_bias_weight
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return cast(*args, **kwargs)
-
-    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted)
+    calls = counted_casts(monkeypatch)
     torch.manual_seed(0)
     ops = comfy.ops.disable_weight_init
     for module, x in ((ops.GroupNorm(4, 8), torch.randn(2, 8, 5, 5)), (ops.LayerNorm(8), torch.randn(2, 7, 8))):
