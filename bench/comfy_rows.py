@@ -216,14 +216,15 @@ def after_load_ratios(rows: List[dict]) -> Dict[Tuple[str, str, str], float]:
     """(host version, model, case) → the median over pairs of our peak RSS after the model load / the host's:
     the trainers' own memory, without the loader's peak both share."""
     per_pair = {}
-    for key, pair in _pairs(rows).items():
+    for key, pair in by_pair(rows).items():
         h, o = pair.get("host"), pair.get("ours")
         if h and o and h.get("after_load_peak_rss_mib") and o.get("after_load_peak_rss_mib"):
             per_pair.setdefault(key[:3], []).append(o["after_load_peak_rss_mib"] / h["after_load_peak_rss_mib"])
     return {key: statistics.median(v) for key, v in per_pair.items()}
 
 
-def _pairs(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Dict[str, dict]]:
+def by_pair(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Dict[str, dict]]:
+    """(host version, model, case, pair) → {"host": row, "ours": row} (either may be missing)."""
     by: Dict[Tuple[str, str, str, int], Dict[str, dict]] = {}
     for r in rows:
         by.setdefault((r["host"], r["model"], r["case"], r.get("pair", 1)), {})[r["who"]] = r
@@ -233,7 +234,7 @@ def _pairs(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Dict[str, dict]]
 def pair_ratios(rows: List[dict]) -> Dict[Tuple[str, str, str, int], Tuple[float, float]]:
     """(host version, model, case, pair) → (speedup, memory) of that pair's two rows."""
     out = {}
-    for key, pair in _pairs(rows).items():
+    for key, pair in by_pair(rows).items():
         h, o = pair.get("host"), pair.get("ours")
         if h and o and h["s_per_step"] and o["s_per_step"]:
             out[key] = (h["s_per_step"] / o["s_per_step"], o["peak_rss_mib"] / h["peak_rss_mib"])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from bench.comfy_rows import by_pair
+
 
 def _f(v: Optional[float], fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
@@ -103,9 +105,7 @@ def format_table(results: dict) -> str:
 
 
 def comfy_table(rows: List[dict]) -> str:
-    by = {}
-    for r in rows:
-        by.setdefault((r["host"], r["model"], r["case"], r.get("pair", 1)), {})[r["who"]] = r
+    by = by_pair(rows)
     several = any(r.get("pair", 1) > 1 for r in rows)
     body = []
     for r in rows:
